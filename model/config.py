@@ -1,0 +1,182 @@
+"""One typed configuration for model, training and export.
+
+A config is a YAML file (optionally inheriting from another through ``_base_``) plus command-line
+``key.sub=value`` overrides. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Section):
+    name: Literal["mobilenet_v2", "resnet50", "resnet101"] = "mobilenet_v2"
+    # ImageNet weights: a file path, or "package:<module>/<relative path>" for weights shipped in a package.
+    weights: str | None = None
+    weights_sha256: str | None = None
+    # Stages frozen from the stem upwards (detectron2's FREEZE_AT; 2 = stem and first stage).
+    freeze_at: int = 2
+
+
+class FPNConfig(_Section):
+    out_channels: int = 256
+
+
+class HeadConfig(_Section):
+    """FCOS head and its target/inference rules (methods-reference section 1)."""
+
+    channels: int = 256
+    num_convs: int = 4
+    num_groups: int = 32
+    prior_prob: float = 0.01
+    strides: list[int] = [8, 16, 32, 64, 128]
+    sizes_of_interest: list[float] = [64, 128, 256, 512]
+    center_sample_radius: float = 1.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_threshold: float = 0.6
+    max_detections: int = 100
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> "HeadConfig":
+        if len(self.sizes_of_interest) != len(self.strides) - 1:
+            raise ValueError("sizes_of_interest needs exactly len(strides) - 1 boundaries")
+        if self.channels % self.num_groups:
+            raise ValueError(f"head.channels={self.channels} is not divisible by head.num_groups={self.num_groups}")
+        return self
+
+
+class MEInstConfig(_Section):
+    num_components: int = 60
+    mask_size: int = 28
+    # Codec .npz from `python -m training.fit_codec`; stored in the checkpoint after the first load.
+    codec_path: str | None = None
+    mask_threshold: float = 0.5
+
+
+class EmbedMaskConfig(_Section):
+    embed_dim: int = 16
+    spatial_dims: int = 2
+    pixel_convs: int = 4
+    pixel_channels: int = 256
+    prior_margin: float = 2.0
+    margin_reduce_factor: float = 32.0
+    mask_threshold: float = 0.53
+    mask_loss_weight: float = 0.5
+    # Inference crop around each box, in stride-4 pixels.
+    box_padding: int = 2
+    # Instances per chunk in the training coupling, bounding memory on crowded images.
+    instance_chunk: int = 16
+
+
+class ModelConfig(_Section):
+    method: Literal["fcos", "meinst", "embedmask"] = "fcos"
+    num_classes: int = 80
+    class_names: list[str] = Field(default_factory=list)
+    # RGB, 0-255 scale; the graph takes uint8 images and normalises them itself.
+    pixel_mean: list[float] = [123.675, 116.28, 103.53]
+    pixel_std: list[float] = [58.395, 57.12, 57.375]
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    fpn: FPNConfig = Field(default_factory=FPNConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    meinst: MEInstConfig = Field(default_factory=MEInstConfig)
+    embedmask: EmbedMaskConfig = Field(default_factory=EmbedMaskConfig)
+
+    @model_validator(mode="after")
+    def _names_match(self) -> "ModelConfig":
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names given for num_classes={self.num_classes}")
+        return self
+
+
+class DataConfig(_Section):
+    train_annotations: str | None = None
+    train_images: str | None = None
+    val_annotations: str | None = None
+    val_images: str | None = None
+    min_size_train: list[int] = [800]
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    hflip_prob: float = 0.5
+    size_divisibility: int = 32
+    num_workers: int = 2
+
+
+class SolverConfig(_Section):
+    ims_per_batch: int = 16  # global batch, split across ranks
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_factor: float = 1.0
+    weight_decay_bias: float | None = None
+    warmup_method: Literal["linear", "constant"] = "linear"
+    warmup_factor: float = 1.0 / 1000
+    warmup_iters: int = 1000
+    steps: list[int] = [60000, 80000]
+    gamma: float = 0.1
+    max_iter: int = 90000
+    checkpoint_period: int = 5000
+    eval_period: int = 0  # 0: evaluate only at the end
+    amp: bool = True  # used only where CUDA is present
+    clip_grad_norm: float | None = None
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping, not {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_yaml((path.parent / base).resolve()), data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (numbers, lists, booleans)."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return Config.model_validate(apply_overrides(data, overrides or []))
