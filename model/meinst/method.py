@@ -19,6 +19,12 @@ from model.layers import conv_tower, flatten_levels, init_normal
 from model.meinst.codec import PCAMaskCodec, crop_bitmasks
 
 
+def centerness_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_pos(weight * sum_k (pred - target)^2) / max(weight sum over ranks * K, 1), as the reference."""
+    norm = mean_over_ranks(weight.sum()) * target.shape[1]
+    return (((pred - target) ** 2).sum(dim=1) * weight).sum() / norm.clamp(min=1.0)
+
+
 class MEInst(MaskMethod):
     score_mode = "sqrt"
 
@@ -57,10 +63,7 @@ class MEInst(MaskMethod):
         gt_index = (context.targets.matched_gt + offset).reshape(-1)[positive]
         target = self.codec.encode(table[gt_index])
 
-        weight = context.centerness_target
-        norm = mean_over_ranks(weight.sum()) * target.shape[1]
-        squared = ((coeffs[positive] - target) ** 2).sum(dim=1)
-        return {"loss_mask": (squared * weight).sum() / norm.clamp(min=1.0)}
+        return {"loss_mask": centerness_weighted_mse(coeffs[positive], target, context.centerness_target)}
 
     def masks(self, detections: Detections, outputs: MethodOutputs) -> torch.Tensor:
         """Box-relative mask probabilities [B, K, 28, 28] of the kept detections."""
