@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from model.config import HeadConfig
 from model.fcos_outputs import level_points
@@ -86,6 +86,10 @@ def select_detections(levels: list[LevelPredictions], cfg: HeadConfig, score_mod
     num_classes = levels[0].logits.shape[1]
 
     image_index = torch.arange(batch, device=ranking.device)[:, None].expand(batch, num_candidates)
+    # Class-aware NMS as torchvision's batched_nms coordinate trick: each (image, class) group is shifted
+    # apart by a span taken over all candidates (never empty, so the traced graph needs no If for an
+    # empty input, which TensorRT cannot build; and exact for boxes reaching below 0).
+    span = boxes.max() - boxes.min() + 1.0
     valid = torch.nonzero(ranking.reshape(-1) > 0).squeeze(1)
     ranking = ranking.reshape(-1)[valid]
     scores = ranking.sqrt() if score_mode == "sqrt" else ranking
@@ -93,11 +97,13 @@ def select_detections(levels: list[LevelPredictions], cfg: HeadConfig, score_mod
     classes = classes.reshape(-1)[valid]
     image_index = image_index.reshape(-1)[valid]
 
-    keep = batched_nms(boxes, scores, image_index * num_classes + classes, cfg.nms_threshold)
+    group = (image_index * num_classes + classes).to(boxes.dtype)
+    keep = nms(boxes + (group * span)[:, None], scores, cfg.nms_threshold)
     # keep is sorted by score, so an image's detections appear in rank order: number them per image.
+    # (Counted in float: the ONNX-TensorRT parser documents CumSum for float types only.)
     kept_image = image_index[keep]
-    one_hot = (kept_image[:, None] == torch.arange(batch, device=ranking.device)[None]).long()  # [M, B]
-    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    one_hot = (kept_image[:, None] == torch.arange(batch, device=ranking.device)[None]).float()  # [M, B]
+    rank = ((one_hot.cumsum(0) * one_hot).sum(1) - 1).long()
     within = torch.nonzero(rank < cfg.max_detections).squeeze(1)
     keep, rank, kept_image = keep[within], rank[within], kept_image[within]
     slot = kept_image * cfg.max_detections + rank
@@ -107,7 +113,7 @@ def select_detections(levels: list[LevelPredictions], cfg: HeadConfig, score_mod
         out[slot] = values[keep]
         return out.reshape(batch, cfg.max_detections, *values.shape[1:])
 
-    num_dets = one_hot.sum(0).clamp(max=cfg.max_detections)
+    num_dets = one_hot.sum(0).long().clamp(max=cfg.max_detections)
     return Detections(
         num_dets=num_dets,
         boxes=scatter(boxes),

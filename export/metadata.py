@@ -1,0 +1,148 @@
+"""The metadata record that travels with an exported graph (ONNX ``metadata_props``, engine sidecar, Triton).
+
+A runtime needs more than the graph to turn its outputs into instances: the method and mask kind (how to
+finish masks), the thresholds, the class names and dataset ids, and the input rules (uint8 RGB NCHW, H and
+W multiples of 32, the resize rule and the padding value). One JSON record carries all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from model.config import Config
+
+METADATA_KEY = "onestage"
+FORMAT_VERSION = 1
+INPUT_NAME = "images"
+DETECTION_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
+MASK_OUTPUT = "masks"
+MaskKind = Literal["box28", "logprob_s4"]
+
+
+class InputRules(BaseModel):
+    """How a client must prepare ``images`` (detectron2 ResizeShortestEdge, then pad bottom/right)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["uint8"] = "uint8"
+    color: Literal["RGB"] = "RGB"
+    size_divisibility: int
+    min_size: int  # shorter side after resize
+    max_size: int  # longer side at most this
+    pad_value: list[int]  # the rounded pixel mean: padding normalises to about zero
+
+
+class GraphMetadata(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    method: Literal["fcos", "meinst", "embedmask"]
+    mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
+    class_names: list[str]
+    category_ids: list[int]  # dataset id of each contiguous class index
+    score_threshold: float
+    nms_threshold: float
+    max_detections: int
+    pre_nms_topk: int  # candidates per FPN level before NMS
+    strides: list[int]  # FPN levels
+    mask_threshold: float | None  # probability; EmbedMask compares log p with log(threshold)
+    mask_size: int | None = None  # MEInst box-relative mask side (28)
+    mask_stride: int | None = None  # EmbedMask map stride (4)
+    box_padding: int | None = None  # EmbedMask crop around each box, in stride-4 cells
+    input: InputRules
+    input_name: str = INPUT_NAME
+    output_names: list[str]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> GraphMetadata:
+        return cls.model_validate_json(text)
+
+
+def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMetadata:
+    """The record for a model built from ``cfg``; class names and category ids come from the checkpoint.
+
+    Missing names fall back to the config's, then to ``class_<i>``; missing ids to ``1..C`` (COCO style).
+    """
+    model = cfg.model
+    num_classes = model.num_classes
+    class_names = list(checkpoint_metadata.get("class_names") or model.class_names or [f"class_{i}" for i in range(num_classes)])
+    category_ids = [int(c) for c in (checkpoint_metadata.get("category_ids") or range(1, num_classes + 1))]
+    if len(class_names) != num_classes or len(category_ids) != num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names and {len(category_ids)} category ids for a model of {num_classes} classes"
+        )
+    mask_fields: dict[str, Any] = {"mask_kind": None, "mask_threshold": None}
+    if model.method == "meinst":
+        mask_fields = {"mask_kind": "box28", "mask_threshold": model.meinst.mask_threshold, "mask_size": model.meinst.mask_size}
+    elif model.method == "embedmask":
+        mask_fields = {
+            "mask_kind": "logprob_s4",
+            "mask_threshold": model.embedmask.mask_threshold,
+            "mask_stride": 4,
+            "box_padding": model.embedmask.box_padding,
+        }
+    outputs = [*DETECTION_OUTPUTS, *([MASK_OUTPUT] if model.method != "fcos" else [])]
+    return GraphMetadata(
+        method=model.method,
+        class_names=class_names,
+        category_ids=category_ids,
+        score_threshold=model.head.score_threshold,
+        nms_threshold=model.head.nms_threshold,
+        max_detections=model.head.max_detections,
+        pre_nms_topk=model.head.pre_nms_topk,
+        strides=list(model.head.strides),
+        input=InputRules(
+            size_divisibility=cfg.data.size_divisibility,
+            min_size=cfg.data.min_size_test,
+            max_size=cfg.data.max_size_test,
+            pad_value=[round(m) for m in model.pixel_mean],
+        ),
+        output_names=outputs,
+        **mask_fields,
+    )
+
+
+def embed_onnx_metadata(model: onnx.ModelProto, metadata: GraphMetadata) -> None:
+    """Store the record as one JSON entry of ``metadata_props`` (replacing an earlier one)."""
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=metadata.to_json())
+
+
+def read_onnx_metadata(path: str | Path) -> GraphMetadata:
+    """The record embedded in an exported ``.onnx`` file (weights are not loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return GraphMetadata.from_json(prop.value)
+    raise ValueError(f"{path} carries no {METADATA_KEY!r} metadata: export it with `python -m export`")
+
+
+def engine_sidecar_path(engine_path: str | Path) -> Path:
+    """``model.plan`` -> ``model.plan.json``: the record beside a TensorRT engine (engines hold no metadata)."""
+    return Path(f"{engine_path}.json")
+
+
+def write_engine_sidecar(engine_path: str | Path, metadata: GraphMetadata, build_info: dict[str, Any]) -> Path:
+    """Write the record and how the engine was built (TensorRT version, profile, precision)."""
+    path = engine_sidecar_path(engine_path)
+    path.write_text(json.dumps({"metadata": metadata.model_dump(), "tensorrt": build_info}, indent=2))
+    return path
+
+
+def read_engine_sidecar(engine_path: str | Path) -> tuple[GraphMetadata, dict[str, Any]]:
+    path = engine_sidecar_path(engine_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: build engines with `python -m export --format tensorrt`")
+    record = json.loads(path.read_text())
+    return GraphMetadata.model_validate(record["metadata"]), record["tensorrt"]
