@@ -1,0 +1,190 @@
+"""COCO evaluation (bbox and segm AP) of a checkpoint, through the runtime interface.
+
+    python -m training.evaluate --checkpoint CKPT --annotations JSON --images DIR
+        [--output results.json] [--batch-size N] [--device cpu]
+
+Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``, run through a
+``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
+``make_runtime``) and finished by ``service.finishing.finish_image``, the function the service uses, so
+evaluation measures what users get. The COCO results file holds the dataset's category ids, xywh boxes
+in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
+APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from model.config import Config
+from model.runtime import Runtime, TorchRuntime
+from service.finishing import MaskKind, finish_image
+from training.checkpoint import load_detector
+from training.data import CocoInstanceDataset, collate
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What evaluation needs besides a runtime: input padding, the mask finishing rule and the dataset ids.
+
+    Built from a checkpoint's config here; a runtime that carries export metadata instead fills the same
+    fields from that record.
+    """
+
+    category_ids: list[int]  # dataset id of each contiguous class index
+    mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
+    mask_threshold: float | None
+    box_padding: int
+    pad_value: tuple[int, ...]
+    size_divisibility: int
+    min_size: int
+    max_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
+        model = cfg.model
+        kind, threshold = {
+            "meinst": ("box28", model.meinst.mask_threshold),
+            "embedmask": ("logprob_s4", model.embedmask.mask_threshold),
+            "fcos": (None, None),
+        }[model.method]
+        return cls(
+            category_ids=list(category_ids),
+            mask_kind=kind,
+            mask_threshold=threshold,
+            box_padding=model.embedmask.box_padding,
+            pad_value=tuple(round(m) for m in model.pixel_mean),
+            size_divisibility=cfg.data.size_divisibility,
+            min_size=cfg.data.min_size_test,
+            max_size=cfg.data.max_size_test,
+        )
+
+
+def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
+    """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
+
+
+def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:
+    """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
+    for mask methods, the compressed RLE segmentation."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
+    )
+    results = []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
+        outputs = runtime.infer(batch.images.numpy())
+        for i, image_id in enumerate(batch.image_ids):
+            instances = finish_image(
+                outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i],
+                outputs["masks"][i] if spec.mask_kind is not None else None,
+                mask_kind=spec.mask_kind or "box28",
+                input_size=batch.input_sizes[i],
+                image_size=batch.original_sizes[i],
+                mask_threshold=spec.mask_threshold,
+                mask_format="rle" if spec.mask_kind is not None else "none",
+                box_padding=spec.box_padding,
+            )
+            for instance in instances:
+                x0, y0, x1, y1 = instance.box
+                record = {
+                    "image_id": image_id,
+                    "category_id": spec.category_ids[instance.class_index],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": instance.score,
+                }
+                if instance.rle is not None:
+                    record["segmentation"] = instance.rle
+                results.append(record)
+    return results
+
+
+def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], iou_type: str) -> dict[str, float | None]:
+    """COCOeval summary in percent; None where COCO defines no value (no ground truth in that size range).
+
+    The segm evaluation drops the result boxes so that pycocotools takes each detection's area from its
+    mask, as detectron2 does; the bbox evaluation drops the masks.
+    """
+    if not results:  # pycocotools cannot load an empty result list; nothing detected scores 0
+        return {name: 0.0 for name in METRIC_NAMES}
+    drop = "bbox" if iou_type == "segm" else "segmentation"
+    records = [{k: v for k, v in r.items() if k != drop} for r in results]
+    with contextlib.redirect_stdout(sys.stderr):
+        detections = dataset.coco.loadRes(records)
+        coco_eval = COCOeval(dataset.coco, detections, iou_type)
+        coco_eval.params.imgIds = dataset.image_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {name: float(v) * 100.0 if v >= 0 else None for name, v in zip(METRIC_NAMES, coco_eval.stats[:6])}
+
+
+def evaluate(
+    runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
+    results_path: str | Path | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """bbox (and, for mask methods, segm) metrics of ``runtime`` on ``dataset`` (see ``eval_dataset``);
+    the COCO results go to ``results_path`` when given."""
+    unknown = sorted(set(spec.category_ids) - set(dataset.category_ids))
+    if unknown:
+        raise ValueError(f"the model's category ids {unknown} are not in the evaluation annotations {dataset.category_ids}")
+    results = predict(runtime, dataset, spec, batch_size)
+    if results_path is not None:
+        Path(results_path).write_text(json.dumps(results))
+    iou_types = ["bbox"] if spec.mask_kind is None else ["bbox", "segm"]
+    return {iou_type: coco_metrics(dataset, results, iou_type) for iou_type in iou_types}
+
+
+def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
+    """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata."""
+    if name == "torch":
+        model, cfg, metadata = load_detector(checkpoint, device)
+        return TorchRuntime(model, device), EvalSpec.from_config(cfg, metadata["category_ids"]), metadata
+    raise ValueError(f"unknown runtime {name!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--annotations", required=True, help="COCO-format instances json")
+    parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
+    parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--runtime", choices=["torch"], default="torch")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
+    dataset = eval_dataset(args.annotations, args.images, spec)
+    output = args.output or f"{args.checkpoint}.results.json"
+    start = time.perf_counter()
+    metrics = evaluate(runtime, dataset, spec, args.batch_size, output)
+    summary = {
+        **metrics,
+        "images": len(dataset),
+        "seconds": round(time.perf_counter() - start, 3),
+        "checkpoint": args.checkpoint,
+        "iteration": info["iteration"],
+        "results": output,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
