@@ -153,9 +153,19 @@ def evaluate(
 
 def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
     """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata."""
+    model, cfg, metadata = load_detector(checkpoint, device)
+    spec = EvalSpec.from_config(cfg, metadata["category_ids"])
     if name == "torch":
-        model, cfg, metadata = load_detector(checkpoint, device)
-        return TorchRuntime(model, device), EvalSpec.from_config(cfg, metadata["category_ids"]), metadata
+        return TorchRuntime(model, device), spec, metadata
+    if name == "onnxruntime":
+        # The fused graph of this very checkpoint, exported next to it, so both runtimes see the same weights.
+        from export.onnx_export import export_onnx
+        from service.runtimes import OnnxRuntime
+
+        graph = Path(f"{checkpoint}.onnx")
+        if not graph.exists() or graph.stat().st_mtime < Path(checkpoint).stat().st_mtime:
+            export_onnx(model, cfg, metadata, graph)
+        return OnnxRuntime(str(graph)), spec, metadata
     raise ValueError(f"unknown runtime {name!r}")
 
 
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--runtime", choices=["torch"], default="torch")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
