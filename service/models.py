@@ -1,0 +1,229 @@
+"""The served models: each configured path becomes a warmed-up runtime with its metadata and shape buckets.
+
+A training checkpoint is exported to ONNX into the cache directory first (again only when the checkpoint
+is newer than the cached graph); with ``runtime=tensorrt`` the graph is then built into a TensorRT engine
+the same way. A model counts as ready only after it ran on every shape bucket at batch 1 and at the
+largest batch, so that no request pays for first-run allocation or engine setup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from export.metadata import GraphMetadata
+from service.imaging import ResizeRule, auto_buckets
+from service.settings import ModelSpec, Settings, parse_bucket
+
+if TYPE_CHECKING:
+    from model.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ENGINE_SUFFIXES = (".plan", ".engine")
+State = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str  # first 12 hex digits of the served graph's sha256
+    graph_path: Path
+    runtime: Runtime
+    runtime_name: Literal["onnxruntime", "tensorrt"]
+    providers: list[str]
+    metadata: GraphMetadata
+    rule: ResizeRule
+    buckets: list[tuple[int, int]]
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    state: State = "loading"
+    error: str | None = None
+    model: LoadedModel | None = None
+
+
+def _newer(target: Path, source: Path) -> bool:
+    return target.is_file() and target.stat().st_mtime >= source.stat().st_mtime
+
+
+def _atomic_output(target: Path) -> Path:
+    """A temporary path beside ``target`` (same filesystem, so ``os.replace`` onto it is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def cached_name(spec: ModelSpec, suffix: str) -> str:
+    """One cache file per (model name, source file): two checkpoints of one name never share it."""
+    digest = hashlib.sha1(str(spec.path.resolve()).encode()).hexdigest()[:10]
+    return f"{spec.name}-{digest}{suffix}"
+
+
+def export_checkpoint(checkpoint: Path, target: Path) -> Path:
+    """Export ``checkpoint`` to ONNX at ``target`` unless a cached graph at least as new is there."""
+    if _newer(target, checkpoint):
+        log.info("using cached graph %s for %s", target, checkpoint)
+        return target
+    from export.onnx_export import export_onnx
+    from training.checkpoint import load_detector
+
+    log.info("exporting %s to %s", checkpoint, target)
+    model, cfg, checkpoint_metadata = load_detector(checkpoint)
+    tmp = _atomic_output(target)
+    try:
+        export_onnx(model, cfg, checkpoint_metadata, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings) -> Path:
+    """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``."""
+    if _newer(target, onnx_path):
+        return target
+    from export.tensorrt_build import Profile, build_engine, default_profile
+
+    default = default_profile(metadata, settings.max_batch_size)
+    largest = (settings.max_batch_size, 3, max(max(b[0] for b in buckets), default.max[2]), max(max(b[1] for b in buckets), default.max[3]))
+    log.info("building TensorRT engine %s from %s (max shape %s)", target, onnx_path, largest)
+    tmp = _atomic_output(target)
+    try:
+        build_engine(onnx_path, tmp, Profile(min=default.min, opt=default.opt, max=largest), fp16=settings.tensorrt_fp16)
+        os.replace(tmp, target)
+        os.replace(f"{tmp}.json", f"{target}.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.json").unlink(missing_ok=True)
+    return target
+
+
+def file_version(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list[tuple[int, int]]:
+    texts = spec.buckets if spec.buckets is not None else settings.buckets
+    buckets = sorted({parse_bucket(t) for t in texts}) if texts else auto_buckets(rule)
+    bad = [b for b in buckets if b[0] % rule.divisibility or b[1] % rule.divisibility]
+    if bad:
+        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.divisibility}")
+    return buckets
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
+    """Export if needed, open the runtime, and warm it up (blocking; run it off the event loop)."""
+    from export.metadata import read_onnx_metadata
+    from service.runtimes import OnnxRuntime, TensorRTRuntime
+
+    path = spec.path
+    if not path.is_file():
+        raise FileNotFoundError(f"model {spec.name}: {path} not found")
+    cache = settings.cache_dir
+    if path.suffix in ENGINE_SUFFIXES:
+        if settings.runtime == "onnxruntime":
+            raise ValueError(f"model {spec.name}: {path} is a TensorRT engine but runtime=onnxruntime")
+        graph_path = path
+    elif path.suffix == ".onnx":
+        graph_path = path
+    else:
+        graph_path = export_checkpoint(path, cache / cached_name(spec, ".onnx"))
+
+    if graph_path.suffix == ".onnx" and settings.runtime == "tensorrt":
+        metadata = read_onnx_metadata(graph_path)
+        rule = _rule(metadata)
+        buckets = model_buckets(spec, settings, rule)
+        graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
+
+    runtime: OnnxRuntime | TensorRTRuntime
+    runtime_name: Literal["onnxruntime", "tensorrt"]
+    if graph_path.suffix in ENGINE_SUFFIXES:
+        runtime = TensorRTRuntime(graph_path)
+        runtime_name, providers = "tensorrt", ["TensorRT"]
+    else:
+        runtime = OnnxRuntime(graph_path, providers=settings.providers, threads=settings.ort_threads)
+        runtime_name, providers = "onnxruntime", list(runtime.providers)
+    metadata = runtime.metadata
+    if metadata.mask_kind is None:
+        raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
+    rule = _rule(metadata)
+    loaded = LoadedModel(
+        name=spec.name,
+        version=file_version(graph_path),
+        graph_path=graph_path,
+        runtime=runtime,
+        runtime_name=runtime_name,
+        providers=providers,
+        metadata=metadata,
+        rule=rule,
+        buckets=model_buckets(spec, settings, rule),
+    )
+    if settings.warmup:
+        warm_up(loaded, settings.max_batch_size)
+    return loaded
+
+
+def _rule(metadata: GraphMetadata) -> ResizeRule:
+    rules = metadata.input
+    pad = tuple(rules.pad_value)
+    return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
+
+
+def warm_up(model: LoadedModel, max_batch_size: int) -> None:
+    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value."""
+    started = time.perf_counter()
+    for bucket in model.buckets:
+        for batch in sorted({1, max_batch_size}):
+            flat = np.empty((batch, 3, *bucket), dtype=np.uint8)
+            flat[...] = np.asarray(model.rule.pad_value, dtype=np.uint8)[None, :, None, None]
+            model.runtime.infer(flat)
+    log.info("model %s warmed up on %d buckets in %.1f s", model.name, len(model.buckets), time.perf_counter() - started)
+
+
+@dataclass
+class ModelRegistry:
+    """Every configured model and its state; ``ready`` once all of them are loaded, warmed up and
+    marked ready by the app (which starts their batchers first)."""
+
+    settings: Settings
+    entries: dict[str, ModelEntry] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.entries = {spec.name: ModelEntry(spec) for spec in self.settings.models}
+
+    @property
+    def ready(self) -> bool:
+        return all(entry.state == "ready" for entry in self.entries.values())
+
+    def load(self, name: str) -> LoadedModel | None:
+        """Load one model (blocking); on failure record the error and return None. The state stays
+        "loading" until ``mark_ready``."""
+        entry = self.entries[name]
+        started = time.perf_counter()
+        try:
+            entry.model = load_model(entry.spec, self.settings)
+        except Exception as error:
+            log.exception("model %s failed to load", name)
+            entry.state, entry.error = "failed", f"{type(error).__name__}: {error}"
+            return None
+        log.info("model %s loaded (%s, %s) in %.1f s", name, entry.model.runtime_name, entry.model.version, time.perf_counter() - started)
+        return entry.model
+
+    def mark_ready(self, name: str) -> None:
+        self.entries[name].state = "ready"

@@ -1,0 +1,82 @@
+"""Response bodies of the HTTP API (pydantic; they make the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MaskFormat = Literal["rle", "polygon", "none"]
+
+
+class RLE(BaseModel):
+    """COCO compressed RLE; ``pycocotools.mask.decode`` gives an [H, W] mask of the original image."""
+
+    size: tuple[int, int] = Field(description="[height, width] of the original image")
+    counts: str
+
+
+class Instance(BaseModel):
+    bbox: tuple[float, float, float, float] = Field(description="[x, y, width, height] in original image pixels")
+    score: float
+    category_id: int = Field(description="the training dataset's category id")
+    category_name: str
+    area: int | None = Field(description="mask pixels; null when mask_format=none")
+    segmentation: RLE | list[list[float]] | None = Field(
+        description="COCO RLE (mask_format=rle), COCO polygons [[x0, y0, x1, y1, ...], ...] (polygon), or null (none)"
+    )
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    version: str
+    width: int = Field(description="original image width, after EXIF orientation")
+    height: int = Field(description="original image height, after EXIF orientation")
+    instances: list[Instance] = Field(description="in descending score order")
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class TensorInfo(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """KServe v2 model metadata plus what a client needs to read the answers."""
+
+    name: str
+    versions: list[str]
+    platform: str | None
+    state: Literal["loading", "ready", "failed"]
+    error: str | None = None
+    runtime: str | None = None
+    providers: list[str] = []
+    method: str | None = None
+    mask_kind: str | None = None
+    class_names: list[str] = []
+    category_ids: list[int] = []
+    score_threshold: float | None = None
+    mask_threshold: float | None = None
+    max_detections: int | None = None
+    min_size: int | None = Field(None, description="shorter side after resize")
+    max_size: int | None = Field(None, description="longer side at most")
+    buckets: list[tuple[int, int]] = Field([], description="padded input shapes [H, W] that batches run at")
+    inputs: list[TensorInfo] = []
+    outputs: list[TensorInfo] = []
+
+
+class ModelList(BaseModel):
+    models: list[ModelMetadata]
+
+
+class Liveness(BaseModel):
+    live: bool
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, Literal["loading", "ready", "failed"]] = Field(description="state of each model")

@@ -1,0 +1,131 @@
+"""Every knob of the service, from environment variables (``ONESTAGE_<NAME>``) or CLI flags (``--kebab-name``).
+
+Flags win over the environment, which wins over the defaults below. List and object values are JSON, e.g.
+``ONESTAGE_MODELS='[{"name": "meinst", "path": "model.onnx"}]'`` or ``--buckets '["256x256", "256x512"]'``.
+``python -m service --help`` prints this list with the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_MODELS = REPO / "models"
+_BUCKET = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_bucket(text: str) -> tuple[int, int]:
+    """"HxW" -> (H, W)."""
+    match = _BUCKET.match(text.strip())
+    if not match:
+        raise ValueError(f"shape bucket {text!r} is not of the form HxW (e.g. 256x512)")
+    return int(match[1]), int(match[2])
+
+
+class ModelSpec(BaseModel):
+    """One served model. ``path`` is a training checkpoint (``.pt``, exported to ONNX into ``cache_dir`` on
+    start), an exported graph (``.onnx``) or a TensorRT engine (``.plan``/``.engine`` with its ``.json``
+    sidecar); ``buckets`` overrides the global shape buckets for this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    path: Path
+    buckets: list[str] | None = None
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_parse(cls, value: list[str] | None) -> list[str] | None:
+        for bucket in value or []:
+            parse_bucket(bucket)
+        return value
+
+
+def bundled_models() -> list[ModelSpec]:
+    """The checkpoints committed under ``models/``: the HeLa nucleus MEInst and EmbedMask recipes."""
+    return [
+        ModelSpec(name="meinst", path=BUNDLED_MODELS / "meinst_nucleus" / "model.pt"),
+        ModelSpec(name="embedmask", path=BUNDLED_MODELS / "embedmask_nucleus" / "model.pt"),
+    ]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onestage"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ONESTAGE_",
+        cli_prog_name="python -m service",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    models: list[ModelSpec] = Field(
+        default_factory=bundled_models,
+        description='served models, JSON [{"name", "path", "buckets"?}]; default: the bundled models/ checkpoints',
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="where checkpoints are exported to ONNX (and TensorRT engines built)")
+    runtime: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto",
+        description="auto: onnxruntime (CUDA when available, else CPU) or TensorRT for engine paths; "
+        "onnxruntime; tensorrt: build/load TensorRT engines (GPU hosts)",
+    )
+    providers: list[str] | None = Field(None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)")
+    ort_threads: int = Field(
+        default_factory=lambda: max(_cores() // 2, 1),
+        ge=1,
+        description="onnxruntime intra-op threads per model; default half the cores, the other half decodes and finishes "
+        "masks meanwhile (a pool of all cores would fight them for the CPU)",
+    )
+    tensorrt_fp16: bool = Field(False, description="build TensorRT engines with FP16 convolution trunks")
+    max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the batcher forms (1 turns batching off)")
+    max_delay_ms: float = Field(10.0, ge=0, description="longest wait of a batch's first request for others to join")
+    max_queue_size: int = Field(64, ge=1, description="requests waiting per model; beyond it requests get 503 + Retry-After")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; a request still waiting at its deadline gets 504")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
+    buckets: list[str] = Field(
+        default_factory=list,
+        description="padded input shapes HxW shared by every model; empty: per model, the short test side by "
+        "1, 4/3, 16/9 and the longest side ratios, both orientations",
+    )
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)")
+    cpu_workers: int = Field(default_factory=lambda: max(_cores() - _cores() // 2, 1), ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
+    warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
+    shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    access_log: bool = Field(False, description="log every request (metrics cover request counts and latency)")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_parse(cls, value: list[str]) -> list[str]:
+        for bucket in value:
+            parse_bucket(bucket)
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _names_unique(cls, value: list[ModelSpec]) -> list[ModelSpec]:
+        names = [spec.name for spec in value]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"models need distinct names and at least one entry, got {names}")
+        return value
+
+
+def load_settings(argv: list[str] | None) -> Settings:
+    """Settings from the environment and ``argv`` (None: no CLI parsing, environment and defaults only)."""
+    return Settings(_cli_parse_args=argv) if argv is not None else Settings()
