@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import load_config
+from model.config import Config, load_config
 from model.detector import OneStageDetector
 from training.checkpoint import save_checkpoint
 
@@ -23,15 +23,13 @@ CATEGORY_IDS = [3, 5, 9]  # non-contiguous dataset ids, so responses must map cl
 SCORE_LOGIT = float(np.log(0.05 / 0.95))  # the head's default score threshold as a logit
 
 
-def tiny_checkpoint(
-    method: str, path: Path, *, min_size: int = 128, max_size: int = 192, max_detections: int = 20, seed: int = 0
-) -> Path:
-    """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it."""
+def tiny_detector(method: str, *, seed: int = 0, extra: tuple[str, ...] = ()) -> tuple[OneStageDetector, Config]:
+    """A small MobileNetV2-FPN `method` detector whose random head yields detections on textured images only."""
     cfg = load_config(None, [
         f"model.method={method}", f"model.num_classes={len(CLASS_NAMES)}", "model.backbone.weights=null",
         "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1", "model.head.num_groups=8",
         "model.embedmask.pixel_channels=32", "model.embedmask.pixel_convs=1", "model.meinst.num_components=8",
-        f"model.head.max_detections={max_detections}", f"data.min_size_test={min_size}", f"data.max_size_test={max_size}",
+        "data.min_size_test=128", "data.max_size_test=192", *extra,
     ])
     torch.manual_seed(seed)
     model = OneStageDetector(cfg.model).eval()
@@ -51,6 +49,16 @@ def tiny_checkpoint(
             model.mask_method.codec.load_arrays(components * 10.0, np.linspace(4.0, 1.0, 8), disk_logits.ravel())
         else:
             model.mask_method.position_scale.scale.fill_(20.0)  # p = 0.53 about 7 pixels from a proposal
+    return model, cfg
+
+
+def tiny_checkpoint(
+    method: str, path: Path, *, min_size: int = 128, max_size: int = 192, max_detections: int = 20, seed: int = 0
+) -> Path:
+    """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it."""
+    model, cfg = tiny_detector(method, seed=seed, extra=(
+        f"model.head.max_detections={max_detections}", f"data.min_size_test={min_size}", f"data.max_size_test={max_size}",
+    ))
     save_checkpoint(
         {
             "model": model.state_dict(),

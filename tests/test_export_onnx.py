@@ -14,48 +14,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from export.metadata import GraphMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx
 from export.parity import compare_outputs
-from model.config import Config, load_config
-from model.detector import OneStageDetector
 from model.runtime import TorchRuntime
 from service.runtimes import OnnxRuntime
+from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_detector
 
-SCORE_LOGIT = float(np.log(0.05 / 0.95))  # the head's score threshold as a logit
-CHECKPOINT_METADATA = {"class_names": ["cell", "nucleus", "debris"], "category_ids": [3, 5, 9]}
+CHECKPOINT_METADATA = {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}
 PAD_VALUE = (124, 116, 104)
-
-
-def tiny_detector(method: str, seed: int = 0) -> tuple[OneStageDetector, Config]:
-    """A small MobileNetV2-FPN detector whose random head yields detections on textured images only."""
-    cfg = load_config(None, [
-        f"model.method={method}", "model.num_classes=3", "model.backbone.weights=null",
-        "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1", "model.head.num_groups=8",
-        "model.embedmask.pixel_channels=32", "model.embedmask.pixel_convs=1", "model.meinst.num_components=8",
-        "data.min_size_test=128", "data.max_size_test=192",
-    ])
-    torch.manual_seed(seed)
-    model = OneStageDetector(cfg.model).eval()
-    head = model.head
-    with torch.no_grad():
-        nn.init.normal_(head.cls_logits.weight, std=0.5)
-        nn.init.constant_(head.cls_logits.bias, SCORE_LOGIT - 0.5)  # a constant feature map stays below threshold
-        nn.init.normal_(head.ctrness.weight, std=0.5)
-        nn.init.normal_(head.bbox_pred.weight, std=0.1)
-        nn.init.constant_(head.bbox_pred.bias, 1.5)  # boxes about 3 strides wide
-        if method == "meinst":
-            nn.init.normal_(model.mask_method.mask_pred.weight, std=0.1)
-            rng = np.random.default_rng(seed)
-            components = np.linalg.qr(rng.normal(size=(28 * 28, 8)))[0].T
-            yy, xx = np.mgrid[:28, :28]
-            disk_logits = 3.0 - 0.02 * ((yy - 13.5) ** 2 + (xx - 13.5) ** 2)  # a disk of radius ~12 cells
-            model.mask_method.codec.load_arrays(components * 10.0, np.linspace(4.0, 1.0, 8), disk_logits.ravel())
-        else:
-            model.mask_method.position_scale.scale.fill_(20.0)  # p = 0.53 about 7 pixels from a proposal
-    return model, cfg
 
 
 def noise_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
