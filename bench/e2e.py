@@ -1,0 +1,342 @@
+"""End-to-end CPU race, batch 1: JPEG bytes in -> COCO RLE JSON out, ours vs Ultralytics YOLO11n-seg.
+
+    python -m bench.e2e [--repeats 15] [--threads 2] [--sizes 640 512]
+
+Every model runs on the same real photos (the VOC JPEGs of Debian's labelme-examples), in one process,
+interleaved image by image and model by model so that load on a shared machine hits all of them alike.
+Each run is timed stage by stage; the tables show medians over every (repeat, image) run, and the
+end-to-end figure is the median of the per-run totals.
+
+- Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml) exported by
+  ``export.onnx_export.export_onnx`` to one fused graph in ``service.runtimes.OnnxRuntime``. The request
+  path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
+  ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
+  side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
+  ``service.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
+  frame) and ``json.dumps`` of the response.
+- YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
+  exporter to a static SxS ONNX graph run in onnxruntime with the same thread count. The rest is what its
+  predictor does: ``cv2.imdecode`` (its ``imread``), ``LetterBox`` + its tensor preprocessing,
+  ``ultralytics.utils.nms.non_max_suppression``, then masks in the original frame by either of its two
+  routes -- ``retina`` (``ops.process_mask_native``, what ``retina_masks=True`` does) or ``default``
+  (``ops.process_mask`` at input size, then ``ops.scale_masks`` to the original frame as its validator
+  does) -- and the empty-mask filter of its ``construct_result``; the RLE is ``pycocotools.mask.encode``
+  of the Fortran-ordered full-frame masks, then the same ``json.dumps``.
+
+About 100 detections per image for every model, with random weights: ours take
+``bench.latency.bench_detector`` (classification bias set so the 3,000 best pairs of a 512x512 image pass
+the 0.05 score threshold, a disk-shaped MEInst codec) and keep the graph's ``max_detections`` = 100,
+with the box regression bias raised (``BOX_SIDE_STRIDES``) so that our boxes are on average at least as
+large as YOLO's; YOLO runs with ``conf=0.0`` (every anchor passes) and ``max_det=100``, and gets
+non-empty masks (``yolo_with_masks``). The script asserts at least ``MIN_DETECTIONS`` instances in every
+timed run and reports the counts, the mean box area and the mean mask area per instance.
+
+Prints a markdown table and writes bench/results/e2e.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks or downloads from Ultralytics
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import torch
+import ultralytics
+from pycocotools import mask as mask_utils
+from torch import nn
+from ultralytics import YOLO
+from ultralytics.data.augment import LetterBox
+from ultralytics.utils import nms, ops
+
+from bench.latency import bench_config, bench_detector, machine_info
+from export.onnx_export import export_onnx
+from service.finishing import finish_image
+from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
+from service.runtimes import OnnxRuntime
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
+MAX_PIXELS = Settings.model_fields["max_image_pixels"].default  # the service's decompression-bomb guard
+MAX_DETECTIONS = 100
+MIN_DETECTIONS = 90
+YOLO_IOU = 0.7  # the predictor's default `iou`
+# The untrained YOLO's features are flat, so its DFL gives every box sides of 7.5 strides and NMS keeps
+# P4/P5 boxes: about 30% of the image each. Ours regress each side in strides too; 16 strides gives
+# boxes at least as large on average (the table shows both), so our box-local finishing gets no
+# advantage from small boxes.
+BOX_SIDE_STRIDES = 16.0
+STAGES = ("decode", "preprocess", "graph", "postprocess", "rle", "json")
+
+
+@dataclass
+class Run:
+    """One image through one pipeline: stage times (ms) and what came out."""
+
+    times: dict[str, float]
+    instances: int
+    box_area: float  # mean box area / image area
+    mask_area: float  # mean mask area / image area
+    body: bytes
+
+
+def response_json(model: str, size: tuple[int, int], rows: list[tuple[list[float], float, int, str, int, dict[str, Any]]]) -> bytes:
+    """The service's response shape ({model, width, height, instances}), one code path for every model."""
+    height, width = size
+    instances = [
+        {"bbox": [x0, y0, x1 - x0, y1 - y0], "score": score, "category_id": category, "category_name": name, "area": area, "segmentation": rle}
+        for (x0, y0, x1, y1), score, category, name, area, rle in rows
+    ]
+    return json.dumps({"model": model, "width": width, "height": height, "instances": instances}).encode()
+
+
+class Clock:
+    """Stage timer: ``lap(name)`` books the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[stage] = self.times.get(stage, 0.0) + (now - self._last) * 1e3
+        self._last = now
+
+
+class OursPipeline:
+    """MEInst or EmbedMask: the fused graph in onnxruntime behind the service's request path."""
+
+    def __init__(self, method: str, size: int, graph: Path, threads: int) -> None:
+        self.name = f"ours-{method}"
+        self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
+        self.metadata = self.runtime.metadata
+        rules = self.metadata.input
+        self.rule = ResizeRule(min_size=size, max_size=size, divisibility=rules.size_divisibility, pad_value=tuple(rules.pad_value))
+        self.buckets = [(size, size)]
+
+    def __call__(self, data: bytes) -> Run:
+        clock = Clock()
+        image = decode_image(data, MAX_PIXELS)
+        clock.lap("decode")
+        prepared: PreparedImage = prepare_image(image, self.rule, self.buckets)
+        batch = pad_batch([prepared.pixels], prepared.bucket, self.rule.pad_value)
+        clock.lap("preprocess")
+        outputs = {name: value[0] for name, value in self.runtime.infer(batch).items()}
+        clock.lap("graph")
+        meta = self.metadata
+        instances = finish_image(
+            outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs["masks"],
+            mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
+            mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0,
+        )
+        clock.lap("postprocess")  # finish_image pastes, thresholds and writes the RLE in one pass
+        rows = [
+            (list(i.box), i.score, meta.category_ids[i.class_index], meta.class_names[i.class_index], i.area, i.rle)
+            for i in instances
+        ]
+        body = response_json(self.name, prepared.original_size, rows)
+        clock.lap("json")
+        height, width = prepared.original_size
+        boxes = np.array([i.box for i in instances]).reshape(-1, 4)
+        return Run(
+            clock.times, len(instances),
+            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width) if instances else 0.0,
+            float(np.mean([i.area for i in instances])) / (height * width) if instances else 0.0,
+            body,
+        )
+
+
+class YoloPipeline:
+    """YOLO11n-seg's ONNX graph in onnxruntime with its own pre- and post-processing."""
+
+    def __init__(self, graph: Path, size: int, threads: int, names: dict[int, str], masks: str) -> None:
+        self.name = f"yolo11n-seg-{masks}"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.size, self.names, self.masks = size, names, masks
+        self.letterbox = LetterBox((size, size), auto=False, stride=32)
+
+    def __call__(self, data: bytes) -> Run:
+        clock = Clock()
+        original = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR, as ultralytics' imread
+        clock.lap("decode")
+        letterboxed = self.letterbox(image=original)
+        tensor = torch.from_numpy(letterboxed).unsqueeze(0).permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
+        clock.lap("preprocess")
+        prediction, protos = (torch.from_numpy(o) for o in self.session.run(None, {self.input_name: tensor.numpy()}))
+        clock.lap("graph")
+        pred = nms.non_max_suppression(
+            prediction, conf_thres=0.0, iou_thres=YOLO_IOU, max_det=MAX_DETECTIONS, nc=len(self.names)
+        )[0]
+        frame = original.shape[:2]
+        if self.masks == "retina":
+            pred[:, :4] = ops.scale_boxes(tensor.shape[2:], pred[:, :4], original.shape)
+            masks = ops.process_mask_native(protos[0], pred[:, 6:], pred[:, :4], frame)
+        else:
+            masks = ops.process_mask(protos[0], pred[:, 6:], pred[:, :4], tensor.shape[2:], upsample=True)
+            pred[:, :4] = ops.scale_boxes(tensor.shape[2:], pred[:, :4], original.shape)
+            masks = ops.scale_masks(masks[None], frame)[0].byte()
+        keep = masks.amax((-2, -1)) > 0  # construct_result drops empty masks
+        pred, masks = pred[keep], masks[keep]
+        clock.lap("postprocess")
+        rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy()))
+        areas = mask_utils.area(rles).tolist()
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")
+        clock.lap("rle")
+        rows = [
+            (box, score, int(c) + 1, self.names[int(c)], area, rle)
+            for box, score, c, area, rle in zip(pred[:, :4].tolist(), pred[:, 4].tolist(), pred[:, 5].tolist(), areas, rles)
+        ]
+        body = response_json(self.name, frame, rows)
+        clock.lap("json")
+        height, width = frame
+        boxes = pred[:, :4].numpy()
+        return Run(
+            clock.times, len(rows),
+            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width) if rows else 0.0,
+            float(np.mean(areas)) / (height * width) if rows else 0.0,
+            body,
+        )
+
+
+def export_ours(method: str, directory: Path) -> Path:
+    """The recipe with ``bench_detector``'s detecting heads, boxes widened to at least YOLO's (above)."""
+    cfg = bench_config(method)
+    model = bench_detector(cfg)
+    with torch.no_grad():
+        nn.init.constant_(model.head.bbox_pred.bias, BOX_SIDE_STRIDES)
+    path = directory / f"{method}.onnx"
+    export_onnx(model, cfg, {}, path)
+    return path
+
+
+def yolo_with_masks(model: YOLO) -> None:
+    """Give the untrained YOLO non-empty masks (its flat features give all-negative ones, which its
+    predictor drops): a constant prototype (channel 0) with a positive coefficient, so every mask is its
+    whole box -- a rectangle, the cheapest shape to encode."""
+    head = model.model.model[-1]
+    with torch.no_grad():
+        head.proto.cv3.bn.weight[0], head.proto.cv3.bn.bias[0] = 0.0, 2.0
+        for branch in head.cv4:
+            branch[-1].bias[0] = 1.0
+
+
+def export_yolo(size: int, directory: Path) -> tuple[Path, dict[int, str]]:
+    """YOLO11n-seg from its yaml (random weights), exported by Ultralytics to a static SxS ONNX graph."""
+    torch.manual_seed(0)
+    model = YOLO("yolo11n-seg.yaml")
+    yolo_with_masks(model)
+    target = directory / f"yolo11n-seg-{size}"
+    target.mkdir()
+    with contextlib.chdir(target):
+        path = Path(model.export(format="onnx", imgsz=size, dynamic=False, verbose=False)).resolve()
+    return path, dict(model.names)
+
+
+def summarise(runs: list[Run]) -> dict[str, Any]:
+    summary: dict[str, Any] = {f"{stage}_ms": statistics.median(r.times.get(stage, 0.0) for r in runs) for stage in STAGES}
+    summary["total_ms"] = statistics.median(sum(r.times.values()) for r in runs)
+    summary["total_ms_p90"] = float(np.percentile([sum(r.times.values()) for r in runs], 90))
+    counts = [r.instances for r in runs]
+    summary.update(
+        runs=len(runs), instances_min=min(counts), instances_median=statistics.median(counts),
+        box_area_mean=statistics.fmean(r.box_area for r in runs), mask_area_mean=statistics.fmean(r.mask_area for r in runs),
+        json_bytes_median=statistics.median(len(r.body) for r in runs),
+    )
+    return summary
+
+
+def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str], None]) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    photos = sorted(IMAGES.glob("*.jpg"))
+    encoded = [p.read_bytes() for p in photos]
+    info = machine_info(threads)
+    info.update(ultralytics=ultralytics.__version__, opencv=cv2.__version__, pycocotools=version("pycocotools"), onnxslim=version("onnxslim"))
+    results: dict[str, Any] = {
+        "machine": info,
+        "repeats": repeats,
+        "images": [{"file": p.name, "height_width": decode_image(d, MAX_PIXELS).size[::-1], "bytes": len(d)} for p, d in zip(photos, encoded)],
+        "detections": f"ours: bench.latency.bench_detector heads, box regression bias {BOX_SIDE_STRIDES} strides, graph "
+                      f"max_detections={MAX_DETECTIONS}; YOLO: conf=0.0, iou={YOLO_IOU}, max_det={MAX_DETECTIONS}, masks made non-empty "
+                      f"(yolo_with_masks); every timed run asserted >= {MIN_DETECTIONS} instances",
+        "json": "json.dumps of {model, width, height, instances: [{bbox xywh, score, category_id, category_name, area, "
+                "segmentation: COCO compressed RLE}]} for every model",
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        ours = {method: export_ours(method, directory) for method in ("meinst", "embedmask")}
+        log("exported ours")
+        for size in sizes:
+            yolo_graph, names = export_yolo(size, directory)
+            log(f"exported YOLO11n-seg at {size}")
+            pipelines = [OursPipeline(m, size, path, threads) for m, path in ours.items()]
+            pipelines += [YoloPipeline(yolo_graph, size, threads, names, masks) for masks in ("retina", "default")]
+            runs: dict[str, list[Run]] = {p.name: [] for p in pipelines}
+            for attempt in range(repeats + 1):  # the first round warms up
+                for data in encoded:
+                    for pipeline in pipelines:
+                        run = pipeline(data)
+                        if attempt:
+                            assert run.instances >= MIN_DETECTIONS, f"{pipeline.name} at {size}: only {run.instances} instances"
+                            runs[pipeline.name].append(run)
+            rows = [{"model": name, "size": size, **summarise(r)} for name, r in runs.items()]
+            ours_best = min(r["total_ms"] for r in rows if r["model"].startswith("ours"))
+            yolo_best = min(r["total_ms"] for r in rows if r["model"].startswith("yolo"))
+            for row in rows:
+                row["yolo_best_over_this"] = yolo_best / row["total_ms"]
+            results["rows"].extend(rows)
+            log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours {ours_best:.1f} ms, ratio {yolo_best / ours_best:.2f}")
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return results
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| input | model | decode | preprocess | graph | postprocess | RLE | JSON | **end to end** (p90) | fastest YOLO / this | instances (min) | box area | mask area |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        rle = f"{r['rle_ms']:.1f}" if r["model"].startswith("yolo") else "(in post)"
+        lines.append(
+            f"| {r['size']}x{r['size']} | {r['model']} | {r['decode_ms']:.1f} | {r['preprocess_ms']:.1f} | {r['graph_ms']:.1f} | "
+            f"{r['postprocess_ms']:.1f} | {rle} | {r['json_ms']:.1f} | **{r['total_ms']:.1f}** ({r['total_ms_p90']:.1f}) | "
+            f"{r['yolo_best_over_this']:.2f}x | {r['instances_median']:.0f} ({r['instances_min']}) | "
+            f"{100 * r['box_area_mean']:.1f}% | {100 * r['mask_area_mean']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds over all images (after one warm-up round)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for onnxruntime and torch")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[640, 512])
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "e2e.json"))
+    args = parser.parse_args(argv)
+    results = benchmark(args.repeats, args.threads, args.sizes, log=lambda line: print(line, flush=True))
+    print(table(results["rows"]))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"saved {output}")
+
+
+if __name__ == "__main__":
+    main()
