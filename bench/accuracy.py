@@ -1,7 +1,7 @@
 """A fair peer: torchvision's Mask R-CNN on our backbone, data, schedule and input sizes, beside our runs.
 
     python -m bench.accuracy [--config CONFIG] [key=value ...] [--iterations N] [--output-dir DIR]
-        [--skip-train] [--ours runs/meinst_nucleus runs/embedmask_nucleus] [--output JSON]
+        [--resume | --skip-train] [--ours runs/meinst_nucleus runs/embedmask_nucleus] [--output JSON]
 
 The peer is ``torchvision.models.detection.MaskRCNN`` with torchvision's default RPN, box and mask heads
 (two classes: background + nucleus), its mask head narrowed to our head width (``head.channels``, 64 in
@@ -19,7 +19,8 @@ the CPU recipe, as our recipe narrows our heads; ``--mask-head-channels 256`` gi
 
 The default config and overrides are those of our nucleus runs (configs/meinst_MNV2_nucleus.yaml
 solver.max_iter=400 solver.steps=[300,370] solver.warmup_iters=50); ``--iterations`` stops earlier on
-that schedule (a smoke test). Seconds per iteration cover data loading, forward, backward and the step,
+that schedule (a smoke test). ``<output-dir>/model.pt`` is written atomically every 50 iterations and at
+the end; ``--resume`` continues a killed run from it, ``--skip-train`` evaluates it as it is. Seconds per iteration cover data loading, forward, backward and the step,
 as our training log's do; the figure is the median over iterations after the first (ours: the median of
 the logged 20-iteration windows after the first iteration). Validation runs at ``data.min_size_test``;
 Mask R-CNN's masks are pasted in the original image frame by torchvision and thresholded at 0.5, then
@@ -70,6 +71,7 @@ DEFAULT_OVERRIDES = ["solver.max_iter=400", "solver.steps=[300,370]", "solver.wa
 DEFAULT_OURS = ["runs/meinst_nucleus", "runs/embedmask_nucleus"]
 MASK_THRESHOLD = 0.5
 LOG_PERIOD = 10
+CHECKPOINT_PERIOD = 50
 # MobileNetV2 feature blocks ending at strides 4, 8, 16, 32 (channels 24, 32, 96, 320); block 18 (1280-channel
 # classifier conv) is dropped, as in model/backbone.py.
 RETURN_LAYERS = {"3": "0", "6": "1", "13": "2", "17": "3"}
@@ -122,9 +124,24 @@ def to_torchvision(batch: Batch) -> tuple[list[torch.Tensor], list[dict[str, tor
     return images, targets
 
 
-def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_path: Path) -> list[float]:
-    """Train on our sampler and schedule; returns the seconds of each iteration and saves the weights."""
+def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_path: Path, resume: bool) -> list[float]:
+    """Train on our sampler and schedule; returns the seconds of each iteration.
+
+    Every ``CHECKPOINT_PERIOD`` iterations and at the end the weights, optimizer, schedule and timings go
+    atomically to ``checkpoint_path``; with ``resume`` a run continues from there on the same data stream
+    and per-iteration seeds, so a killed run still ends as an uninterrupted one would.
+    """
     solver = cfg.solver
+    optimizer = build_optimizer(model, solver)
+    scheduler = build_scheduler(optimizer, solver)
+    start_iter, seconds = 0, []
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_iter, seconds = checkpoint["iteration"], list(checkpoint["seconds_per_iter"])
+        print(f"resumed from {checkpoint_path} at iteration {start_iter}", file=sys.stderr, flush=True)
     with contextlib.redirect_stdout(sys.stderr):
         dataset = CocoInstanceDataset(
             cfg.data.train_annotations, cfg.data.train_images, cfg.data.min_size_train, cfg.data.max_size_train,
@@ -133,17 +150,14 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=solver.ims_per_batch,
-        sampler=TrainingSampler(len(dataset), cfg.seed),
+        sampler=TrainingSampler(len(dataset), cfg.seed, start=start_iter * solver.ims_per_batch),
         collate_fn=partial(collate, size_divisibility=cfg.data.size_divisibility, pad_value=tuple(round(m) for m in cfg.model.pixel_mean)),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    optimizer = build_optimizer(model, solver)
-    scheduler = build_scheduler(optimizer, solver)
     model.train()
     batches = iter(loader)
-    seconds: list[float] = []
-    for iteration in range(iterations):
+    for iteration in range(start_iter, iterations):
         start = time.perf_counter()
         torch.manual_seed(iteration_seed(cfg.seed, iteration, 0))
         images, targets = to_torchvision(next(batches))
@@ -157,7 +171,7 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
         scheduler.step()
         seconds.append(time.perf_counter() - start)
         done = iteration + 1
-        if done % LOG_PERIOD == 0 or done in (1, iterations):
+        if done % LOG_PERIOD == 0 or done in (start_iter + 1, iterations):
             recent = statistics.median(seconds[-LOG_PERIOD:])
             parts = " ".join(f"{k.removeprefix('loss_')}={v.item():.3f}" for k, v in losses.items())
             print(
@@ -165,10 +179,14 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
                 f"s/iter={recent:.2f} eta={recent * (iterations - done) / 60:.1f}min",
                 file=sys.stderr, flush=True,
             )
-    save_checkpoint(
-        {"model": model.state_dict(), "iteration": iterations, "seconds_per_iter": seconds, "config": cfg.model_dump(mode="json")},
-        checkpoint_path,
-    )
+        if done % CHECKPOINT_PERIOD == 0 or done == iterations:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "iteration": done, "seconds_per_iter": seconds, "config": cfg.model_dump(mode="json"),
+                },
+                checkpoint_path,
+            )
     return seconds
 
 
@@ -263,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="iterations to train (default: solver.max_iter)")
     parser.add_argument("--output-dir", default="runs/maskrcnn_nucleus", help="where the peer's checkpoint and results go")
     parser.add_argument("--skip-train", action="store_true", help="evaluate <output-dir>/model.pt instead of training")
+    parser.add_argument("--resume", action="store_true", help="continue training from <output-dir>/model.pt")
     parser.add_argument(
         "--mask-head-channels", type=int, default=None,
         help="width of the mask head's convs (default: our head.channels, as our CPU recipe narrows its heads; 256 = torchvision's)",
@@ -285,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(checkpoint["model"])
         seconds, iterations = checkpoint["seconds_per_iter"], checkpoint["iteration"]
     else:
-        seconds = train_maskrcnn(model, cfg, iterations, checkpoint_path)
+        seconds = train_maskrcnn(model, cfg, iterations, checkpoint_path, args.resume)
 
     val_set = eval_dataset(cfg.data.val_annotations, cfg.data.val_images, EvalSpec.from_config(cfg, []))
     results = predict_maskrcnn(model, val_set)
