@@ -17,17 +17,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
+from service import mask_kernel
 from service.finishing import (
     LOGPROB_STRIDE,
     OUTSIDE_LOG_PROB,
-    LocalMask,
+    RunLengths,
     encode_rles,
     finish_image,
-    paste_box28_local,
-    polygons_from_local,
-    rle_counts,
+    paste_box28_rles,
+    polygons_from_counts,
     scale_boxes,
-    upsample_logprob_local,
+    upsample_logprob_rles,
 )
 
 EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True)
@@ -82,15 +82,12 @@ def coco_string(full: np.ndarray) -> str:
     return mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode("ascii")
 
 
-def assert_same_mask(local: LocalMask, reference: np.ndarray) -> None:
-    """Binary mask, RLE string and area all equal the full-frame reference."""
-    image_size = reference.shape
-    full = np.zeros(image_size, dtype=bool)
-    h, w = local.mask.shape
-    full[local.top : local.top + h, local.left : local.left + w] = local.mask
-    np.testing.assert_array_equal(full, reference)
-    assert encode_rles([rle_counts(local, image_size)], image_size)[0]["counts"] == coco_string(reference)
-    assert local.area == int(reference.sum())
+def assert_same_masks(runs: RunLengths, references: list[np.ndarray]) -> None:
+    """RLE strings and areas equal those of the full-frame reference masks."""
+    assert len(runs.counts) == len(references)
+    for counts, area, reference in zip(runs.counts, runs.areas, references):
+        assert encode_rles([counts], reference.shape)[0]["counts"] == coco_string(reference)
+        assert area == int(reference.sum())
 
 
 # ---------------------------------------------------------------- strategies
@@ -188,21 +185,22 @@ def test_box28_equals_detectron2_full_frame_paste(case: dict) -> None:
     np.testing.assert_array_equal(scaled, ref_scaled)
     np.testing.assert_array_equal(nonempty, ref_nonempty)
     masks, scaled = case["masks"][nonempty], scaled[nonempty]
-    for local, mask, box in zip(paste_box28_local(masks, scaled, case["image_size"], case["threshold"]), masks, scaled, strict=True):
-        assert_same_mask(local, reference_paste(mask, box, case["image_size"], case["threshold"]))
+    references = [reference_paste(mask, box, case["image_size"], case["threshold"]) for mask, box in zip(masks, scaled)]
+    assert_same_masks(paste_box28_rles(masks, scaled, case["image_size"], case["threshold"]), references)
 
 
 @EXAMPLES
 @given(logprob_cases())
 def test_logprob_equals_em_mrcnn_full_frame_upsample(case: dict) -> None:
-    locals_ = upsample_logprob_local(case["logprobs"], case["boxes"], case["input_size"], case["image_size"], case["threshold"])
-    for local, logprob in zip(locals_, case["logprobs"], strict=True):
-        assert_same_mask(local, reference_upsample(logprob, case["input_size"], case["image_size"], case["threshold"]))
+    runs = upsample_logprob_rles(case["logprobs"], case["boxes"], case["input_size"], case["image_size"], case["threshold"])
+    assert_same_masks(runs, [reference_upsample(logprob, case["input_size"], case["image_size"], case["threshold"]) for logprob in case["logprobs"]])
 
 
 @EXAMPLES
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**32 - 1), st.sampled_from([0.02, 0.5, 0.98, 1.0]))
-def test_rle_counts_equal_pycocotools_encode(height: int, width: int, seed: int, density: float) -> None:
+def test_kernel_rle_equals_pycocotools_encode(height: int, width: int, seed: int, density: float) -> None:
+    """The kernel's run writing on its own: taps that read cell values unchanged (weight 0 on the second
+    cell) turn a binary source into the same mask, placed anywhere in the frame."""
     rng = np.random.default_rng(seed)
     top, left = rng.integers(0, height + 1), rng.integers(0, width + 1)
     if rng.random() < 0.3:  # full height: runs meet across columns
@@ -211,21 +209,29 @@ def test_rle_counts_equal_pycocotools_encode(height: int, width: int, seed: int,
     if top == 0 and rng.random() < 0.5:
         h = height
     local_mask = rng.random((h, w)) < density
-    columns = np.zeros((w, h + 2), dtype=bool)
-    columns[:, 1:-1] = local_mask.T
     full = np.zeros((height, width), dtype=bool)
     full[top : top + h, left : left + w] = local_mask
-    assert_same_mask(LocalMask(int(top), int(left), columns), full)
+
+    def taps(start: int, size: int) -> tuple[np.ndarray, ...]:
+        return np.array([start]), np.array([0]), np.array([size]), np.arange(size, dtype=np.int64), np.zeros(size, np.float32)
+
+    source = np.zeros((1, h + 1, w + 1), np.float32)
+    source[0, :h, :w] = local_mask
+    counts, offsets, areas = mask_kernel.threshold_rle(
+        source, np.array([0]), *taps(top, h), *taps(left, w), np.float32(0.5), False, mask_kernel.GRID_SAMPLE, height, width
+    )
+    assert offsets.tolist() == [0, len(counts)]
+    assert_same_masks(RunLengths([counts], areas.tolist()), [full])
 
 
 # ---------------------------------------------------------------- fixed cases
 @pytest.mark.parametrize("box", [(3, 5, 17, 20), (0, 0, 40, 30), (10, 1, 11, 2), (0, 7, 39, 30)])
 def test_all_ones_box28_fills_exactly_the_box(box: tuple[int, int, int, int]) -> None:
     x0, y0, x1, y1 = box
-    local = paste_box28_local(np.ones((1, 28, 28), np.float32), np.array(box, np.float32), (30, 40))[0]
+    runs = paste_box28_rles(np.ones((1, 28, 28), np.float32), np.array(box, np.float32), (30, 40))
     expected = np.zeros((30, 40), dtype=bool)
     expected[y0:y1, x0:x1] = True
-    assert_same_mask(local, expected)
+    assert_same_masks(runs, [expected])
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.5])
@@ -233,7 +239,7 @@ def test_all_ones_box28_fills_exactly_the_box(box: tuple[int, int, int, int]) ->
 def test_low_thresholds_reach_past_the_box_edge(box: tuple[float, ...], threshold: float) -> None:
     """Pixel centres up to half a mask cell outside the box sample the border cells with weight < 0.5."""
     mask, box = np.ones((28, 28), np.float32), np.array(box, np.float32)
-    assert_same_mask(paste_box28_local(mask[None], box, (112, 160), threshold)[0], reference_paste(mask, box, (112, 160), threshold))
+    assert_same_masks(paste_box28_rles(mask[None], box, (112, 160), threshold), [reference_paste(mask, box, (112, 160), threshold)])
 
 
 @pytest.mark.parametrize("box", [(15.9, 23.9, 28.0, 36.0), (3.9, 0.0, 40.0, 11.9), (0.0, 20.1, 11.1, 47.9)])
@@ -242,16 +248,16 @@ def test_the_whole_bilinear_support_of_the_crop_is_covered(box: tuple[float, ...
     box = np.array(box, np.float32)
     logprob = graph_crop(np.full((16, 16), 20.0, np.float32), box)
     expected = reference_upsample(logprob, (64, 64), (77, 83), 1e-4)
-    assert_same_mask(upsample_logprob_local([logprob], box, (64, 64), (77, 83), 1e-4)[0], expected)
+    assert_same_masks(upsample_logprob_rles(logprob[None], box, (64, 64), (77, 83), 1e-4), [expected])
 
 
 def test_full_image_masks() -> None:
     size = (37, 23)
-    local = paste_box28_local(np.ones((1, 28, 28), np.float32), np.array([0, 0, 23, 37], np.float32), size)[0]
-    assert rle_counts(local, size).tolist() == [0, 37 * 23]
-    assert_same_mask(local, np.ones(size, dtype=bool))
-    logprob = np.zeros((10, 6), np.float32)  # probability 1 everywhere: the whole image
-    assert_same_mask(upsample_logprob_local([logprob], np.array([0, 0, 24, 40], np.float32), (40, 24), size)[0], np.ones(size, dtype=bool))
+    runs = paste_box28_rles(np.ones((1, 28, 28), np.float32), np.array([0, 0, 23, 37], np.float32), size)
+    assert runs.counts[0].tolist() == [0, 37 * 23]
+    assert_same_masks(runs, [np.ones(size, dtype=bool)])
+    logprob = np.zeros((1, 10, 6), np.float32)  # probability 1 everywhere: the whole image
+    assert_same_masks(upsample_logprob_rles(logprob, np.array([0, 0, 24, 40], np.float32), (40, 24), size), [np.ones(size, dtype=bool)])
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (28, 56), (31, 45)])
@@ -261,10 +267,10 @@ def test_exact_ties_resolve_as_torch(shape: tuple[int, int]) -> None:
     height, width = shape
     mask = (rng.random((28, 28)) < 0.5).astype(np.float32)
     box = np.array([0, 0, width, height], np.float32)
-    assert_same_mask(paste_box28_local(mask[None], box, shape)[0], reference_paste(mask, box, shape, 0.5))
+    assert_same_masks(paste_box28_rles(mask[None], box, shape), [reference_paste(mask, box, shape, 0.5)])
     logprob = np.where(rng.random((8, 12)) < 0.5, np.float32(LOG_053), np.float32(0)).astype(np.float32)
     expected = reference_upsample(logprob, (32, 48), shape, 0.53)
-    assert_same_mask(upsample_logprob_local([logprob], np.array([0, 0, 48, 32], np.float32), (32, 48), shape)[0], expected)
+    assert_same_masks(upsample_logprob_rles(logprob[None], np.array([0, 0, 48, 32], np.float32), (32, 48), shape), [expected])
 
 
 def test_constants_match_the_embedmask_graph() -> None:
@@ -275,9 +281,9 @@ def test_constants_match_the_embedmask_graph() -> None:
 
 def test_thresholds_that_would_light_pixels_outside_the_region_are_refused() -> None:
     with pytest.raises(ValueError):
-        paste_box28_local(np.ones((1, 28, 28), np.float32), np.array([0, 0, 5, 5], np.float32), (10, 10), threshold=0.0)
+        paste_box28_rles(np.ones((1, 28, 28), np.float32), np.array([0, 0, 5, 5], np.float32), (10, 10), threshold=0.0)
     with pytest.raises(ValueError):
-        upsample_logprob_local([np.zeros((4, 4), np.float32)], np.array([0, 0, 5, 5], np.float32), (16, 16), (10, 10), threshold=1e-5)
+        upsample_logprob_rles(np.zeros((1, 4, 4), np.float32), np.array([0, 0, 5, 5], np.float32), (16, 16), (10, 10), threshold=1e-5)
 
 
 # ---------------------------------------------------------------- finish_image
@@ -342,4 +348,4 @@ def test_finish_image_embedmask_equals_reference() -> None:
 
 
 def test_polygons_of_an_empty_mask() -> None:
-    assert polygons_from_local(LocalMask(0, 0, np.zeros((3, 5), dtype=bool))) == []
+    assert polygons_from_counts(np.array([15]), (3, 5)) == []
