@@ -72,6 +72,28 @@ def default_profile(metadata: GraphMetadata, max_batch: int) -> Profile:
     return Profile(min=(1, 3, 64, 64), opt=(max(max_batch // 2, 1), 3, short, long), max=(max_batch, 3, long, long))
 
 
+def cuda_device() -> str:
+    """The GPU an engine is built for (name and compute capability): an engine runs only on the GPU model
+    and TensorRT version that built it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} sm_{major}{minor}"
+
+
+def build_identity(profile: Profile, *, fp16: bool, tf32: bool = True) -> dict[str, Any]:
+    """What an engine depends on besides its ONNX graph; a cached engine is reused only when all of it matches."""
+    return {
+        "tensorrt_version": import_tensorrt().__version__,
+        "device": cuda_device(),
+        "fp16": fp16,
+        "tf32": tf32,
+        "profile": {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
+    }
+
+
 def runs_in_fp16(layer_name: str) -> bool:
     """Whether a layer belongs to a convolution trunk (backbone + FPN, FCOS head, mask-method towers).
 
@@ -141,14 +163,7 @@ def build_engine(
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
-    build_info = {
-        "tensorrt_version": trt.__version__,
-        "fp16": fp16,
-        "tf32": tf32,
-        "workspace_gib": workspace_gib,
-        "profile": {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)},
-        "onnx": Path(onnx_path).name,
-    }
+    build_info = {**build_identity(profile, fp16=fp16, tf32=tf32), "workspace_gib": workspace_gib, "onnx": Path(onnx_path).name}
     write_engine_sidecar(engine_path, metadata, build_info)
     return engine_path
 

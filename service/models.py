@@ -91,17 +91,28 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
 
 
 def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings) -> Path:
-    """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``."""
-    if _newer(target, onnx_path):
-        return target
-    from export.tensorrt_build import Profile, build_engine, default_profile
+    """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``, unless the cached
+    one is newer than the graph and was built the same way (profile, precision, TensorRT version, GPU)."""
+    from export.metadata import read_engine_sidecar
+    from export.tensorrt_build import Profile, build_engine, build_identity, default_profile
 
     default = default_profile(metadata, settings.max_batch_size)
     largest = (settings.max_batch_size, 3, max(max(b[0] for b in buckets), default.max[2]), max(max(b[1] for b in buckets), default.max[3]))
+    profile = Profile(min=default.min, opt=default.opt, max=largest)
+    if _newer(target, onnx_path):
+        wanted = build_identity(profile, fp16=settings.tensorrt_fp16)
+        try:
+            built = read_engine_sidecar(target)[1]
+        except (FileNotFoundError, ValueError, KeyError):
+            built = {}
+        changed = sorted(key for key, value in wanted.items() if built.get(key) != value)
+        if not changed:
+            return target
+        log.info("rebuilding TensorRT engine %s: %s changed", target, ", ".join(changed))
     log.info("building TensorRT engine %s from %s (max shape %s)", target, onnx_path, largest)
     tmp = _atomic_output(target)
     try:
-        build_engine(onnx_path, tmp, Profile(min=default.min, opt=default.opt, max=largest), fp16=settings.tensorrt_fp16)
+        build_engine(onnx_path, tmp, profile, fp16=settings.tensorrt_fp16)
         os.replace(tmp, target)
         os.replace(f"{tmp}.json", f"{target}.json")
     finally:

@@ -71,6 +71,56 @@ def test_missing_tensorrt_is_a_clear_error(meinst_onnx: Path, tmp_path: Path) ->
         build_engine(meinst_onnx, tmp_path / "model.plan", PROFILE)
 
 
+def test_cached_engine_is_rebuilt_when_its_build_changes(meinst_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's engine cache (service.models.build_engine_cached), with the build itself faked: an
+    engine is reused only while the profile, precision, TensorRT version and GPU it was built for hold."""
+    import export.tensorrt_build as trt_build
+    from export.metadata import read_onnx_metadata, write_engine_sidecar
+    from service.models import build_engine_cached
+    from service.settings import Settings
+
+    machine = {"tensorrt_version": "10.16.1", "device": "NVIDIA H100 sm_90"}
+    builds: list[dict] = []
+
+    def identity(profile: Profile, *, fp16: bool, tf32: bool = True) -> dict:
+        return {**machine, "fp16": fp16, "tf32": tf32, "profile": {"max": list(profile.max)}}
+
+    def fake_build(onnx_path: Path, engine_path: Path, profile: Profile, *, fp16: bool = False) -> Path:
+        info = identity(profile, fp16=fp16)
+        builds.append(info)
+        Path(engine_path).write_bytes(b"engine")
+        write_engine_sidecar(engine_path, read_onnx_metadata(onnx_path), info)
+        return Path(engine_path)
+
+    monkeypatch.setattr(trt_build, "build_identity", identity)
+    monkeypatch.setattr(trt_build, "build_engine", fake_build)
+    metadata, target = read_onnx_metadata(meinst_onnx), tmp_path / "cache" / "meinst.plan"
+
+    def serve(**settings: object) -> None:
+        assert build_engine_cached(meinst_onnx, target, metadata, [(128, 192)], Settings(cache_dir=tmp_path, **settings)) == target
+
+    serve(max_batch_size=4)
+    serve(max_batch_size=4)
+    assert len(builds) == 1 and builds[0]["profile"]["max"] == [4, 3, 192, 192]
+    serve(max_batch_size=8)
+    serve(max_batch_size=8, tensorrt_fp16=True)
+    machine["device"] = "NVIDIA L4 sm_89"
+    serve(max_batch_size=8, tensorrt_fp16=True)
+    machine["tensorrt_version"] = "10.17.0"
+    serve(max_batch_size=8, tensorrt_fp16=True)
+    serve(max_batch_size=8, tensorrt_fp16=True)
+    assert [(b["profile"]["max"][0], b["fp16"], b["device"], b["tensorrt_version"]) for b in builds] == [
+        (4, False, "NVIDIA H100 sm_90", "10.16.1"),
+        (8, False, "NVIDIA H100 sm_90", "10.16.1"),
+        (8, True, "NVIDIA H100 sm_90", "10.16.1"),
+        (8, True, "NVIDIA L4 sm_89", "10.16.1"),
+        (8, True, "NVIDIA L4 sm_89", "10.17.0"),
+    ]
+    meinst_onnx.touch()  # a newer graph (a new export) is always rebuilt
+    serve(max_batch_size=8, tensorrt_fp16=True)
+    assert len(builds) == 6
+
+
 @pytest.fixture(scope="module", params=["meinst", "embedmask"])
 def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if not (HAS_TENSORRT and torch.cuda.is_available()):
