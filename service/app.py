@@ -239,6 +239,7 @@ class SegmentService:
             max_detections=options.max_detections,
             mask_format=options.mask_format,
             box_padding=metadata.box_padding or 0,
+            workers=self.settings.finishing_threads,
         )
         self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
         return instances

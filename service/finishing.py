@@ -19,7 +19,9 @@ column-major RLE counts directly; pycocotools writes the count strings.
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -34,6 +36,8 @@ DEFAULT_MASK_THRESHOLDS: dict[str, float] = {"box28": 0.5, "logprob_s4": 0.53}
 # The EmbedMask graph's contract (model.embedmask.method): stride of the map, value outside each crop.
 LOGPROB_STRIDE = 4
 OUTSIDE_LOG_PROB = -10.0
+# Fewer instances than this per thread are not worth a thread hand-off (tens of microseconds).
+MIN_INSTANCES_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -124,16 +128,43 @@ def _interpolate_taps(first: np.ndarray, last: np.ndarray, in_size: int, out_siz
     return AxisTaps(first, offsets, offsets + last - first, lo.astype(np.int64), w_hi.astype(np.float32))
 
 
-def _threshold_rle(source: np.ndarray, index: np.ndarray, rows: AxisTaps, cols: AxisTaps, threshold: float, strict: bool, mode: int, image_size: tuple[int, int]) -> RunLengths:
-    counts, offsets, areas = mask_kernel.threshold_rle(
-        np.ascontiguousarray(source, dtype=np.float32), np.asarray(index, dtype=np.int64), *rows, *cols,
-        np.float32(threshold), strict, mode, *image_size,
-    )  # fmt: skip
-    bounds = offsets.tolist()
-    return RunLengths([counts[b:e] for b, e in zip(bounds[:-1], bounds[1:])], areas.tolist())
+def _threshold_rle(
+    source: np.ndarray, index: np.ndarray, rows: AxisTaps, cols: AxisTaps, threshold: float, strict: bool, mode: int,
+    image_size: tuple[int, int], workers: int,
+) -> RunLengths:
+    """Run the kernel, over `workers` threads when there are enough instances (it releases the GIL): the
+    instances are cut into contiguous parts of about equal pixel counts."""
+    source, index = np.ascontiguousarray(source, dtype=np.float32), np.asarray(index, dtype=np.int64)
+
+    def run(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return mask_kernel.threshold_rle(
+            source, index[part], *_instances(rows, part), *_instances(cols, part), np.float32(threshold), strict, mode, *image_size
+        )
+
+    parts = [slice(0, len(index))]
+    if workers > 1 and len(index) >= MIN_INSTANCES_PER_WORKER * 2:
+        pixels = np.cumsum((rows.end - rows.begin) * (cols.end - cols.begin))
+        cuts = np.searchsorted(pixels, pixels[-1] * np.arange(1, workers) / workers).tolist()
+        parts = [slice(a, b) for a, b in zip([0, *cuts], [*cuts, len(index)]) if b > a]
+    counts, areas = [], []
+    for part_counts, offsets, part_areas in (_pool(workers).map(run, parts) if len(parts) > 1 else [run(parts[0])]):
+        bounds = offsets.tolist()
+        counts += [part_counts[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
+        areas += part_areas.tolist()
+    return RunLengths(counts, areas)
 
 
-def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5) -> RunLengths:
+def _instances(taps: AxisTaps, part: slice) -> AxisTaps:
+    """The taps of some of the instances (begin/end index the shared lo and w_hi arrays)."""
+    return AxisTaps(taps.start[part], taps.begin[part], taps.end[part], taps.lo, taps.w_hi)
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="onestage-finishing")
+
+
+def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5, workers: int = 1) -> RunLengths:
     """MEInst: paste box-relative probabilities [N, s, s] into their boxes [N, 4] (original pixels, clipped,
     float32) and keep >= threshold."""
     if not threshold > 0:
@@ -144,7 +175,7 @@ def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int
     cols = _grid_sample_taps(boxes[:, 0], boxes[:, 2], masks.shape[2], width)
     cells = np.zeros((len(boxes), masks.shape[1] + 2, masks.shape[2] + 2), dtype=np.float32)  # grid_sample's zero padding
     cells[:, 1:-1, 1:-1] = masks
-    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, image_size)
+    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, image_size, workers)
 
 
 def upsample_logprob_rles(
@@ -155,6 +186,7 @@ def upsample_logprob_rles(
     threshold: float = 0.53,
     box_padding: int = 2,
     index: np.ndarray | None = None,
+    workers: int = 1,
 ) -> RunLengths:
     """EmbedMask: upsample stride-4 log-probabilities (over the padded input) to the original scale and keep
     > log(threshold), around their boxes [N, 4] (input pixels, as the graph cropped them). Box k reads map
@@ -177,7 +209,7 @@ def upsample_logprob_rles(
         taps.append(_interpolate_taps(first, np.maximum(last, first), n_cells, out_size))
     # torch runs a per-corner kernel when the output's height + width <= 128, else a separable one.
     mode = mask_kernel.INTERPOLATE_PER_CORNER if sum(canvas) <= 128 else mask_kernel.INTERPOLATE_SEPARABLE
-    return _threshold_rle(logprobs, index, *taps, float(np.float32(math.log(threshold))), True, mode, image_size)
+    return _threshold_rle(logprobs, index, *taps, float(np.float32(math.log(threshold))), True, mode, image_size, workers)
 
 
 def encode_rles(counts: list[np.ndarray], image_size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -229,6 +261,7 @@ def finish_image(
     max_detections: int | None = None,
     mask_format: MaskFormat = "rle",
     box_padding: int = 2,
+    workers: int = 1,
 ) -> list[Instance]:
     """Finish one image's padded graph outputs: instances in descending score order, boxes in original
     pixels, masks as COCO RLE, as polygons, or skipped (mask_format "none", which never reads `masks`).
@@ -236,7 +269,8 @@ def finish_image(
     `boxes` are xyxy in input pixels (the resized image before padding; `input_size` = (h_in, w_in)), `masks`
     [K, 28, 28] probabilities ("box28") or [K, H4, W4] stride-4 log-probabilities over the padded input
     ("logprob_s4"). Only the first `num_dets` rows count; detections whose clipped box is empty or whose
-    score is below `score_threshold` are dropped, and at most `max_detections` are kept.
+    score is below `score_threshold` are dropped, and at most `max_detections` are kept. `workers` threads
+    share the masks of one image.
     """
     if mask_kind not in DEFAULT_MASK_THRESHOLDS:
         raise ValueError(f"unknown mask kind {mask_kind!r}")
@@ -254,9 +288,9 @@ def finish_image(
     if mask_format == "none":
         runs = RunLengths([None] * len(order), [None] * len(order))  # type: ignore[list-item]
     elif mask_kind == "box28":
-        runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold)
+        runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold, workers)
     else:
-        runs = upsample_logprob_rles(masks, boxes[order], input_size, image_size, threshold, box_padding, np.array(order, dtype=np.int64))
+        runs = upsample_logprob_rles(masks, boxes[order], input_size, image_size, threshold, box_padding, np.array(order, dtype=np.int64), workers)
     rles = encode_rles(runs.counts, image_size) if mask_format == "rle" else [None] * len(order)
     boxes_out, scores_out, classes_out = scaled.tolist(), scores.tolist(), np.asarray(classes[:count]).tolist()
     return [

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)")
     cpu_workers: int = Field(default_factory=lambda: max(_cores() - _cores() // 2, 1), ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
+    finishing_threads: int = Field(
+        default_factory=lambda: min(max(_cores() - _cores() // 2, 1), 4),
+        ge=1,
+        le=64,
+        description="threads that share one image's mask finishing (default: the cores onnxruntime leaves, at most 4)",
+    )
     warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")

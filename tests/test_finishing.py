@@ -349,3 +349,20 @@ def test_finish_image_embedmask_equals_reference() -> None:
 
 def test_polygons_of_an_empty_mask() -> None:
     assert polygons_from_counts(np.array([15]), (3, 5)) == []
+
+
+@pytest.mark.parametrize("kind", ["box28", "logprob_s4"])
+def test_threads_split_the_instances_without_changing_the_answer(kind: str) -> None:
+    rng = np.random.default_rng(2)
+    count, input_size, image_size = 40, (64, 96), (96, 144)
+    x0, y0 = rng.uniform(-4, 80, count), rng.uniform(-4, 50, count)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(1, 40, count), y0 + rng.uniform(1, 30, count)], axis=1).astype(np.float32)
+    if kind == "box28":
+        masks = rng.random((count, 28, 28)).astype(np.float32)
+    else:
+        masks = np.stack([graph_crop(rng.normal(-0.5, 1.5, (16, 24)).astype(np.float32), b) for b in boxes])
+    outputs = {"num_dets": count, "boxes": boxes, "scores": rng.random(count).astype(np.float32), "classes": np.zeros(count, int), "masks": masks}
+    single = finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size)
+    assert len(single) > 30 and sum(i.area for i in single) > 0
+    for workers in (2, 3):
+        assert finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=workers) == single
