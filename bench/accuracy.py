@@ -26,8 +26,13 @@ the logged 20-iteration windows after the first iteration). Validation runs at `
 Mask R-CNN's masks are pasted in the original image frame by torchvision and thresholded at 0.5, then
 COCO-RLE encoded and scored with COCOeval (``training.evaluate.coco_metrics``, the function our runs use).
 
-Our runs' numbers come from their ``metrics.jsonl`` (the evaluation at their last iteration). The table is
-printed and saved, with machine info, to ``bench/results/accuracy.json``.
+Our runs' numbers come from their ``metrics.jsonl`` (the evaluation at their last iteration). Their logged
+speeds were taken under different load (our two runs shared the cores; the peer ran beside other work), so
+the table's speed is a race instead (``--race-rounds``, default 8): Mask R-CNN, MEInst and EmbedMask, each
+built from its config with its optimizer, take training steps (forward, backward, SGD step) on the same
+in-memory batches of our loader, interleaved step by step in one process and in rotating order, so that
+load on a shared machine hits all three alike; the first round is a warm-up. The table is printed and
+saved, with machine info, to ``bench/results/accuracy.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from model.backbone import load_imagenet_state
 from model.config import Config, load_config
+from model.detector import OneStageDetector
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import EvalSpec, coco_metrics, eval_dataset
@@ -68,7 +74,11 @@ from training.train import iteration_seed
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/meinst_MNV2_nucleus.yaml"
 DEFAULT_OVERRIDES = ["solver.max_iter=400", "solver.steps=[300,370]", "solver.warmup_iters=50"]
-DEFAULT_OURS = ["runs/meinst_nucleus", "runs/embedmask_nucleus"]
+DEFAULT_OURS = ["models/meinst_nucleus", "models/embedmask_nucleus"]  # the bundled runs (their training logs)
+# Our two recipes for the speed race; MEInst takes the bundled codec (the codec does not change the speed).
+RACE_CONFIGS = {"meinst_nucleus": "configs/meinst_MNV2_nucleus.yaml", "embedmask_nucleus": "configs/embedmask_MNV2_nucleus.yaml"}
+RACE_CODEC = "models/meinst_nucleus/codec.npz"
+PEER = "maskrcnn_mnv2_fpn"
 MASK_THRESHOLD = 0.5
 LOG_PERIOD = 10
 CHECKPOINT_PERIOD = 50
@@ -142,21 +152,8 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_iter, seconds = checkpoint["iteration"], list(checkpoint["seconds_per_iter"])
         print(f"resumed from {checkpoint_path} at iteration {start_iter}", file=sys.stderr, flush=True)
-    with contextlib.redirect_stdout(sys.stderr):
-        dataset = CocoInstanceDataset(
-            cfg.data.train_annotations, cfg.data.train_images, cfg.data.min_size_train, cfg.data.max_size_train,
-            cfg.data.hflip_prob, train=True, seed=cfg.seed,
-        )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=solver.ims_per_batch,
-        sampler=TrainingSampler(len(dataset), cfg.seed, start=start_iter * solver.ims_per_batch),
-        collate_fn=partial(collate, size_divisibility=cfg.data.size_divisibility, pad_value=tuple(round(m) for m in cfg.model.pixel_mean)),
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
     model.train()
-    batches = iter(loader)
+    batches = iter(train_loader(cfg, start_iter))
     for iteration in range(start_iter, iterations):
         start = time.perf_counter()
         torch.manual_seed(iteration_seed(cfg.seed, iteration, 0))
@@ -190,6 +187,57 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
     return seconds
 
 
+def train_loader(cfg: Config, start_iter: int = 0) -> torch.utils.data.DataLoader:
+    """Our training data stream (dataset, sampler, collate) from the config, from ``start_iter`` on."""
+    with contextlib.redirect_stdout(sys.stderr):
+        dataset = CocoInstanceDataset(
+            cfg.data.train_annotations, cfg.data.train_images, cfg.data.min_size_train, cfg.data.max_size_train,
+            cfg.data.hflip_prob, train=True, seed=cfg.seed,
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.solver.ims_per_batch,
+        sampler=TrainingSampler(len(dataset), cfg.seed, start=start_iter * cfg.solver.ims_per_batch),
+        collate_fn=partial(collate, size_divisibility=cfg.data.size_divisibility, pad_value=tuple(round(m) for m in cfg.model.pixel_mean)),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def speed_race(cfg: Config, mask_head_channels: int, rounds: int, overrides: list[str]) -> dict[str, list[float]]:
+    """Seconds per training step of the peer and of our two recipes on the same batches, interleaved in one
+    process (see the module docstring). Returns each model's step times after the warm-up round."""
+    steppers: dict[str, Any] = {}
+    torch.manual_seed(cfg.seed)
+    peer = build_maskrcnn(cfg, mask_head_channels).train()
+    steppers[PEER] = (peer, build_optimizer(peer, cfg.solver), lambda model, batch: model(*to_torchvision(batch)))
+    for name, path in RACE_CONFIGS.items():
+        ours_cfg = load_config(REPO / path, overrides)
+        torch.manual_seed(ours_cfg.seed)
+        model = OneStageDetector(ours_cfg.model)
+        if ours_cfg.model.method == "meinst":
+            model.mask_method.codec.load_npz(str(REPO / RACE_CODEC))
+        steppers[name] = (model.train(), build_optimizer(model, ours_cfg.solver), lambda model, batch: model(batch.images, batch.targets))
+    batches = iter(train_loader(cfg))
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    names = list(steppers)
+    for round_index in range(rounds + 1):
+        batch = next(batches)
+        for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+            model, optimizer, forward = steppers[name]
+            torch.manual_seed(iteration_seed(cfg.seed, round_index, 0))
+            start = time.perf_counter()
+            losses = forward(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            if round_index > 0:
+                times[name].append(time.perf_counter() - start)
+        shown = " ".join(f"{n}={times[n][-1]:.2f}s" for n in names) if round_index > 0 else "warm-up"
+        print(f"race round {round_index}/{rounds}: {shown}", file=sys.stderr, flush=True)
+    return times
+
+
 @torch.no_grad()
 def predict_maskrcnn(model: MaskRCNN, dataset: CocoInstanceDataset) -> list[dict[str, Any]]:
     """COCO result records in original pixels: GeneralizedRCNN.forward with the original frame as target size."""
@@ -219,12 +267,14 @@ def predict_maskrcnn(model: MaskRCNN, dataset: CocoInstanceDataset) -> list[dict
 
 
 def ours_row(run_dir: Path) -> dict[str, Any]:
-    """Our run's last evaluation and its median logged seconds per iteration (first-iteration record left out)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """Our run's last evaluation and its median logged seconds per iteration (first-iteration record left out),
+    from a run directory's ``metrics.jsonl`` or a bundled model's copy of it, ``train_log.jsonl``."""
+    log_path = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else run_dir / "train_log.jsonl"
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     timings = [r for r in records if "seconds_per_iter" in r]
     evals = [r for r in records if "eval" in r]
     if not timings or not evals:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no timing or no evaluation record yet")
+        raise ValueError(f"{log_path} has no timing or no evaluation record yet")
     last_eval = max(evals, key=lambda r: r["iteration"])
     steady = [r["seconds_per_iter"] for r in timings if r["iteration"] > 1] or [timings[0]["seconds_per_iter"]]
     iterations = max(r["iteration"] for r in timings)
@@ -264,13 +314,15 @@ def machine() -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = f"{'method':<22} {'bbox AP':>8} {'segm AP':>8} {'segm AP50':>9} {'s/iter':>8} {'images/s':>9} {'images seen':>11}"
-    print(header)
-    print("-" * len(header))
+    """A markdown table (as BENCHMARKS.md shows it); speed relative to the peer's seconds per iteration."""
+    peer = next((r["seconds_per_iter"] for r in rows if r["method"] == PEER), None)
+    print("| method | bbox AP | segm AP | segm AP50 | s/iter | images/s | speed vs Mask R-CNN | images seen |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ratio = f"{peer / r['seconds_per_iter']:.2f}x" if peer else "-"
         print(
-            f"{r['method']:<22} {r['bbox_AP']:>8.1f} {r['segm_AP']:>8.1f} {r['segm_AP50']:>9.1f} "
-            f"{r['seconds_per_iter']:>8.2f} {r['images_per_s']:>9.2f} {r['images_seen']:>11d}"
+            f"| {r['method']} | {r['bbox_AP']:.1f} | {r['segm_AP']:.1f} | {r['segm_AP50']:.1f} | "
+            f"{r['seconds_per_iter']:.2f} | {r['images_per_s']:.2f} | {ratio} | {r['images_seen']} |"
         )
 
 
@@ -286,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         "--mask-head-channels", type=int, default=None,
         help="width of the mask head's convs (default: our head.channels, as our CPU recipe narrows its heads; 256 = torchvision's)",
     )
-    parser.add_argument("--ours", nargs="*", default=DEFAULT_OURS, help="our run directories (each with metrics.jsonl)")
+    parser.add_argument("--ours", nargs="*", default=DEFAULT_OURS, help="our run directories (metrics.jsonl or train_log.jsonl)")
+    parser.add_argument("--race-rounds", type=int, default=8, help="timed rounds of the interleaved speed race (0: report logged speeds)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
 
@@ -311,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     (output_dir / "val_results.json").write_text(json.dumps(results))
     metrics = {iou_type: coco_metrics(val_set, results, iou_type) for iou_type in ("bbox", "segm")}
     steady = seconds[1:] or seconds
-    rows = [metrics_row("maskrcnn_mnv2_fpn", metrics, statistics.median(steady), cfg.solver.ims_per_batch, iterations, iterations)]
+    rows = [metrics_row(PEER, metrics, statistics.median(steady), cfg.solver.ims_per_batch, iterations, iterations)]
 
     missing = []
     for run in args.ours:
@@ -320,6 +373,14 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as error:
             missing.append(f"{run}: {error}")
             print(f"skipping {run}: {error}", file=sys.stderr)
+
+    race = speed_race(cfg, mask_head_channels, args.race_rounds, args.overrides) if args.race_rounds > 0 else {}
+    for row in rows:
+        row["logged_seconds_per_iter"] = row["seconds_per_iter"]
+        if row["method"] in race:
+            row["seconds_per_iter"] = statistics.median(race[row["method"]])
+            row["images_per_s"] = cfg.solver.ims_per_batch / row["seconds_per_iter"]
+            row["race_seconds"] = race[row["method"]]
 
     info["load_average_at_end"] = list(os.getloadavg())
     report = {
@@ -334,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
             "ims_per_batch": cfg.solver.ims_per_batch,
             "checkpoint": str(checkpoint_path),
         },
+        "speed": "race (interleaved training steps in one process)" if race else "logged by each run",
         "rows": rows,
         "missing": missing,
     }
