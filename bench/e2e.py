@@ -7,13 +7,14 @@ interleaved image by image and model by model so that load on a shared machine h
 Each run is timed stage by stage; the tables show medians over every (repeat, image) run, and the
 end-to-end figure is the median of the per-run totals.
 
-- Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml) exported by
+- Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml, the bundled models' network) exported by
   ``export.onnx_export.export_onnx`` to one fused graph in ``service.runtimes.OnnxRuntime``. The request
   path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
   ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
   side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
   ``service.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
-  frame) and ``json.dumps`` of the response.
+  frame), on the same thread count as the graph and as YOLO's torch post-processing, and ``json.dumps`` of
+  the response.
 - YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
   exporter to a static SxS ONNX graph run in onnxruntime with the same thread count. The rest is what its
   predictor does: ``cv2.imdecode`` (its ``imread``), ``LetterBox`` + its tensor preprocessing,
@@ -122,6 +123,7 @@ class OursPipeline:
     def __init__(self, method: str, size: int, graph: Path, threads: int) -> None:
         self.name = f"ours-{method}"
         self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
+        self.threads = threads
         self.metadata = self.runtime.metadata
         rules = self.metadata.input
         self.rule = ResizeRule(min_size=size, max_size=size, divisibility=rules.size_divisibility, pad_value=tuple(rules.pad_value))
@@ -140,7 +142,7 @@ class OursPipeline:
         instances = finish_image(
             outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs["masks"],
             mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
-            mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0,
+            mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0, workers=self.threads,
         )
         clock.lap("postprocess")  # finish_image pastes, thresholds and writes the RLE in one pass
         rows = [

@@ -7,10 +7,11 @@ Every instance k reads source cells `source[index[k]]` ([y, x]) and covers image
 columns likewise. `service.finishing` computes the taps with the index and weight rules of the torch
 reference ops, so the kernel only has to reproduce the arithmetic of each pixel's value:
 
-- fast: a float32 lerp along x into a per-column table of the cell rows, then along y. Its value is within
-  a few float32 roundoffs of torch's, so a pixel farther than `MARGIN` (relative to the largest cell the
-  instance reads) from the threshold is decided by it, and a whole run of pixels between two table
-  entries is decided at once when both entries clear the threshold on the same side;
+- fast: a pixel's value is a convex combination of its four cells, so a rectangle of pixels between the
+  same four cells whose cells all clear the threshold on one side is decided whole, and so is a column's
+  run of pixels in it when the column's two lerps along x do. Otherwise a float32 lerp along y gives each
+  pixel a value within a few float32 roundoffs of torch's, which decides every pixel farther than `MARGIN`
+  (relative to the largest of its four cells) from the threshold;
 - exact: the pixels inside the margin are recomputed with the fused multiply-adds of torch's CPU kernels
   (AVX2/AVX-512), in their order, so exact ties (0.5 between a 0 and a 1) resolve as in torch.
 """
