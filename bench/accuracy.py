@@ -1,7 +1,8 @@
 """A fair peer: torchvision's Mask R-CNN on our backbone, data, schedule and input sizes, beside our runs.
 
     python -m bench.accuracy [--config CONFIG] [key=value ...] [--iterations N] [--output-dir DIR]
-        [--resume | --skip-train] [--ours runs/meinst_nucleus runs/embedmask_nucleus] [--output JSON]
+        [--resume | --skip-train] [--ours models/meinst_nucleus models/embedmask_nucleus] [--race-rounds 8]
+        [--output JSON]
 
 The peer is ``torchvision.models.detection.MaskRCNN`` with torchvision's default RPN, box and mask heads
 (two classes: background + nucleus), its mask head narrowed to our head width (``head.channels``, 64 in
@@ -20,17 +21,18 @@ the CPU recipe, as our recipe narrows our heads; ``--mask-head-channels 256`` gi
 The default config and overrides are those of our nucleus runs (configs/meinst_MNV2_nucleus.yaml
 solver.max_iter=400 solver.steps=[300,370] solver.warmup_iters=50); ``--iterations`` stops earlier on
 that schedule (a smoke test). ``<output-dir>/model.pt`` is written atomically every 50 iterations and at
-the end; ``--resume`` continues a killed run from it, ``--skip-train`` evaluates it as it is. Seconds per iteration cover data loading, forward, backward and the step,
-as our training log's do; the figure is the median over iterations after the first (ours: the median of
-the logged 20-iteration windows after the first iteration). Validation runs at ``data.min_size_test``;
+the end; ``--resume`` continues a killed run from it, ``--skip-train`` evaluates it as it is. The logged
+seconds per iteration (``logged_seconds_per_iter`` in the JSON) cover data loading, forward, backward and
+the step, as our training logs' do: the peer's median over iterations after the first, ours the median of
+the logged 20-iteration windows after the first iteration. Validation runs at ``data.min_size_test``;
 Mask R-CNN's masks are pasted in the original image frame by torchvision and thresholded at 0.5, then
 COCO-RLE encoded and scored with COCOeval (``training.evaluate.coco_metrics``, the function our runs use).
 
 Our runs' numbers come from their ``metrics.jsonl`` (the evaluation at their last iteration). Their logged
 speeds were taken under different load (our two runs shared the cores; the peer ran beside other work), so
-the table's speed is a race instead (``--race-rounds``, default 8): Mask R-CNN, MEInst and EmbedMask, each
-built from its config with its optimizer, take training steps (forward, backward, SGD step) on the same
-in-memory batches of our loader, interleaved step by step in one process and in rotating order, so that
+the table's speed is a race instead (``--race-rounds``, default 8; data loading is outside it): Mask R-CNN,
+MEInst and EmbedMask, each built from its config with its optimizer, take training steps (forward,
+backward, SGD step) on the same in-memory batches of our loader, interleaved step by step in one process and in rotating order, so that
 load on a shared machine hits all three alike; the first round is a warm-up. The table is printed and
 saved, with machine info, to ``bench/results/accuracy.json``.
 """
@@ -76,7 +78,7 @@ DEFAULT_CONFIG = "configs/meinst_MNV2_nucleus.yaml"
 DEFAULT_OVERRIDES = ["solver.max_iter=400", "solver.steps=[300,370]", "solver.warmup_iters=50"]
 DEFAULT_OURS = ["models/meinst_nucleus", "models/embedmask_nucleus"]  # the bundled runs (their training logs)
 # Our two recipes for the speed race; MEInst takes the bundled codec (the codec does not change the speed).
-RACE_CONFIGS = {"meinst_nucleus": "configs/meinst_MNV2_nucleus.yaml", "embedmask_nucleus": "configs/embedmask_MNV2_nucleus.yaml"}
+RACE_CONFIGS = {"meinst_nucleus": DEFAULT_CONFIG, "embedmask_nucleus": "configs/embedmask_MNV2_nucleus.yaml"}
 RACE_CODEC = "models/meinst_nucleus/codec.npz"
 PEER = "maskrcnn_mnv2_fpn"
 MASK_THRESHOLD = 0.5

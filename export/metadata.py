@@ -134,7 +134,7 @@ def engine_sidecar_path(engine_path: str | Path) -> Path:
 
 
 def write_engine_sidecar(engine_path: str | Path, metadata: GraphMetadata, build_info: dict[str, Any]) -> Path:
-    """Write the record and how the engine was built (TensorRT version, profile, precision)."""
+    """Write the record and how the engine was built (TensorRT version, GPU, profile, precision)."""
     path = engine_sidecar_path(engine_path)
     path.write_text(json.dumps({"metadata": metadata.model_dump(), "tensorrt": build_info}, indent=2))
     return path

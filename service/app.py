@@ -106,7 +106,9 @@ class SegmentService:
         self._loader = asyncio.get_running_loop().create_task(self._load_all(), name="onestage-load")
 
     async def _load_all(self) -> None:
-        """Load models one by one off the event loop (live answers meanwhile; ready waits for all)."""
+        """Compile the finishing kernel and load models one by one off the event loop (live answers
+        meanwhile; ready waits for all)."""
+        await asyncio.to_thread(finishing.compile_kernel)
         for name in self.registry.entries:
             model = await asyncio.to_thread(self.registry.load, name)
             if model is None or self.stopping:
@@ -127,7 +129,8 @@ class SegmentService:
             log.info("all %d models ready", len(self.registry.entries))
 
     async def stop(self) -> None:
-        """Refuse new work, finish every queued request, release the threads."""
+        """Refuse new work, finish every queued request, release the request threads (the finishing
+        kernel's pool is process-wide and idle by then)."""
         self.stopping = True
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()

@@ -38,6 +38,7 @@ LOGPROB_STRIDE = 4
 OUTSIDE_LOG_PROB = -10.0
 # Fewer instances than this per thread are not worth a thread hand-off (tens of microseconds).
 MIN_INSTANCES_PER_WORKER = 8
+MAX_FINISHING_THREADS = 64  # the shared helper pool's size; each call uses at most its `workers` - 1 of them
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,9 @@ def _threshold_rle(
     source: np.ndarray, index: np.ndarray, rows: AxisTaps, cols: AxisTaps, threshold: float, strict: bool, mode: int,
     image_size: tuple[int, int], workers: int,
 ) -> RunLengths:
-    """Run the kernel, over `workers` threads when there are enough instances (it releases the GIL): the
-    instances are cut into contiguous parts of about equal pixel counts."""
+    """Run the kernel, over up to `workers` threads when there are enough instances (it releases the GIL):
+    the instances are cut into contiguous parts of about equal pixel counts; the calling thread finishes
+    the first part while the shared pool finishes the others."""
     source, index = np.ascontiguousarray(source, dtype=np.float32), np.asarray(index, dtype=np.int64)
 
     def run(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,12 +144,14 @@ def _threshold_rle(
         )
 
     parts = [slice(0, len(index))]
-    if workers > 1 and len(index) >= MIN_INSTANCES_PER_WORKER * 2:
+    workers = min(workers, len(index) // MIN_INSTANCES_PER_WORKER)
+    if workers > 1:
         pixels = np.cumsum((rows.end - rows.begin) * (cols.end - cols.begin))
         cuts = np.searchsorted(pixels, pixels[-1] * np.arange(1, workers) / workers).tolist()
         parts = [slice(a, b) for a, b in zip([0, *cuts], [*cuts, len(index)]) if b > a]
+    others = [_helpers().submit(run, part) for part in parts[1:]]
     counts, areas = [], []
-    for part_counts, offsets, part_areas in (_pool(workers).map(run, parts) if len(parts) > 1 else [run(parts[0])]):
+    for part_counts, offsets, part_areas in [run(parts[0]), *(future.result() for future in others)]:
         bounds = offsets.tolist()
         counts += [part_counts[b:e] for b, e in zip(bounds[:-1], bounds[1:])]
         areas += part_areas.tolist()
@@ -160,8 +164,10 @@ def _instances(taps: AxisTaps, part: slice) -> AxisTaps:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="onestage-finishing")
+def _helpers() -> ThreadPoolExecutor:
+    """Threads that take parts of an image's instances off the calling thread, shared by the process so
+    that concurrent requests do not each start their own."""
+    return ThreadPoolExecutor(MAX_FINISHING_THREADS, thread_name_prefix="onestage-finishing")
 
 
 def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5, workers: int = 1) -> RunLengths:

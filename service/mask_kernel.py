@@ -72,6 +72,16 @@ def _append(starts: np.ndarray, ends: np.ndarray, m: int, start: int, end: int) 
 
 
 @njit(nogil=True, cache=True)
+def _room(counts: np.ndarray, used: int, needed: int) -> np.ndarray:
+    """`counts` with room for `needed` more after its first `used` (doubled when it is short)."""
+    if used + needed <= counts.size:
+        return counts
+    grown = np.empty(max(2 * counts.size, used + needed), counts.dtype)
+    grown[:used] = counts[:used]
+    return grown
+
+
+@njit(nogil=True, cache=True)
 def _segments(lo: np.ndarray, begin: int, count: int, start: np.ndarray, first_cell: np.ndarray) -> int:
     """Split pixels 0..count-1 of one axis into segments of pixels with the same taps' cells: segment s is
     pixels [start[s], start[s + 1]), reading cells first_cell[s] and the next. Returns the number of segments."""
@@ -113,10 +123,10 @@ def threshold_rle(
     of the RLE; only rectangles the mask's edge crosses are looked at row by row."""
     n = len(index)
     one = np.float32(1.0)
-    # Room for every instance's counts: two per run of ones, at most (rows + 1) / 2 runs per column, one more.
+    # Counts for one run of ones per column (grown when a mask has more): two per run, one more at the end.
     room, max_rows = 0, 0
     for k in range(n):
-        room += (col_end[k] - col_begin[k]) * (row_end[k] - row_begin[k] + 2) + 2
+        room += 2 * (col_end[k] - col_begin[k]) + 3
         max_rows = max(max_rows, row_end[k] - row_begin[k])
     counts = np.empty(room, np.int64)
     offsets = np.zeros(n + 1, np.int64)
@@ -129,6 +139,7 @@ def threshold_rle(
     ones_start, ones_end = np.empty(max_rows + 1, np.int64), np.empty(max_rows + 1, np.int64)  # a column's runs
     for k in range(n):
         out, written_to, open_start, open_end = offsets[k], 0, -1, -1  # the run being extended, frame indices
+        counts = _room(counts, out, 3)  # the open run and the last zeros
         cells = source[index[k]]
         last_y, last_x = cells_y - 1, cells_x - 1
         r0, rows = row_begin[k], row_end[k] - row_begin[k]
@@ -190,6 +201,7 @@ def threshold_rle(
                                     if on:
                                         m = _append(ones_start, ones_end, m, p, p + 1)
                     column = (col_start[k] + j) * height + row_start[k]  # frame index of local row 0
+                    counts = _room(counts, out, 2 * m + 3)  # this column's runs, then as at the start
                     for q in range(m):
                         if column + ones_start[q] == open_end:  # continues the open run (full-height columns)
                             open_end = column + ones_end[q]

@@ -197,12 +197,8 @@ def _rule(metadata: GraphMetadata) -> ResizeRule:
 
 
 def warm_up(model: LoadedModel, max_batch_size: int) -> None:
-    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value, and
-    compile the mask finishing kernel."""
-    from service.finishing import compile_kernel
-
+    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value."""
     started = time.perf_counter()
-    compile_kernel()
     for bucket in model.buckets:
         for batch in sorted({1, max_batch_size}):
             flat = np.empty((batch, 3, *bucket), dtype=np.uint8)

@@ -59,6 +59,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _spare_cores() -> int:
+    """The cores onnxruntime's default thread count (half of them) leaves to the request threads."""
+    return max(_cores() - _cores() // 2, 1)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onestage"
 
@@ -104,12 +109,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)")
-    cpu_workers: int = Field(default_factory=lambda: max(_cores() - _cores() // 2, 1), ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
+    cpu_workers: int = Field(default_factory=_spare_cores, ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
     finishing_threads: int = Field(
-        default_factory=lambda: min(max(_cores() - _cores() // 2, 1), 4),
+        default_factory=lambda: min(_spare_cores(), 4),
         ge=1,
         le=64,
-        description="threads that share one image's mask finishing (default: the cores onnxruntime leaves, at most 4)",
+        description="threads that may share one image's mask finishing: its request thread plus helpers from a "
+        "pool the process shares (default: the cores onnxruntime leaves, at most 4)",
     )
     warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")

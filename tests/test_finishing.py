@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from service import mask_kernel
 from service.finishing import (
     LOGPROB_STRIDE,
+    MIN_INSTANCES_PER_WORKER,
     OUTSIDE_LOG_PROB,
     RunLengths,
     encode_rles,
@@ -352,7 +353,7 @@ def test_polygons_of_an_empty_mask() -> None:
 
 
 @pytest.mark.parametrize("kind", ["box28", "logprob_s4"])
-def test_threads_split_the_instances_without_changing_the_answer(kind: str) -> None:
+def test_threads_split_the_instances_without_changing_the_answer(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(2)
     count, input_size, image_size = 40, (64, 96), (96, 144)
     x0, y0 = rng.uniform(-4, 80, count), rng.uniform(-4, 50, count)
@@ -362,7 +363,15 @@ def test_threads_split_the_instances_without_changing_the_answer(kind: str) -> N
     else:
         masks = np.stack([graph_crop(rng.normal(-0.5, 1.5, (16, 24)).astype(np.float32), b) for b in boxes])
     outputs = {"num_dets": count, "boxes": boxes, "scores": rng.random(count).astype(np.float32), "classes": np.zeros(count, int), "masks": masks}
+    kernel, parts = mask_kernel.threshold_rle, []  # instances per kernel call
+    monkeypatch.setattr(mask_kernel, "threshold_rle", lambda source, index, *rest: parts.append(len(index)) or kernel(source, index, *rest))
     single = finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size)
     assert len(single) > 30 and sum(i.area for i in single) > 0
+    assert len(parts) == 1
     for workers in (2, 3):
+        parts.clear()
         assert finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=workers) == single
+        assert len(parts) == workers and sum(parts) == count
+    parts.clear()
+    finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=8)
+    assert len(parts) == count // MIN_INSTANCES_PER_WORKER  # at least MIN_INSTANCES_PER_WORKER instances a thread

@@ -8,6 +8,7 @@ the engine with onnxruntime on CPU (same detections, finished-mask IoU >= 0.99).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,8 @@ def test_cached_engine_is_rebuilt_when_its_build_changes(meinst_onnx: Path, tmp_
         (8, True, "NVIDIA L4 sm_89", "10.16.1"),
         (8, True, "NVIDIA L4 sm_89", "10.17.0"),
     ]
-    meinst_onnx.touch()  # a newer graph (a new export) is always rebuilt
+    later = meinst_onnx.stat().st_mtime + 10  # a newer graph (a new export) is always rebuilt
+    os.utime(meinst_onnx, (later, later))
     serve(max_batch_size=8, tensorrt_fp16=True)
     assert len(builds) == 6
 
