@@ -1,7 +1,7 @@
 """Service throughput and latency under load, batching on and off, beside the runtime's raw throughput.
 
     python -m bench.serve [--models JSON | --tiny] [--image PATH] [--concurrency 1 4 16] [--requests N]
-        [--max-batch-size 8] [--max-delay-ms 10] [--output bench/results/serve.json]
+        [--max-batch-size 8] [--max-delay-ms 0] [--output bench/results/serve.json]
 
 Starts ``python -m service`` twice on a loopback port -- batching on (``--max-batch-size``) and off
 (``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, help="requests per level (default: max(40, 10 x concurrency))")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-delay-ms", type=float, default=10.0)
+    parser.add_argument("--max-delay-ms", type=float, default=Settings.model_fields["max_delay_ms"].default, help="the batcher's wait (default: the service's)")
     parser.add_argument("--raw-repeats", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")

@@ -98,7 +98,12 @@ class Settings(BaseSettings):
     )
     tensorrt_fp16: bool = Field(False, description="build TensorRT engines with FP16 convolution trunks")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the batcher forms (1 turns batching off)")
-    max_delay_ms: float = Field(10.0, ge=0, description="longest wait of a batch's first request for others to join")
+    max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest wait of a batch's first request for others to join (0, Triton's default: none; "
+        "batches still form from the requests that queue while the model runs)",
+    )
     max_queue_size: int = Field(64, ge=1, description="requests waiting per model; beyond it requests get 503 + Retry-After")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; a request still waiting at its deadline gets 504")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
