@@ -32,9 +32,9 @@ Our runs' numbers come from their ``metrics.jsonl`` (the evaluation at their las
 speeds were taken under different load (our two runs shared the cores; the peer ran beside other work), so
 the table's speed is a race instead (``--race-rounds``, default 8; data loading is outside it): Mask R-CNN,
 MEInst and EmbedMask, each built from its config with its optimizer, take training steps (forward,
-backward, SGD step) on the same in-memory batches of our loader, interleaved step by step in one process and in rotating order, so that
-load on a shared machine hits all three alike; the first round is a warm-up. The table is printed and
-saved, with machine info, to ``bench/results/accuracy.json``.
+backward, SGD step) on the same in-memory batches of our loader, interleaved step by step in one process
+and in rotating order, so that load on a shared machine hits all three alike; the first round is a
+warm-up. The table is printed and saved, with machine info, to ``bench/results/accuracy.json``.
 """
 
 from __future__ import annotations
