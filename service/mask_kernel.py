@@ -71,7 +71,7 @@ def _append(starts: np.ndarray, ends: np.ndarray, m: int, start: int, end: int) 
     return m + 1
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, inline="always")
 def _room(counts: np.ndarray, used: int, needed: int) -> np.ndarray:
     """`counts` with room for `needed` more after its first `used` (doubled when it is short)."""
     if used + needed <= counts.size:
