@@ -104,13 +104,39 @@ class DataConfig(_Section):
     train_images: str | None = None
     val_annotations: str | None = None
     val_images: str | None = None
+    # How images are sized, in training and at test time (the input contract, stored with every checkpoint
+    # and graph): "shortest_edge" (photos) draws the shorter side from min_size_train / sets it to
+    # min_size_test, the longer side capped at max_size_train / max_size_test; "scale" (microscopy at a
+    # known pixel size) multiplies every image by scale_test, and training images by a factor drawn
+    # log-uniformly from scale_train (the scale jitter that covers other magnifications).
+    resize: Literal["shortest_edge", "scale"] = "shortest_edge"
     min_size_train: list[int] = [800]
     max_size_train: int = 1333
     min_size_test: int = 800
     max_size_test: int = 1333
+    scale_train: tuple[float, float] = (1.0, 1.0)
+    scale_test: float = 1.0
+    # How pixel values become 8-bit RGB (model.intensity): "rgb8" (photos) or "percentile" (microscopy: the
+    # percentiles below map to 0 and 255). Training draws each image's percentiles from the *_train ranges
+    # when they are given (intensity jitter).
+    intensity: Literal["rgb8", "percentile"] = "rgb8"
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    percentile_low_train: tuple[float, float] | None = None
+    percentile_high_train: tuple[float, float] | None = None
     hflip_prob: float = 0.5
+    vflip_prob: float = 0.0
+    rot90_prob: float = 0.0  # probability of a quarter turn (either way), for images with no up and down
     size_divisibility: int = 32
     num_workers: int = 2
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DataConfig":
+        low, high = self.scale_train
+        if not 0 < low <= high or not self.scale_test > 0:
+            raise ValueError(f"scales must be positive with scale_train low <= high, got {self.scale_train}, {self.scale_test}")
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        return self
 
 
 class SolverConfig(_Section):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -213,22 +214,24 @@ def test_dataloader_end_to_end(tiny):
 
 
 def test_nucleus_builder_split_by_position(tmp_path, capsys):
-    nucleus.main(["--out", str(tmp_path), "--tile", "128", "--frames", "2"])
+    nucleus.main(["--out", str(tmp_path), "--tile", "128", "--frames", "2", "--band", "96"])
     printed = capsys.readouterr().out
     assert "split rule" in printed
-    splits = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in ("train", "val")}
-    train_right = max(i["tile_x"] + i["width"] for i in splits["train"]["images"])
-    val_left = min(i["tile_x"] for i in splits["val"]["images"])
-    assert train_right <= val_left  # no val pixel position is ever in train
-    n_val, n_all = len(splits["val"]["images"]), sum(len(d["images"]) for d in splits.values())
-    assert 0.15 <= n_val / n_all <= 0.35
+    splits = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in ("train", "val", "test", "val_fields", "test_fields")}
+    rows = {s: (min(i["tile_y"] for i in d["images"]), max(i["tile_y"] + i["height"] for i in d["images"])) for s, d in splits.items()}
+    assert rows["train"] == (0, 700 - 2 * 96) and rows["val"] == rows["val_fields"] == (700 - 2 * 96, 700 - 96)
+    assert rows["test"] == rows["test_fields"] == (700 - 96, 700)  # no pixel row of one split is in another
     assert {i["frame"] for d in splits.values() for i in d["images"]} == {0, 1}
+    for split in ("val_fields", "test_fields"):  # whole-width fields, one per frame, as the microscope wrote them
+        assert [(i["width"], i["height"]) for i in splits[split]["images"]] == [(1100, 96)] * 2
+        raw = tifffile.imread(tmp_path / split / splits[split]["images"][0]["file_name"])
+        assert raw.dtype == np.uint16 and raw.shape == (96, 1100) and raw.min() > 30000
     for split, data in splits.items():
         assert data["categories"] == [{"id": 1, "name": "nucleus", "supercategory": "cell"}]
         assert len(data["annotations"]) > 20
         info = data["images"][0]
         with Image.open(tmp_path / split / info["file_name"]) as im:
-            assert im.mode == "RGB" and im.size == (info["width"], info["height"])
+            assert im.size == (info["width"], info["height"]) and im.mode in ("I;16", "I;16B", "I;16L")
         for ann in data["annotations"][:50]:
             mask = mask_utils.decode(ann["segmentation"])
             ys, xs = np.nonzero(mask)
@@ -255,3 +258,38 @@ def test_labelme_voc_photos():
         assert (areas > 0).all() and (areas <= box_areas * 1.1).all()
         total += len(t.labels)
     assert total == 12
+
+
+def test_microscopy_augmentation_keeps_boxes_on_their_masks(tmp_path):
+    """Scale jitter, percentile jitter, flips and quarter turns on non-square raw 16-bit tiles: every box is
+    still its mask's bounding box (within the resize rounding), and a quarter turn swaps the sides."""
+    nucleus.build(str(tmp_path), tile=128, frames=1, band=96)
+    dataset = CocoInstanceDataset(
+        str(tmp_path / "val_fields.json"), str(tmp_path / "val_fields"), [96], 1100, 0.5, True,
+        resize="scale", scales=(0.5, 2.0), intensity="percentile",
+        percentile_low_train=(0.2, 3.0), percentile_high_train=(99.0, 99.95), vflip_prob=0.5, rot90_prob=0.5,
+    )
+    shapes = set()
+    for epoch in range(8):
+        sample = dataset[(0, epoch)]
+        h, w = sample.input_size
+        shapes.add(h > w)
+        assert sample.image.shape == (3, h, w) and sample.targets.masks.shape[1:] == (h, w)
+        assert 0.5 * 96 - 1 <= min(h, w) <= 2 * 96 + 1 and 0.5 * 1100 - 1 <= max(h, w) <= 2 * 1100 + 1
+        for mask, box in zip(sample.targets.masks, sample.targets.boxes):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(ys):
+                from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+                assert (from_mask - box).abs().max() <= 2.5
+    assert shapes == {True, False}  # some samples were turned a quarter
+
+
+def test_scale_rule_at_test_time_keeps_native_size(tmp_path):
+    nucleus.build(str(tmp_path), tile=128, frames=1, band=96)
+    dataset = CocoInstanceDataset(
+        str(tmp_path / "test_fields.json"), str(tmp_path / "test_fields"), [256], 512, 0.0, False,
+        resize="scale", scales=(1.0, 1.0), intensity="percentile",
+    )
+    sample = dataset[0]
+    assert sample.input_size == sample.original_size == (96, 1100)  # no shrinking to a short side of 256
+    assert dataset.median_object_size() == pytest.approx(30, abs=8)  # HeLa nuclei are ~30 px across

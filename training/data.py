@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
+from model.config import DataConfig
 from model.fcos_outputs import InstanceTargets
+from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
 
 
 class SampleKey(NamedTuple):
@@ -55,6 +57,11 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tu
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
+def scaled_shape(height: int, width: int, factor: float) -> tuple[int, int]:
+    """The "scale" rule: both sides multiplied by ``factor`` and rounded (at least one pixel)."""
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode any still image to 8-bit RGB in its displayed orientation.
 
@@ -81,7 +88,21 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         hflip_prob: float,
         train: bool,
         seed: int = 0,
+        *,
+        resize: Literal["shortest_edge", "scale"] = "shortest_edge",
+        scales: tuple[float, float] = (1.0, 1.0),
+        intensity: IntensityRule = "rgb8",
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        percentile_low_train: tuple[float, float] | None = None,
+        percentile_high_train: tuple[float, float] | None = None,
+        vflip_prob: float = 0.0,
+        rot90_prob: float = 0.0,
     ) -> None:
+        """``min_sizes``/``max_size`` size images by the "shortest_edge" rule (one size drawn per training
+        image, the first at test time); the "scale" rule multiplies them by a factor drawn log-uniformly
+        from ``scales`` (training) or by ``scales[0]`` (test). Pixels become 8-bit RGB by the ``intensity``
+        rule (``model.intensity``), with each training image's percentiles drawn from the ``*_train``
+        ranges when given."""
         self.coco = COCO(annotations)
         self.images = images
         self.min_sizes = list(min_sizes)
@@ -89,10 +110,50 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.hflip_prob = hflip_prob
         self.train = train
         self.seed = seed
+        self.resize = resize
+        self.scales = scales
+        self.intensity = intensity
+        self.percentiles = percentiles
+        self.percentile_ranges = (percentile_low_train, percentile_high_train)
+        self.vflip_prob = vflip_prob
+        self.rot90_prob = rot90_prob
         self.category_ids: list[int] = sorted(self.coco.getCatIds())
         self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.label_of = {cat: label for label, cat in enumerate(self.category_ids)}
         self.image_ids: list[int] = sorted(self.coco.getImgIds())
+
+    @classmethod
+    def from_config(cls, data: DataConfig, annotations: str, images: str, train: bool, seed: int = 0) -> CocoInstanceDataset:
+        """The dataset sized and normalised as the recipe ``data`` says (training draws, or the test rule)."""
+        sizes, max_size = (data.min_size_train, data.max_size_train) if train else ([data.min_size_test], data.max_size_test)
+        return cls(
+            annotations, images, sizes, max_size, data.hflip_prob if train else 0.0, train, seed,
+            resize=data.resize, scales=data.scale_train if train else (data.scale_test, data.scale_test),
+            intensity=data.intensity, percentiles=data.percentiles,
+            percentile_low_train=data.percentile_low_train, percentile_high_train=data.percentile_high_train,
+            vflip_prob=data.vflip_prob if train else 0.0, rot90_prob=data.rot90_prob if train else 0.0,
+        )
+
+    def median_object_size(self, factor: float = 1.0) -> float | None:
+        """The median box side ``sqrt(w * h)`` of the non-crowd instances, in pixels times ``factor``."""
+        sides = [np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in self.coco.anns.values() if not a.get("iscrowd", 0)]
+        return float(np.median(sides)) * factor if sides else None
+
+    def _percentiles(self, rng: np.random.Generator) -> tuple[float, float]:
+        if not self.train:
+            return self.percentiles
+        return tuple(  # type: ignore[return-value]
+            float(rng.uniform(*drawn)) if drawn is not None else fixed
+            for drawn, fixed in zip(self.percentile_ranges, self.percentiles)
+        )
+
+    def _input_size(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+        if self.resize == "scale":
+            low, high = self.scales
+            factor = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if self.train and high > low else low
+            return scaled_shape(height, width, factor)
+        short_edge = int(rng.choice(self.min_sizes)) if self.train else self.min_sizes[0]
+        return resized_shape(height, width, short_edge, self.max_size)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -102,7 +163,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        image = load_rgb(os.path.join(self.images, info["file_name"]))
+        with open(os.path.join(self.images, info["file_name"]), "rb") as f:
+            data = f.read()
+        percentiles = self._percentiles(rng)
+        image = Image.fromarray(decode_rgb8(data, self.intensity, percentiles))
         width, height = image.size
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(
@@ -111,8 +175,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             )
         boxes, labels, masks = self._instances(image_id, height, width)
 
-        short_edge = int(rng.choice(self.min_sizes)) if self.train else self.min_sizes[0]
-        new_h, new_w = resized_shape(height, width, short_edge, self.max_size)
+        new_h, new_w = self._input_size(height, width, rng)
         image = image.resize((new_w, new_h), Image.BILINEAR)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
         boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
@@ -123,9 +186,17 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         )
 
         if self.train and rng.random() < self.hflip_prob:
-            pixels = pixels.flip(-1)
-            masks = masks.flip(-1)
+            pixels, masks = pixels.flip(-1), masks.flip(-1)
             boxes = torch.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], dim=1)
+        if self.train and self.vflip_prob > 0 and rng.random() < self.vflip_prob:
+            pixels, masks = pixels.flip(-2), masks.flip(-2)
+            boxes = torch.stack([boxes[:, 0], new_h - boxes[:, 3], boxes[:, 2], new_h - boxes[:, 1]], dim=1)
+        if self.train and self.rot90_prob > 0 and rng.random() < self.rot90_prob:
+            # A quarter turn counter-clockwise (image x -> y, y -> w - x); a vertical flip before it makes the
+            # clockwise turn, so with vflip_prob 0.5 both directions are equally likely.
+            pixels, masks = pixels.rot90(1, (-2, -1)), masks.rot90(1, (-2, -1))
+            boxes = torch.stack([boxes[:, 1], new_w - boxes[:, 2], boxes[:, 3], new_w - boxes[:, 0]], dim=1)
+            new_h, new_w, height, width = new_w, new_h, width, height
 
         return Sample(
             image=pixels,

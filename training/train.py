@@ -142,10 +142,7 @@ def _datasets(cfg: Config, env: Distributed) -> tuple[CocoInstanceDataset, CocoI
     if not data.train_annotations or not data.train_images:
         raise ValueError("data.train_annotations and data.train_images are required")
     with contextlib.redirect_stdout(sys.stderr):  # pycocotools' loading chatter
-        train_set = CocoInstanceDataset(
-            data.train_annotations, data.train_images, data.min_size_train, data.max_size_train,
-            data.hflip_prob, train=True, seed=cfg.seed,
-        )
+        train_set = CocoInstanceDataset.from_config(data, data.train_annotations, data.train_images, train=True, seed=cfg.seed)
     val_set = None
     if env.is_main and data.val_annotations and data.val_images:
         val_set = eval_dataset(data.val_annotations, data.val_images, EvalSpec.from_config(cfg, train_set.category_ids))
@@ -272,12 +269,16 @@ def _train(cfg: Config, resume: bool, env: Distributed) -> TrainResult:
         state = RunState(checkpoint["iteration"], checkpoint["samples_consumed"], checkpoint["best_metric"], checkpoint["metrics"])
         logger.info("resumed from %s at iteration %d", last_path, state.iteration)
 
+    # The training objects' median size at the test scale, for ``scale=auto`` (scale-rule recipes).
+    object_size = train_set.median_object_size(cfg.data.scale_test) if cfg.data.resize == "scale" else None
+
     def save(path: Path, resumable: bool) -> None:
         payload = {
             "model": model.state_dict(),
             "config": cfg.model_dump(mode="json"),
             "class_names": list(cfg.model.class_names),
             "category_ids": list(train_set.category_ids),
+            "object_size": object_size,
             **asdict(state),
         }
         if resumable:
