@@ -15,19 +15,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
-from export.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime, TensorRTRuntime
 from export import tensorrt_build
 from model.runtime_protocol import Runtime
 from service.imaging import ResizeRule, auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
-
-if TYPE_CHECKING:  # imported where an engine is opened: it needs torch, which ONNX serving does without
-    from export.tensorrt_runtime import TensorRTRuntime
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +160,6 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     runtime: OnnxRuntime | TensorRTRuntime
     runtime_name: Literal["onnxruntime", "tensorrt"]
     if graph_path.suffix in ENGINE_SUFFIXES:
-        # Lazy: the TensorRT runtime's buffers are torch CUDA tensors; ONNX serving never imports torch.
-        from export.tensorrt_runtime import TensorRTRuntime
-
         runtime = TensorRTRuntime(graph_path)
         runtime_name, providers = "tensorrt", ["TensorRT"]
     else:

@@ -141,7 +141,7 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @needs_gpu
 @pytest.mark.parametrize("batch, height, width", [(1, 96, 128), (3, 128, 192)])
 def test_engine_matches_onnxruntime(engines: tuple[Path, Path], batch: int, height: int, width: int) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     onnx_path, folder = engines
     reference_runtime = OnnxRuntime(onnx_path, providers=["CPUExecutionProvider"])
@@ -160,7 +160,7 @@ def test_engine_matches_onnxruntime(engines: tuple[Path, Path], batch: int, heig
 
 @needs_gpu
 def test_fp16_engine_runs_and_keeps_the_contract(engines: tuple[Path, Path]) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     _, folder = engines
     engine = TensorRTRuntime(folder / "fp16.plan")
@@ -174,7 +174,7 @@ def test_fp16_engine_runs_and_keeps_the_contract(engines: tuple[Path, Path]) -> 
 
 @needs_gpu
 def test_engine_rejects_shapes_outside_its_profile(engines: tuple[Path, Path]) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     engine = TensorRTRuntime(engines[1] / "fp32.plan")
     with pytest.raises(ValueError, match="outside the engine's profile"):
