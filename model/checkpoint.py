@@ -75,4 +75,5 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     model = OneStageDetector(build_cfg)
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    return model, cfg, {key: checkpoint[key] for key in METADATA_KEYS}
+    # object_size (scale=auto) is recorded by checkpoints written since the input contract had it.
+    return model, cfg, {key: checkpoint[key] for key in METADATA_KEYS} | {"object_size": checkpoint.get("object_size")}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import tifffile
@@ -119,16 +119,16 @@ def rgb8_from_pixels(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(values, 3, axis=-1) if values.shape[-1] == 1 else values)
 
 
-def pil_rgb8(data: bytes) -> np.ndarray:
-    """The photo rule through PIL: any still image PIL reads -> ``[H, W, 3]`` uint8 RGB in its displayed
-    orientation. PIL's own conversion clips 16-bit grey to 255, so integer grey ("I;16", or "I" as some
-    decoders report 16-bit files) is divided by 257 first."""
-    with Image.open(io.BytesIO(data)) as opened:
+def load_rgb(source: str | Path | IO[bytes]) -> Image.Image:
+    """The photo rule through PIL: any still image PIL reads (a path or a binary file object) -> 8-bit RGB in
+    its displayed orientation. PIL's own conversion clips 16-bit grey to 255, so integer grey ("I;16", or
+    "I" as some decoders report 16-bit files) is divided by 257 first."""
+    with Image.open(source) as opened:
         image = ImageOps.exif_transpose(opened)
         if image.mode == "I" or image.mode.startswith("I;16"):
             values = np.asarray(image, dtype=np.float64)
             image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))
-        return np.asarray(image.convert("RGB"))
+        return image.convert("RGB")
 
 
 def decode_rgb8(
@@ -141,7 +141,7 @@ def decode_rgb8(
     evaluation, the export checks and the service call)."""
     if rule == "rgb8" and channel is None:
         try:
-            return pil_rgb8(data)
+            return np.asarray(load_rgb(io.BytesIO(data)))
         except Exception:
             if not is_tiff(data):
                 raise

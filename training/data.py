@@ -14,11 +14,11 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from model.config import DataConfig
 from model.fcos_outputs import InstanceTargets
+from model.input_contract import resize_rgb, resized_shape, scaled_shape
 from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
 
 
@@ -45,35 +45,6 @@ class Batch:
     image_ids: list[int]
     original_sizes: list[tuple[int, int]]
     input_sizes: list[tuple[int, int]]
-
-
-def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """detectron2 ResizeShortestEdge: shorter side to ``short_edge``, longer side at most ``max_size``."""
-    scale = short_edge / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
-def scaled_shape(height: int, width: int, factor: float) -> tuple[int, int]:
-    """The "scale" rule: both sides multiplied by ``factor`` and rounded (at least one pixel)."""
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode any still image to 8-bit RGB in its displayed orientation.
-
-    PIL's own conversion clips 16-bit grey to 255, so integer grey ("I;16", or "I" as some decoders
-    report 16-bit files) is rescaled from the 16-bit range to 8 bits first.
-    """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode == "I" or image.mode.startswith("I;16"):
-            values = np.asarray(image, dtype=np.float64)
-            image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))
-        return image.convert("RGB")
 
 
 class CocoInstanceDataset(torch.utils.data.Dataset):
@@ -166,8 +137,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         with open(os.path.join(self.images, info["file_name"]), "rb") as f:
             data = f.read()
         percentiles = self._percentiles(rng)
-        image = Image.fromarray(decode_rgb8(data, self.intensity, percentiles))
-        width, height = image.size
+        image = decode_rgb8(data, self.intensity, percentiles)
+        height, width = image.shape[:2]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(
                 f"{info['file_name']}: decoded size {(height, width)} differs from annotated "
@@ -176,8 +147,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         boxes, labels, masks = self._instances(image_id, height, width)
 
         new_h, new_w = self._input_size(height, width, rng)
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(resize_rgb(image, (new_h, new_w)))
         boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
         masks = (
             F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]

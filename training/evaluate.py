@@ -32,6 +32,7 @@ from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
 from model.finishing import finish_image
+from model.input_contract import InputContract
 from model.mask_contract import MaskKind
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
@@ -42,7 +43,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What evaluation needs besides a runtime: input padding, the mask finishing rule and the dataset ids.
+    """What evaluation needs besides a runtime: the input contract, the mask finishing rule and the dataset ids.
 
     Built from a checkpoint's config here; a runtime that carries export metadata instead fills the same
     fields from that record.
@@ -52,17 +53,10 @@ class EvalSpec:
     mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
     mask_threshold: float | None
     box_padding: int
-    pad_value: tuple[int, ...]
-    size_divisibility: int
-    min_size: int
-    max_size: int
-    resize: str = "shortest_edge"
-    scale: float = 1.0
-    intensity: str = "rgb8"
-    percentiles: tuple[float, float] = (1.0, 99.8)
+    input: InputContract
 
     @classmethod
-    def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
+    def from_config(cls, cfg: Config, category_ids: list[int], object_size: float | None = None) -> EvalSpec:
         model = cfg.model
         kind, threshold = {
             "meinst": ("box28", model.meinst.mask_threshold),
@@ -74,14 +68,7 @@ class EvalSpec:
             mask_kind=kind,
             mask_threshold=threshold,
             box_padding=model.embedmask.box_padding,
-            pad_value=tuple(round(m) for m in model.pixel_mean),
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
-            resize=cfg.data.resize,
-            scale=cfg.data.scale_test,
-            intensity=cfg.data.intensity,
-            percentiles=tuple(cfg.data.percentiles),
+            input=InputContract.from_config(cfg, object_size),
         )
 
 
@@ -89,8 +76,9 @@ def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceD
     """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
         return CocoInstanceDataset(
-            annotations, images, [spec.min_size], spec.max_size, 0.0, train=False,
-            resize=spec.resize, scales=(spec.scale, spec.scale), intensity=spec.intensity, percentiles=spec.percentiles,
+            annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False,
+            resize=spec.input.resize, scales=(spec.input.scale, spec.input.scale), intensity=spec.input.intensity,
+            percentiles=spec.input.percentiles,
         )
 
 
@@ -100,7 +88,7 @@ def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batc
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
+        collate_fn=partial(collate, size_divisibility=spec.input.size_divisibility, pad_value=tuple(spec.input.pad_value)),
     )
     results = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
@@ -169,7 +157,7 @@ def evaluate(
 def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
     """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata."""
     model, cfg, metadata = load_detector(checkpoint, device)
-    spec = EvalSpec.from_config(cfg, metadata["category_ids"])
+    spec = EvalSpec.from_config(cfg, metadata["category_ids"], metadata.get("object_size"))
     if name == "torch":
         return TorchRuntime(model, device), spec, metadata
     if name == "onnxruntime":
