@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from model.tiling import Tile, finish_tile, merge_tiles
 from service import finishing
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
@@ -36,6 +37,7 @@ from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
 from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
 from service.settings import Settings
+from service.tiled import TiledImage, prepare_tiles, run_tiles
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +203,14 @@ class SegmentService:
                                "image/bmp, image/tiff, application/octet-stream or multipart/form-data", "bad_input")
         return b"".join([chunk async for chunk in limited()])
 
-    def preprocess(self, data: bytes, model: LoadedModel) -> PreparedImage:
-        """Decode, orient and resize one image into its shape bucket (worker thread)."""
+    def preprocess(self, data: bytes, model: LoadedModel) -> PreparedImage | TiledImage:
+        """Decode, orient and resize one image into its shape bucket, or, when it is larger than every
+        bucket at the model's scale, cut it into tiles (worker thread)."""
         started = time.perf_counter()
         try:
             image = decode_image(data, self.settings.max_image_pixels)
-            return prepare_image(image, model.rule, model.buckets)
+            tiled = prepare_tiles(image, model.rule, model.buckets, self.settings.tile_overlap)
+            return tiled if tiled is not None else prepare_image(image, model.rule, model.buckets)
         except ImageRejected as error:
             raise ServiceError(error.status, error.message, "bad_input") from None
         finally:
@@ -228,27 +232,57 @@ class SegmentService:
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
 
+    def finishing_options(self, model: LoadedModel, options: SegmentOptions) -> dict[str, Any]:
+        """``finish_image``'s keyword arguments for this model and request, but for sizes and the cap."""
+        metadata = model.metadata
+        return {
+            "mask_kind": metadata.mask_kind,
+            "mask_threshold": metadata.mask_threshold,
+            "score_threshold": options.score_threshold,
+            "mask_format": options.mask_format,
+            "box_padding": metadata.box_padding or 0,
+            "workers": self.settings.finishing_threads,
+        }
+
     def finish(self, outputs: Outputs, prepared: PreparedImage, model: LoadedModel, options: SegmentOptions) -> list[finishing.Instance]:
         """Paste, threshold and encode the masks in the original frame (worker thread)."""
         started = time.perf_counter()
-        metadata = model.metadata
         instances = finishing.finish_image(
             outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs.get("masks"),
-            mask_kind=metadata.mask_kind,
             input_size=prepared.input_size,
             image_size=prepared.original_size,
-            mask_threshold=metadata.mask_threshold,
-            score_threshold=options.score_threshold,
             max_detections=options.max_detections,
-            mask_format=options.mask_format,
-            box_padding=metadata.box_padding or 0,
-            workers=self.settings.finishing_threads,
+            **self.finishing_options(model, options),
         )
         self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
         return instances
 
+    async def segment_tiles(self, tiled: TiledImage, model: LoadedModel, options: SegmentOptions, deadline: float) -> list[finishing.Instance]:
+        """Run the tiles through the model's batcher, finish each in the full frame as it arrives, and merge
+        (``model.tiling.merge_tiles``): at most the model's detections per tile, or the request's cap."""
+        plan, finish_options = tiled.plan, self.finishing_options(model, options)
+
+        def finish(outputs: Outputs, tile: Tile) -> list[finishing.Instance]:
+            return finish_tile(outputs, plan, tile, **finish_options)
+
+        window = 2 * self.settings.max_batch_size  # one batch running, the next one queued
+        try:
+            per_tile, finishing_s = await run_tiles(tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline)
+        except QueueFull:
+            raise self._queue_full(model) from None
+        except TimeoutError:
+            raise ServiceError(504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout") from None
+        except BackendError as error:
+            raise ServiceError(500, f"inference failed: {error}", "backend") from None
+        started = time.perf_counter()
+        limit = model.metadata.max_detections * len(plan.tiles)
+        limit = limit if options.max_detections is None else min(limit, options.max_detections)
+        instances = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, merge_tiles, plan, per_tile, limit)
+        self.metrics.mask_finishing.labels(model.name).observe(finishing_s + time.perf_counter() - started)
+        return instances
+
     @staticmethod
-    def encode_response(instances: list[finishing.Instance], prepared: PreparedImage, model: LoadedModel) -> Response:
+    def encode_response(instances: list[finishing.Instance], prepared: PreparedImage | TiledImage, model: LoadedModel) -> Response:
         names, ids = model.metadata.class_names, model.metadata.category_ids
 
         def encode(instance: finishing.Instance) -> Instance:
@@ -281,8 +315,13 @@ class SegmentService:
                 data = await self.read_body(request)
                 prepared = await loop.run_in_executor(self.cpu_pool, self.preprocess, data, model)
                 del data
-                outputs = await self.predict(prepared, model, arrived + options.timeout_s)
-                instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
+                if isinstance(prepared, TiledImage):
+                    self.metrics.tiles.labels(model.name).observe(len(prepared.plan.tiles))
+                    instances = await self.segment_tiles(prepared, model, options, arrived + options.timeout_s)
+                else:
+                    self.metrics.tiles.labels(model.name).observe(1)
+                    outputs = await self.predict(prepared, model, arrived + options.timeout_s)
+                    instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
                 response = self.encode_response(instances, prepared, model)
             finally:
                 self.metrics.in_flight.labels(label).dec()

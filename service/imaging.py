@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from model.tiling import pad_batch as pad_batch  # the batch layout, shared with tiled evaluation
+from model.tiling import shape_buckets
 from training.data import load_rgb, resized_shape
 
 # PIL format names accepted, and the raw-body content types that may carry them.
@@ -25,8 +27,6 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 IMAGE_CONTENT_TYPES = frozenset(
     {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream"}
 )
-# Auto buckets: the long side of a landscape bucket as a ratio of the short test side (plus the longest side).
-AUTO_BUCKET_RATIOS = (1.0, 4 / 3, 16 / 9)
 
 
 class ImageRejected(Exception):
@@ -102,14 +102,7 @@ def resize_to_rule(image: Image.Image, rule: ResizeRule) -> np.ndarray:
 
 def auto_buckets(rule: ResizeRule) -> list[tuple[int, int]]:
     """Landscape and portrait buckets: the short test side by ratio x short (and the longest side), padded."""
-
-    def pad(size: float) -> int:
-        return math.ceil(size / rule.divisibility) * rule.divisibility
-
-    short, longest = pad(rule.min_size), pad(rule.max_size)
-    longs = sorted({min(pad(rule.min_size * ratio), longest) for ratio in AUTO_BUCKET_RATIOS} | {longest})
-    landscape = [(short, long) for long in longs]
-    return sorted(set(landscape) | {(w, h) for h, w in landscape}, key=lambda hw: (hw[0] * hw[1], hw))
+    return shape_buckets(rule.min_size, rule.max_size, rule.divisibility)
 
 
 def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisibility: int) -> tuple[int, int]:
@@ -126,12 +119,3 @@ def prepare_image(image: Image.Image, rule: ResizeRule, buckets: list[tuple[int,
     pixels = resize_to_rule(image, rule)
     bucket = choose_bucket(buckets, (pixels.shape[1], pixels.shape[2]), rule.divisibility)
     return PreparedImage(pixels=pixels, original_size=(image.size[1], image.size[0]), bucket=bucket)
-
-
-def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: tuple[int, int, int]) -> np.ndarray:
-    """[B, 3, H, W] uint8: each [3, h, w] image at the top left, the rest ``pad_value``."""
-    batch = np.empty((len(images), 3, *bucket), dtype=np.uint8)
-    batch[...] = np.asarray(pad_value, dtype=np.uint8)[None, :, None, None]
-    for i, pixels in enumerate(images):
-        batch[i, :, : pixels.shape[1], : pixels.shape[2]] = pixels
-    return batch

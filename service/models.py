@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from export.metadata import GraphMetadata
+from model.tiling import check_overlap
 from service.imaging import ResizeRule, auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
 
@@ -185,6 +186,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         rule=rule,
         buckets=model_buckets(spec, settings, rule),
     )
+    check_overlap(loaded.buckets, settings.tile_overlap)
     if settings.warmup:
         warm_up(loaded, settings.max_batch_size)
     return loaded
