@@ -1,12 +1,14 @@
 """COCO evaluation (bbox and segm AP) of a checkpoint, through the runtime interface.
 
     python -m training.evaluate --checkpoint CKPT --annotations JSON --images DIR
-        [--output results.json] [--batch-size N] [--device cpu]
+        [--output results.json] [--batch-size N] [--device cpu] [--tile-size HxW] [--tile-overlap N]
 
 Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``, run through a
 ``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
 ``make_runtime``) and finished by ``model.finishing.finish_image``, the function the service uses, so
-evaluation measures what users get. The COCO results file holds the dataset's category ids, xywh boxes
+evaluation measures what users get. An image larger than every tile shape at that size (by default the
+service's default shape buckets; ``--tile-size`` gives one) is tiled and merged as the service does
+(``model.tiling``), so AP is measured on whole images. The COCO results file holds the dataset's category ids, xywh boxes
 in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
 APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
 """
@@ -31,11 +33,12 @@ from export.onnx_export import export_onnx
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
-from model.finishing import finish_image
+from model.finishing import Instance, finish_image
 from model.mask_contract import MaskKind
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
-from training.data import CocoInstanceDataset, collate
+from model.tiling import DEFAULT_TILE_OVERLAP, TilePlan, check_overlap, plan_tiles, segment_tiled, shape_buckets
+from training.data import CocoInstanceDataset, collate, load_rgb, resized_shape
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -83,40 +86,79 @@ def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceD
         return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
 
 
-def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:
+def tile_plans(dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int) -> dict[int, TilePlan]:
+    """The tile plans of the dataset's images larger than every bucket at the model's size, by dataset index."""
+    plans = {}
+    for index, image_id in enumerate(dataset.image_ids):
+        info = dataset.coco.imgs[image_id]
+        size = (info["height"], info["width"])
+        plan = plan_tiles(size, resized_shape(*size, spec.min_size, spec.max_size), buckets, overlap)
+        if plan is not None:
+            plans[index] = plan
+    return plans
+
+
+def predict(
+    runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
+    buckets: list[tuple[int, int]] | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
+) -> list[dict[str, Any]]:
     """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
-    for mask methods, the compressed RLE segmentation."""
+    for mask methods, the compressed RLE segmentation.
+
+    Images that fit a shape of `buckets` (default: the service's default buckets for this size rule) run
+    whole, `batch_size` at a time; larger ones are cut into tiles overlapping by `overlap` input pixels,
+    run `batch_size` tiles at a time padded to their bucket, and merged (``model.tiling``)."""
+    buckets = buckets or shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
+    check_overlap(buckets, overlap)
+    plans = tile_plans(dataset, spec, buckets, overlap)
+    whole = [index for index in range(len(dataset)) if index not in plans]
     loader = torch.utils.data.DataLoader(
-        dataset,
+        torch.utils.data.Subset(dataset, whole) if plans else dataset,
         batch_size=batch_size,
         collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
     )
-    results = []
+    options: dict[str, Any] = {
+        "mask_kind": spec.mask_kind or "box28",
+        "mask_threshold": spec.mask_threshold,
+        "mask_format": "rle" if spec.mask_kind is not None else "none",
+        "box_padding": spec.box_padding,
+    }
+    results: list[dict[str, Any]] = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
         outputs = runtime.infer(batch.images.numpy())
         for i, image_id in enumerate(batch.image_ids):
             instances = finish_image(
                 outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i],
                 outputs["masks"][i] if spec.mask_kind is not None else None,
-                mask_kind=spec.mask_kind or "box28",
                 input_size=batch.input_sizes[i],
                 image_size=batch.original_sizes[i],
-                mask_threshold=spec.mask_threshold,
-                mask_format="rle" if spec.mask_kind is not None else "none",
-                box_padding=spec.box_padding,
+                **options,
             )
-            for instance in instances:
-                x0, y0, x1, y1 = instance.box
-                record = {
-                    "image_id": image_id,
-                    "category_id": spec.category_ids[instance.class_index],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": instance.score,
-                }
-                if instance.rle is not None:
-                    record["segmentation"] = instance.rle
-                results.append(record)
+            results += coco_records(image_id, instances, spec)
+    for index, plan in tqdm(plans.items(), desc="evaluate tiled", unit="image", file=sys.stderr, leave=False):
+        image_id = dataset.image_ids[index]
+        image = load_rgb(str(Path(dataset.images) / dataset.coco.imgs[image_id]["file_name"]))
+        if (image.size[1], image.size[0]) != plan.image_size:
+            raise ValueError(f"image {image_id}: decoded size {image.size[::-1]} differs from annotated {plan.image_size}")
+        results += coco_records(image_id, segment_tiled(image, plan, runtime.infer, spec.pad_value, batch_size, None, **options), spec)
     return results
+
+
+def coco_records(image_id: int, instances: list[Instance], spec: EvalSpec) -> list[dict[str, Any]]:
+    """One image's instances as COCO result records."""
+    records = []
+    for instance in instances:
+        x0, y0, x1, y1 = instance.box
+        record = {
+            "image_id": image_id,
+            "category_id": spec.category_ids[instance.class_index],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": instance.score,
+        }
+        if instance.rle is not None:
+            record["segmentation"] = instance.rle
+        records.append(record)
+    return records
 
 
 def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], iou_type: str) -> dict[str, float | None]:
@@ -141,14 +183,14 @@ def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], io
 
 def evaluate(
     runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    results_path: str | Path | None = None,
+    results_path: str | Path | None = None, buckets: list[tuple[int, int]] | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
 ) -> dict[str, dict[str, float | None]]:
     """bbox (and, for mask methods, segm) metrics of ``runtime`` on ``dataset`` (see ``eval_dataset``);
-    the COCO results go to ``results_path`` when given."""
+    the COCO results go to ``results_path`` when given; `buckets` and `overlap` as for ``predict``."""
     unknown = sorted(set(spec.category_ids) - set(dataset.category_ids))
     if unknown:
         raise ValueError(f"the model's category ids {unknown} are not in the evaluation annotations {dataset.category_ids}")
-    results = predict(runtime, dataset, spec, batch_size)
+    results = predict(runtime, dataset, spec, batch_size, buckets, overlap)
     if results_path is not None:
         Path(results_path).write_text(json.dumps(results))
     iou_types = ["bbox"] if spec.mask_kind is None else ["bbox", "segm"]
@@ -170,6 +212,14 @@ def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, Eval
     raise ValueError(f"unknown runtime {name!r}")
 
 
+def tile_size(text: str) -> tuple[int, int]:
+    """"HxW" -> (H, W): a tile shape on the command line."""
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"tile size {text!r} is not of the form HxW (e.g. 512x512)")
+    return int(height), int(width)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -180,13 +230,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                         help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tile-size", type=tile_size, default=None, metavar="HxW",
+                        help="input shape of the tiles of images larger than it (default: the service's default shape "
+                        "buckets for the checkpoint's test size)")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="N",
+                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default)")
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
+    buckets = [args.tile_size] if args.tile_size else shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
+    if any(side % spec.size_divisibility for side in buckets[0]):
+        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {spec.size_divisibility}")
+    try:
+        check_overlap(buckets, args.tile_overlap)
+    except ValueError as error:
+        parser.error(str(error))
     dataset = eval_dataset(args.annotations, args.images, spec)
     output = args.output or f"{args.checkpoint}.results.json"
     start = time.perf_counter()
-    metrics = evaluate(runtime, dataset, spec, args.batch_size, output)
+    metrics = evaluate(runtime, dataset, spec, args.batch_size, output, buckets, args.tile_overlap)
     summary = {
         **metrics,
         "images": len(dataset),
@@ -194,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": args.checkpoint,
         "iteration": info["iteration"],
         "results": output,
+        "tile_buckets": [list(bucket) for bucket in buckets],
+        "tile_overlap": args.tile_overlap,
     }
     print(json.dumps(summary))
 
