@@ -150,6 +150,11 @@ def check_overlap(buckets: Iterable[tuple[int, int]], overlap: int) -> None:
         raise ValueError(f"tile overlap {overlap} must be between 0 and half of the shortest shape bucket side ({short})")
 
 
+def default_overlap(buckets: Iterable[tuple[int, int]]) -> int:
+    """DEFAULT_TILE_OVERLAP, or half the shortest bucket side when that is less (small test sizes)."""
+    return min(DEFAULT_TILE_OVERLAP, min(min(b) for b in buckets) // 2)
+
+
 def shape_buckets(min_size: int, max_size: int, divisibility: int) -> list[tuple[int, int]]:
     """The default shape buckets of a photo-rule contract: landscape and portrait, the short test side by
     ratio x short (and the longest side), padded to `divisibility`; sorted by area. The service runs images

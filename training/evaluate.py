@@ -37,7 +37,7 @@ from model.finishing import Instance, finish_image
 from model.mask_contract import MaskKind
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
-from model.tiling import DEFAULT_TILE_OVERLAP, TilePlan, check_overlap, plan_tiles, segment_tiled, shape_buckets
+from model.tiling import DEFAULT_TILE_OVERLAP, TilePlan, check_overlap, default_overlap, plan_tiles, segment_tiled, shape_buckets
 from training.data import CocoInstanceDataset, collate, load_rgb, resized_shape
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -100,15 +100,17 @@ def tile_plans(dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple
 
 def predict(
     runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    buckets: list[tuple[int, int]] | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
+    buckets: list[tuple[int, int]] | None = None, overlap: int | None = None,
 ) -> list[dict[str, Any]]:
     """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
     for mask methods, the compressed RLE segmentation.
 
     Images that fit a shape of `buckets` (default: the service's default buckets for this size rule) run
-    whole, `batch_size` at a time; larger ones are cut into tiles overlapping by `overlap` input pixels,
-    run `batch_size` tiles at a time padded to their bucket, and merged (``model.tiling``)."""
+    whole, `batch_size` at a time; larger ones are cut into tiles overlapping by `overlap` input pixels
+    (default: ``model.tiling.default_overlap``), run `batch_size` tiles at a time padded to their bucket, and
+    merged (``model.tiling``)."""
     buckets = buckets or shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
+    overlap = default_overlap(buckets) if overlap is None else overlap
     check_overlap(buckets, overlap)
     plans = tile_plans(dataset, spec, buckets, overlap)
     whole = [index for index in range(len(dataset)) if index not in plans]
@@ -183,7 +185,7 @@ def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], io
 
 def evaluate(
     runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    results_path: str | Path | None = None, buckets: list[tuple[int, int]] | None = None, overlap: int = DEFAULT_TILE_OVERLAP,
+    results_path: str | Path | None = None, buckets: list[tuple[int, int]] | None = None, overlap: int | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """bbox (and, for mask methods, segm) metrics of ``runtime`` on ``dataset`` (see ``eval_dataset``);
     the COCO results go to ``results_path`` when given; `buckets` and `overlap` as for ``predict``."""
@@ -233,22 +235,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile-size", type=tile_size, default=None, metavar="HxW",
                         help="input shape of the tiles of images larger than it (default: the service's default shape "
                         "buckets for the checkpoint's test size)")
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP, metavar="N",
-                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default)")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="N",
+                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default, "
+                        "or half the shortest tile side when that is less)")
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
     buckets = [args.tile_size] if args.tile_size else shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
     if any(side % spec.size_divisibility for side in buckets[0]):
         parser.error(f"--tile-size sides must be multiples of the model's size divisibility {spec.size_divisibility}")
+    overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap
     try:
-        check_overlap(buckets, args.tile_overlap)
+        check_overlap(buckets, overlap)
     except ValueError as error:
         parser.error(str(error))
     dataset = eval_dataset(args.annotations, args.images, spec)
     output = args.output or f"{args.checkpoint}.results.json"
     start = time.perf_counter()
-    metrics = evaluate(runtime, dataset, spec, args.batch_size, output, buckets, args.tile_overlap)
+    metrics = evaluate(runtime, dataset, spec, args.batch_size, output, buckets, overlap)
     summary = {
         **metrics,
         "images": len(dataset),
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         "iteration": info["iteration"],
         "results": output,
         "tile_buckets": [list(bucket) for bucket in buckets],
-        "tile_overlap": args.tile_overlap,
+        "tile_overlap": overlap,
     }
     print(json.dumps(summary))
 
