@@ -147,7 +147,9 @@ def check_overlap(buckets: Iterable[tuple[int, int]], overlap: int) -> None:
     of their pixels (and, at some scales, leave no stride)."""
     short = min(min(b) for b in buckets)
     if not 0 <= 2 * overlap <= short:
-        raise ValueError(f"tile overlap {overlap} must be between 0 and half of the shortest shape bucket side ({short})")
+        raise ValueError(
+            f"tile overlap {overlap} must be between 0 and half of the shortest shape bucket side ({short})"
+        )
 
 
 def default_overlap(buckets: Iterable[tuple[int, int]]) -> int:
@@ -190,8 +192,15 @@ def finish_tile(outputs: Outputs, plan: TilePlan, tile: Tile, **options: object)
     `finish_image`'s (mask kind and threshold, score threshold, mask format, box padding, workers).
     No per-tile `max_detections`: the cap applies to the merged answer."""
     return finish_image(
-        outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs.get("masks"),
-        input_size=tile.input_size, image_size=tile.size, origin=tile.origin, frame_size=plan.image_size,
+        outputs["num_dets"],
+        outputs["boxes"],
+        outputs["scores"],
+        outputs["classes"],
+        outputs.get("masks"),
+        input_size=tile.input_size,
+        image_size=tile.size,
+        origin=tile.origin,
+        frame_size=plan.image_size,
         **options,  # type: ignore[arg-type]
     )
 
@@ -229,9 +238,13 @@ def merge_tiles(plan: TilePlan, per_tile: list[list[Instance]], limit: int | Non
             b = index.get(neighbour)
             if b is None or not owned[a] or not owned[b]:
                 continue
-            ious = np.asarray(mask_utils.iou(
-                _overlap_shapes(owned[a], plan.image_size), _overlap_shapes(owned[b], plan.image_size), [0] * len(owned[b])
-            )).reshape(len(owned[a]), len(owned[b]))
+            ious = np.asarray(
+                mask_utils.iou(
+                    _overlap_shapes(owned[a], plan.image_size),
+                    _overlap_shapes(owned[b], plan.image_size),
+                    [0] * len(owned[b]),
+                )
+            ).reshape(len(owned[a]), len(owned[b]))
             classes_a = np.array([i.class_index for i in owned[a]])[:, None]
             classes_b = np.array([i.class_index for i in owned[b]])[None, :]
             for i, j in zip(*np.nonzero((ious > DUPLICATE_IOU) & (classes_a == classes_b))):

@@ -37,7 +37,9 @@ class TiledImage:
         return self.plan.image_size
 
 
-def prepare_tiles(image: Image.Image, rule: ResizeRule, buckets: list[tuple[int, int]], overlap: int) -> TiledImage | None:
+def prepare_tiles(
+    image: Image.Image, rule: ResizeRule, buckets: list[tuple[int, int]], overlap: int
+) -> TiledImage | None:
     """The tiles of an RGB image at the model's resize rule, or None when it runs whole (`prepare_image`)."""
     width, height = image.size
     plan = plan_tiles((height, width), resized_shape(height, width, rule.min_size, rule.max_size), buckets, overlap)

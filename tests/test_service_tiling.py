@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -48,8 +49,21 @@ def server(workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProce
     bucket = f"{BUCKET[0]}x{BUCKET[1]}"
     models = [{"name": method, "path": str(path), "buckets": [bucket]} for method, path in checkpoints.items()]
     process = ServiceProcess(
-        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), *CPU, "--max-batch-size", "4",
-         "--max-delay-ms", "50", "--tile-overlap", str(OVERLAP), "--max-image-pixels", str(MAX_PIXELS)],
+        [
+            "--models",
+            json.dumps(models),
+            "--cache-dir",
+            str(workdir / "cache"),
+            *CPU,
+            "--max-batch-size",
+            "4",
+            "--max-delay-ms",
+            "50",
+            "--tile-overlap",
+            str(OVERLAP),
+            "--max-image-pixels",
+            str(MAX_PIXELS),
+        ],
         workdir / "server.log",
     )
     try:
@@ -88,14 +102,24 @@ def offline_tiled(runtime: OnnxRuntime, data: bytes) -> tuple[list[dict[str, Any
     size = (image.size[1], image.size[0])
     plan = plan_tiles(size, resized_shape(*size, meta.input.min_size, meta.input.max_size), [BUCKET], OVERLAP)
     instances = segment_tiled(
-        image, plan, runtime.infer, tuple(meta.input.pad_value), 4, meta.max_detections * len(plan.tiles),
-        mask_kind=meta.mask_kind, mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0,
+        image,
+        plan,
+        runtime.infer,
+        tuple(meta.input.pad_value),
+        4,
+        meta.max_detections * len(plan.tiles),
+        mask_kind=meta.mask_kind,
+        mask_threshold=meta.mask_threshold,
+        box_padding=meta.box_padding or 0,
     )
     encoded = [
         {
-            "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]], "score": i.score,
-            "category_id": meta.category_ids[i.class_index], "category_name": meta.class_names[i.class_index],
-            "area": i.area, "segmentation": i.rle,
+            "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]],
+            "score": i.score,
+            "category_id": meta.category_ids[i.class_index],
+            "category_name": meta.class_names[i.class_index],
+            "area": i.area,
+            "segmentation": i.rle,
         }
         for i in instances
     ]
@@ -117,13 +141,23 @@ def test_an_image_wider_than_every_bucket_is_tiled_and_answered_in_its_full_fram
         assert rle["size"] == [128, 384]
         assert int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()})) == instance["area"]
     after = metrics(server.url)
-    assert value(after, "onestage_tiles_per_request_count", model=method) - value(before, "onestage_tiles_per_request_count", model=method) == 1
-    assert value(after, "onestage_tiles_per_request_sum", model=method) - value(before, "onestage_tiles_per_request_sum", model=method) == 2
+    assert (
+        value(after, "onestage_tiles_per_request_count", model=method)
+        - value(before, "onestage_tiles_per_request_count", model=method)
+        == 1
+    )
+    assert (
+        value(after, "onestage_tiles_per_request_sum", model=method)
+        - value(before, "onestage_tiles_per_request_sum", model=method)
+        == 2
+    )
     capped = ok(post(server.url, wide_image, "image/png", model=method, max_detections=3))
     assert capped["instances"] == body["instances"][:3]  # the cap applies to the merged answer
 
 
-def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(server: ServiceProcess, wide_image: bytes) -> None:
+def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(
+    server: ServiceProcess, wide_image: bytes
+) -> None:
     solo = {method: ok(post(server.url, wide_image, "image/png", model=method)) for method in METHODS}
     before = metrics(server.url)
     jobs = [method for method in METHODS for _ in range(3)]
@@ -133,7 +167,9 @@ def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(server: 
     for method, response in zip(jobs, answers):
         assert ok(response) == solo[method]
     for method in METHODS:
-        run = value(after, "onestage_batch_size_count", model=method) - value(before, "onestage_batch_size_count", model=method)
+        run = value(after, "onestage_batch_size_count", model=method) - value(
+            before, "onestage_batch_size_count", model=method
+        )
         assert run < 6, (method, run)  # 3 requests x 2 tiles in fewer, larger batches
 
 

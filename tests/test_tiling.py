@@ -4,6 +4,7 @@ copies of one HeLa nucleus tile answers four times that tile, each copy at its p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -46,14 +47,24 @@ def rectangle_rle(box: tuple[int, int, int, int], frame: tuple[int, int]) -> dic
     margin=st.tuples(st.integers(0, 30), st.integers(0, 30)),
     mask_format=st.sampled_from(["rle", "polygon"]),
 )
-def test_finishing_a_tile_in_its_frame_equals_pasting_it_at_its_origin(case: tuple[str, dict], origin: tuple[int, int], margin: tuple[int, int], mask_format: str) -> None:
+def test_finishing_a_tile_in_its_frame_equals_pasting_it_at_its_origin(
+    case: tuple[str, dict], origin: tuple[int, int], margin: tuple[int, int], mask_format: str
+) -> None:
     kind, case = case
     count = len(case["boxes"])
     outputs = {
-        "num_dets": count, "boxes": case["boxes"], "scores": np.linspace(0.9, 0.5, count, dtype=np.float32),
-        "classes": np.arange(count), "masks": case["masks"] if kind == "box28" else case["logprobs"],
+        "num_dets": count,
+        "boxes": case["boxes"],
+        "scores": np.linspace(0.9, 0.5, count, dtype=np.float32),
+        "classes": np.arange(count),
+        "masks": case["masks"] if kind == "box28" else case["logprobs"],
     }
-    common = {"mask_kind": kind, "input_size": case["input_size"], "image_size": case["image_size"], "mask_threshold": case["threshold"]}
+    common = {
+        "mask_kind": kind,
+        "input_size": case["input_size"],
+        "image_size": case["image_size"],
+        "mask_threshold": case["threshold"],
+    }
     (y0, x0), (height, width) = origin, case["image_size"]
     frame = (y0 + height + margin[0], x0 + width + margin[1])
     alone = finish_image(**outputs, **common)
@@ -68,7 +79,9 @@ def test_finishing_a_tile_in_its_frame_equals_pasting_it_at_its_origin(case: tup
             assert full.rle == {"size": list(frame), "counts": coco_string(pasted)}
         else:
             tile_polygons = finish_image(**outputs, **common, mask_format="polygon")
-            shifted = [[[v + (x0, y0)[i % 2] for i, v in enumerate(ring)] for ring in t.polygons] for t in tile_polygons]
+            shifted = [
+                [[v + (x0, y0)[i % 2] for i, v in enumerate(ring)] for ring in t.polygons] for t in tile_polygons
+            ]
             assert [p.polygons for p in placed] == shifted
             break
 
@@ -104,7 +117,7 @@ def test_tiles_cover_the_image_with_the_overlap_and_their_cores_partition_it(
         assert all(t.input_size[axis] == max(int(extent * factor + 0.5), 1) for t in plan.tiles)  # resized as an image
         assert starts[0] == 0 and starts[-1] + extent == size[axis]  # the tiles cover the axis
         if len(starts) > 1:
-            assert min(a + extent - b for a, b in zip(starts, starts[1:])) >= math.ceil(overlap / factor)
+            assert min(a + extent - b for a, b in itertools.pairwise(starts)) >= math.ceil(overlap / factor)
             # Every pixel centre lies in exactly one core, and that core's tile holds the pixel.
             centres = np.arange(size[axis]) + 0.5
             owner = np.searchsorted(bounds, centres, side="right")
@@ -119,15 +132,25 @@ def test_images_that_fit_a_bucket_are_never_tiled() -> None:
     for height, width in [(1, 1), (256, 256), (700, 1100), (5000, 8000), (30, 2000), (2000, 30)]:
         assert plan_tiles((height, width), resized_shape(height, width, 256, 512), buckets, 64) is None
     plan = plan_tiles((700, 1100), (700, 1100), buckets, 64)  # the same image at its native scale is tiled
-    assert plan is not None and plan.bucket in ((256, 512), (512, 256)) and all(t.input_size == t.size for t in plan.tiles)
+    assert (
+        plan is not None and plan.bucket in ((256, 512), (512, 256)) and all(t.input_size == t.size for t in plan.tiles)
+    )
     with pytest.raises(ValueError, match="half"):
         check_overlap(buckets, 129)
 
 
 # ---------------------------------------------------------------- the merge
-def instance(box: tuple[int, int, int, int], score: float, class_index: int = 0, frame: tuple[int, int] = (100, 180)) -> Instance:
+def instance(
+    box: tuple[int, int, int, int], score: float, class_index: int = 0, frame: tuple[int, int] = (100, 180)
+) -> Instance:
     x0, y0, x1, y1 = box
-    return Instance(box=tuple(map(float, box)), score=score, class_index=class_index, area=(x1 - x0) * (y1 - y0), rle=rectangle_rle(box, frame))
+    return Instance(
+        box=tuple(map(float, box)),
+        score=score,
+        class_index=class_index,
+        area=(x1 - x0) * (y1 - y0),
+        rle=rectangle_rle(box, frame),
+    )
 
 
 def test_the_merge_keeps_an_object_seen_by_two_overlapping_tiles_once() -> None:
@@ -149,8 +172,12 @@ def test_the_merge_keeps_an_object_seen_by_two_overlapping_tiles_once() -> None:
     right.append(instance((150, 10, 170, 30), 0.3))
     merged = merge_tiles(plan, [left, right])
     assert [(i.box, i.score) for i in merged] == [
-        ((80.0, 10.0, 95.0, 30.0), 0.9), ((92.0, 70.0, 105.0, 80.0), 0.85), ((82.0, 40.0, 98.0, 60.0), 0.7),
-        ((80.0, 40.0, 92.0, 60.0), 0.5), ((10.0, 10.0, 30.0, 30.0), 0.4), ((150.0, 10.0, 170.0, 30.0), 0.3),
+        ((80.0, 10.0, 95.0, 30.0), 0.9),
+        ((92.0, 70.0, 105.0, 80.0), 0.85),
+        ((82.0, 40.0, 98.0, 60.0), 0.7),
+        ((80.0, 40.0, 92.0, 60.0), 0.5),
+        ((10.0, 10.0, 30.0, 30.0), 0.4),
+        ((150.0, 10.0, 170.0, 30.0), 0.3),
     ]
     assert merge_tiles(plan, [left, right], limit=2) == merged[:2]
     # Masks skipped: the boxes decide (the duplicate's box IoU is the same 10/18).
@@ -172,8 +199,10 @@ class RectangleRuntime:
         self.shapes.append(images.shape)
         batch, k = len(images), self.max_detections
         out = {
-            "num_dets": np.zeros(batch, np.int64), "boxes": np.zeros((batch, k, 4), np.float32),
-            "scores": np.zeros((batch, k), np.float32), "classes": np.zeros((batch, k), np.int64),
+            "num_dets": np.zeros(batch, np.int64),
+            "boxes": np.zeros((batch, k, 4), np.float32),
+            "scores": np.zeros((batch, k), np.float32),
+            "classes": np.zeros((batch, k), np.int64),
             "masks": np.ones((batch, k, 28, 28), np.float32),
         }
         for i, image in enumerate(images):
@@ -186,7 +215,9 @@ class RectangleRuntime:
         return out
 
 
-def rectangles_image(rng: np.random.Generator, size: tuple[int, int], largest: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def rectangles_image(
+    rng: np.random.Generator, size: tuple[int, int], largest: int
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """A dark RGB image with bright rectangles of at most `largest` pixels a side, apart from each other."""
     pixels = np.full((*size, 3), 30, np.uint8)
     cell = largest + 2
@@ -228,21 +259,41 @@ def rectangles_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, s
         Image.fromarray(pixels).save(root / f"{image_id}.png")
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": size[0], "width": size[1]})
         for x0, y0, x1, y1 in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "segmentation": rectangle_rle((x0, y0, x1, y1), size)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "segmentation": rectangle_rle((x0, y0, x1, y1), size),
+                }
+            )
     categories = [{"id": 1, "name": "rectangle"}]
-    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (root / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(root / "annotations.json"), str(root)
 
 
-RECTANGLES_SPEC = EvalSpec(category_ids=[1], mask_kind="box28", mask_threshold=0.5, box_padding=2, pad_value=(124, 116, 104),
-                           size_divisibility=32, min_size=64, max_size=200)
+RECTANGLES_SPEC = EvalSpec(
+    category_ids=[1],
+    mask_kind="box28",
+    mask_threshold=0.5,
+    box_padding=2,
+    pad_value=(124, 116, 104),
+    size_divisibility=32,
+    min_size=64,
+    max_size=200,
+)
 # 200 wide in 64-pixel tiles overlapping by 20: 5 tiles; 64x64: whole; 180 wide: 4 tiles.
 TILED_ELEMENTS = 5 + 1 + 4
 
 
-def test_evaluation_tiles_images_larger_than_the_tile_and_scores_whole_images(rectangles_dataset: tuple[str, str]) -> None:
+def test_evaluation_tiles_images_larger_than_the_tile_and_scores_whole_images(
+    rectangles_dataset: tuple[str, str],
+) -> None:
     """COCO AP of a detector that is right on every object stays 100 when the images are tiled."""
     dataset = eval_dataset(*rectangles_dataset, RECTANGLES_SPEC)
     runtime = RectangleRuntime()
@@ -253,34 +304,72 @@ def test_evaluation_tiles_images_larger_than_the_tile_and_scores_whole_images(re
 
 
 def test_the_evaluate_command_line_takes_the_tile_size_and_overlap(
-    rectangles_dataset: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    rectangles_dataset: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     runtime = RectangleRuntime()
     monkeypatch.setattr("training.evaluate.make_runtime", lambda *args: (runtime, RECTANGLES_SPEC, {"iteration": 0}))
     annotations, images = rectangles_dataset
-    main(["--checkpoint", "unused.pt", "--annotations", annotations, "--images", images, "--output", str(tmp_path / "results.json"),
-          "--tile-size", "64x64", "--tile-overlap", "20", "--batch-size", "4"])
+    main(
+        [
+            "--checkpoint",
+            "unused.pt",
+            "--annotations",
+            annotations,
+            "--images",
+            images,
+            "--output",
+            str(tmp_path / "results.json"),
+            "--tile-size",
+            "64x64",
+            "--tile-overlap",
+            "20",
+            "--batch-size",
+            "4",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["segm"]["AP"] == 100.0 and summary["tile_buckets"] == [[64, 64]] and summary["tile_overlap"] == 20
     assert {shape[2:] for shape in runtime.shapes} == {(64, 64)} and max(shape[0] for shape in runtime.shapes) == 4
     with pytest.raises(SystemExit):
-        main(["--checkpoint", "x", "--annotations", annotations, "--images", images, "--tile-size", "64x64", "--tile-overlap", "40"])
+        main(
+            [
+                "--checkpoint",
+                "x",
+                "--annotations",
+                annotations,
+                "--images",
+                images,
+                "--tile-size",
+                "64x64",
+                "--tile-overlap",
+                "40",
+            ]
+        )
 
 
 # ---------------------------------------------------------------- the tiled path on a real model
 @pytest.mark.parametrize("method", ["meinst", "embedmask"])
-def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(nucleus_root: Path, method: str) -> None:
+def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
+    nucleus_root: Path, method: str
+) -> None:
     model, cfg = tiny_detector(method)
     spec = EvalSpec.from_config(cfg, CATEGORY_IDS)
     runtime = TorchRuntime(model)
-    tile = np.asarray(Image.open(sorted((nucleus_root / "val").glob("*.png"))[0]).convert("RGB"))
+    tile = np.asarray(Image.open(min((nucleus_root / "val").glob("*.png"))).convert("RGB"))
     height, width = tile.shape[:2]
     bucket = (-(-height // 32) * 32, -(-width // 32) * 32)
     options = {"mask_kind": spec.mask_kind, "mask_threshold": spec.mask_threshold, "box_padding": spec.box_padding}
 
     out = runtime.infer(pad_batch([tile.transpose(2, 0, 1)], bucket, spec.pad_value))
-    single = finish_image(*(out[k][0] for k in ("num_dets", "boxes", "scores", "classes", "masks")),
-                          input_size=(height, width), image_size=(height, width), **options)
+    single = finish_image(
+        *(out[k][0] for k in ("num_dets", "boxes", "scores", "classes", "masks")),
+        input_size=(height, width),
+        image_size=(height, width),
+        **options,
+    )
     assert len(single) >= 5
 
     mosaic = np.tile(tile, (2, 2, 1))  # the copies meet edge to edge: no overlap keeps each tile on one copy
@@ -289,7 +378,11 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     merged = segment_tiled(Image.fromarray(mosaic), plan, runtime.infer, spec.pad_value, 1, None, **options)
     assert len(merged) == 4 * len(single)
     for dy, dx in ((0, 0), (0, width), (height, 0), (height, width)):
-        copy = [i for i in merged if dx <= (i.box[0] + i.box[2]) / 2 < dx + width and dy <= (i.box[1] + i.box[3]) / 2 < dy + height]
+        copy = [
+            i
+            for i in merged
+            if dx <= (i.box[0] + i.box[2]) / 2 < dx + width and dy <= (i.box[1] + i.box[3]) / 2 < dy + height
+        ]
         assert len(copy) == len(single)
         for got, want in zip(copy, single):
             np.testing.assert_allclose(got.box, np.add(want.box, (dx, dy, dx, dy)), atol=1.0)

@@ -37,7 +37,15 @@ from model.finishing import Instance, finish_image
 from model.mask_contract import MaskKind
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
-from model.tiling import DEFAULT_TILE_OVERLAP, TilePlan, check_overlap, default_overlap, plan_tiles, segment_tiled, shape_buckets
+from model.tiling import (
+    DEFAULT_TILE_OVERLAP,
+    TilePlan,
+    check_overlap,
+    default_overlap,
+    plan_tiles,
+    segment_tiled,
+    shape_buckets,
+)
 from training.data import CocoInstanceDataset, collate, load_rgb, resized_shape
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
