@@ -63,6 +63,18 @@ class AxisTaps(NamedTuple):
     w_hi: np.ndarray  # float32
 
 
+class Frame(NamedTuple):
+    """Where an image's masks are written: the image is the region of `size` (H, W) at `origin` (y0, x0),
+    (0, 0) for a whole image (the frame is the image) or a tile's corner in the full image."""
+
+    origin: tuple[int, int]
+    size: tuple[int, int]
+
+    @classmethod
+    def of(cls, image_size: tuple[int, int], origin: tuple[int, int] = (0, 0), frame_size: tuple[int, int] | None = None) -> Frame:
+        return cls(origin, image_size if frame_size is None else frame_size)
+
+
 class RunLengths(NamedTuple):
     """Uncompressed full-frame COCO RLE counts (column-major runs, zeros first) and mask areas."""
 
@@ -129,12 +141,15 @@ def _interpolate_taps(first: np.ndarray, last: np.ndarray, in_size: int, out_siz
 
 def _threshold_rle(
     source: np.ndarray, index: np.ndarray, rows: AxisTaps, cols: AxisTaps, threshold: float, strict: bool, mode: int,
-    image_size: tuple[int, int], workers: int,
+    frame: Frame, workers: int,
 ) -> RunLengths:
     """Run the kernel, over up to `workers` threads when there are enough instances (it releases the GIL):
     the instances are cut into contiguous parts of about equal pixel counts; the calling thread finishes
-    the first part while the shared pool finishes the others."""
+    the first part while the shared pool finishes the others. The taps are region-local; the kernel writes
+    at the frame's indices of the region's pixels."""
     source, index = np.ascontiguousarray(source, dtype=np.float32), np.asarray(index, dtype=np.int64)
+    (y0, x0), image_size = frame.origin, frame.size
+    rows, cols = rows._replace(start=rows.start + y0), cols._replace(start=cols.start + x0)
 
     def run(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return mask_kernel.threshold_rle(
@@ -168,9 +183,12 @@ def _helpers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(MAX_FINISHING_THREADS, thread_name_prefix="onestage-finishing")
 
 
-def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5, workers: int = 1) -> RunLengths:
-    """MEInst: paste box-relative probabilities [N, s, s] into their boxes [N, 4] (original pixels, clipped,
-    float32) and keep >= threshold."""
+def paste_box28_rles(
+    masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5, workers: int = 1,
+    frame: Frame | None = None,
+) -> RunLengths:
+    """MEInst: paste box-relative probabilities [N, s, s] into their boxes [N, 4] (original pixels of the
+    image_size region, clipped, float32) and keep >= threshold; RLEs of `frame` (default: the region)."""
     if not threshold > 0:
         raise ValueError("a box-relative mask threshold must be > 0: pixels away from the box sample 0")
     height, width = image_size
@@ -179,7 +197,8 @@ def paste_box28_rles(masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int
     cols = _grid_sample_taps(boxes[:, 0], boxes[:, 2], masks.shape[2], width)
     cells = np.zeros((len(boxes), masks.shape[1] + 2, masks.shape[2] + 2), dtype=np.float32)  # grid_sample's zero padding
     cells[:, 1:-1, 1:-1] = masks
-    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, image_size, workers)
+    frame = frame or Frame.of(image_size)
+    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, frame, workers)
 
 
 def upsample_logprob_rles(
@@ -191,10 +210,11 @@ def upsample_logprob_rles(
     box_padding: int = 2,
     index: np.ndarray | None = None,
     workers: int = 1,
+    frame: Frame | None = None,
 ) -> RunLengths:
     """EmbedMask: upsample stride-4 log-probabilities (over the padded input) to the original scale and keep
     > log(threshold), around their boxes [N, 4] (input pixels, as the graph cropped them). Box k reads map
-    `logprobs[index[k]]` ([K, H4, W4]; index defaults to 0..N-1)."""
+    `logprobs[index[k]]` ([K, H4, W4]; index defaults to 0..N-1). RLEs of `frame` (default: the image)."""
     if not math.log(threshold) > OUTSIDE_LOG_PROB:
         raise ValueError(f"threshold must exceed exp({OUTSIDE_LOG_PROB}), the map's value outside each crop")
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -213,7 +233,8 @@ def upsample_logprob_rles(
         taps.append(_interpolate_taps(first, np.maximum(last, first), n_cells, out_size))
     # torch runs a per-corner kernel when the output's height + width <= 128, else a separable one.
     mode = mask_kernel.INTERPOLATE_PER_CORNER if sum(canvas) <= 128 else mask_kernel.INTERPOLATE_SEPARABLE
-    return _threshold_rle(logprobs, index, *taps, float(np.float32(math.log(threshold))), True, mode, image_size, workers)
+    frame = frame or Frame.of(image_size)
+    return _threshold_rle(logprobs, index, *taps, float(np.float32(math.log(threshold))), True, mode, frame, workers)
 
 
 def encode_rles(counts: list[np.ndarray], image_size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -266,9 +287,16 @@ def finish_image(
     mask_format: MaskFormat = "rle",
     box_padding: int = 2,
     workers: int = 1,
+    origin: tuple[int, int] = (0, 0),
+    frame_size: tuple[int, int] | None = None,
 ) -> list[Instance]:
     """Finish one image's padded graph outputs: instances in descending score order, boxes in original
     pixels, masks as COCO RLE, as polygons, or skipped (mask_format "none", which never reads `masks`).
+
+    A tile of a larger image is finished straight into that image: `image_size` is the tile's region (h, w),
+    `origin` its top left corner (y0, x0) and `frame_size` the whole image (H, W). Boxes are clipped to the
+    region as if it were the image, then shifted by the origin; masks are clipped to the region and written
+    as RLEs of the whole frame. The defaults (origin (0, 0), no frame) finish a whole image.
 
     `boxes` are xyxy in input pixels (the resized image before padding; `input_size` = (h_in, w_in)), `masks`
     [K, 28, 28] probabilities ("box28") or [K, H4, W4] stride-4 log-probabilities over the padded input
@@ -285,6 +313,7 @@ def finish_image(
     count = int(num_dets)
     threshold = DEFAULT_MASK_THRESHOLDS[mask_kind] if mask_threshold is None else mask_threshold
     scaled, keep = scale_boxes(boxes[:count], input_size, image_size)
+    frame = Frame.of(image_size, origin, frame_size)
     scores = np.asarray(scores[:count], dtype=np.float32)
     order = np.flatnonzero(keep & (scores >= score_threshold))
     order = order[np.argsort(-scores[order], kind="stable")][:max_detections].tolist()
@@ -292,10 +321,14 @@ def finish_image(
     if mask_format == "none":
         runs = RunLengths([None] * len(order), [None] * len(order))  # type: ignore[list-item]
     elif mask_kind == "box28":
-        runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold, workers)
+        runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold, workers, frame)
     else:
-        runs = upsample_logprob_rles(masks, boxes[order], input_size, image_size, threshold, box_padding, np.array(order, dtype=np.int64), workers)
-    rles = encode_rles(runs.counts, image_size) if mask_format == "rle" else [None] * len(order)
+        runs = upsample_logprob_rles(
+            masks, boxes[order], input_size, image_size, threshold, box_padding, np.array(order, dtype=np.int64), workers, frame
+        )
+    rles = encode_rles(runs.counts, frame.size) if mask_format == "rle" else [None] * len(order)
+    scaled[:, 0::2] += np.float32(origin[1])
+    scaled[:, 1::2] += np.float32(origin[0])
     boxes_out, scores_out, classes_out = scaled.tolist(), scores.tolist(), np.asarray(classes[:count]).tolist()
     return [
         Instance(
@@ -304,7 +337,7 @@ def finish_image(
             class_index=int(classes_out[k]),
             area=area,
             rle=rle,
-            polygons=polygons_from_counts(counts, image_size) if mask_format == "polygon" else None,
+            polygons=polygons_from_counts(counts, frame.size) if mask_format == "polygon" else None,
         )
         for k, counts, area, rle in zip(order, runs.counts, runs.areas, rles)
     ]

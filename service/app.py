@@ -1,9 +1,11 @@
 """The FastAPI app: ``POST /segment``, KServe v2 health and model metadata, ``/models``, ``/metrics``.
 
 A segmentation request goes through small named steps (as LitServe names them): ``read_body`` (streamed,
-size-checked) -> ``preprocess`` (decode, EXIF orientation, resize, bucket; in a worker thread) -> the
-model's ``DynamicBatcher`` (batch -> predict in the model's inference thread -> unbatch) -> ``finish``
-(``model.finishing.finish_image``: paste, threshold, RLE; in a worker thread) -> ``encode_response``.
+size-checked) -> ``decode`` (the model's intensity rule, EXIF orientation) -> ``choose_scale`` (the request's
+scale, or a first pass for ``scale=auto``) -> ``prepare`` (resize by the model's size rule times the scale,
+bucket, or tiles when larger than every bucket; worker threads) -> the model's ``DynamicBatcher`` (batch ->
+predict in the model's inference thread -> unbatch) -> ``finish`` (``model.finishing.finish_image``: paste,
+threshold, RLE; in a worker thread; tiles merged) -> ``encode_response``.
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
 """
@@ -16,9 +18,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from PIL import Image
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,13 +35,24 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from model import finishing
+from model.input_contract import check_scale
 from model.mask_contract import MaskFormat
+from model.tiling import Tile, finish_tile, merge_tiles
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
-from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
+from service.imaging import (
+    IMAGE_CONTENT_TYPES,
+    ImageRejected,
+    PreparedImage,
+    check_input_size,
+    configure_pil,
+    decode_image,
+    prepare_image,
+)
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
 from service.schemas import RLE, ErrorResponse, Instance, Liveness, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
 from service.settings import Settings
+from service.tiled import TiledImage, prepare_tiles, run_tiles
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +90,17 @@ class ServiceError(Exception):
         self.status, self.message, self.reason, self.headers = status, message, reason, headers
 
 
+def parse_scale(text: str) -> float | Literal["auto"]:
+    """The ``scale`` query parameter: "auto" or a number within ``SCALE_LIMITS``; else a 422 that says why."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return check_scale(float(text))
+    except ValueError as error:
+        message = str(error) if "scale must" in str(error) else f"scale must be a number or 'auto', got {text!r}"
+        raise RequestValidationError([{"loc": ("query", "scale"), "msg": message, "type": "value_error"}]) from None
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -84,6 +111,8 @@ class SegmentOptions:
     max_detections: int | None
     mask_format: MaskFormat
     timeout_s: float
+    scale: float | Literal["auto"] = 1.0  # a factor on the model's own input size, or estimated per image
+    channel: int | None = None  # microscopy models: the channel to segment (default: the channel rule)
 
 
 class SegmentService:
@@ -202,16 +231,51 @@ class SegmentService:
                                "image/bmp, image/tiff, application/octet-stream or multipart/form-data", "bad_input")
         return b"".join([chunk async for chunk in limited()])
 
-    def preprocess(self, data: bytes, model: LoadedModel) -> PreparedImage:
-        """Decode, orient and resize one image into its shape bucket (worker thread)."""
+    def decode(self, data: bytes, model: LoadedModel, channel: int | None) -> Image.Image:
+        """Decode and orient one image by the model's intensity rule (worker thread)."""
         started = time.perf_counter()
         try:
-            image = decode_image(data, self.settings.max_image_pixels)
-            return prepare_image(image, model.rule, model.buckets)
+            return decode_image(data, self.settings.max_image_pixels, model.rule, channel)
         except ImageRejected as error:
             raise ServiceError(error.status, error.message, "bad_input") from None
         finally:
             self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
+
+    def prepare(self, image: Image.Image, model: LoadedModel, scale: float) -> PreparedImage | TiledImage:
+        """Resize one image into its shape bucket at the model's size times ``scale``, or, when it is larger
+        than every bucket, cut it into tiles (worker thread)."""
+        started = time.perf_counter()
+        try:
+            input_size = check_input_size(image, model.rule, scale, self.settings.max_image_pixels)
+            tiled = prepare_tiles(image, input_size, model.buckets, self.settings.tile_overlap)
+            return tiled if tiled is not None else prepare_image(image, model.rule, model.buckets, scale)
+        except ImageRejected as error:
+            raise ServiceError(error.status, error.message, "bad_input") from None
+        finally:
+            self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
+
+    async def run(
+        self, image: Image.Image, model: LoadedModel, options: SegmentOptions, scale: float, deadline: float
+    ) -> tuple[list[finishing.Instance], int]:
+        """One image at one scale through the batcher, whole or as tiles: its instances and its tile count."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.cpu_pool, self.prepare, image, model, scale)
+        if isinstance(prepared, TiledImage):
+            return await self.segment_tiles(prepared, model, options, deadline), len(prepared.plan.tiles)
+        outputs = await self.predict(prepared, model, deadline)
+        return await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options)), 1
+
+    async def choose_scale(self, image: Image.Image, model: LoadedModel, options: SegmentOptions, deadline: float) -> float:
+        """The request's scale; for ``auto``, a boxes-only first pass at the model's own size whose median
+        object is compared with the training objects' (``InputContract.estimate_scale``; 1 when it finds too
+        few objects)."""
+        if options.scale != "auto":
+            return options.scale
+        first_pass = replace(options, mask_format="none", score_threshold=0.0, max_detections=None)
+        instances, _ = await self.run(image, model, first_pass, 1.0, deadline)
+        boxes = np.array([i.box for i in instances], dtype=np.float32).reshape(-1, 4)
+        scores = np.array([i.score for i in instances], dtype=np.float32)
+        return model.rule.estimate_scale(boxes, scores, (image.size[1], image.size[0])) or 1.0
 
     async def predict(self, prepared: PreparedImage, model: LoadedModel, deadline: float) -> Outputs:
         """Queue the image in the model's batcher and wait for its outputs until the deadline."""
@@ -229,27 +293,57 @@ class SegmentService:
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
 
+    def finishing_options(self, model: LoadedModel, options: SegmentOptions) -> dict[str, Any]:
+        """``finish_image``'s keyword arguments for this model and request, but for sizes and the cap."""
+        metadata = model.metadata
+        return {
+            "mask_kind": metadata.mask_kind,
+            "mask_threshold": metadata.mask_threshold,
+            "score_threshold": options.score_threshold,
+            "mask_format": options.mask_format,
+            "box_padding": metadata.box_padding or 0,
+            "workers": self.settings.finishing_threads,
+        }
+
     def finish(self, outputs: Outputs, prepared: PreparedImage, model: LoadedModel, options: SegmentOptions) -> list[finishing.Instance]:
         """Paste, threshold and encode the masks in the original frame (worker thread)."""
         started = time.perf_counter()
-        metadata = model.metadata
         instances = finishing.finish_image(
             outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs.get("masks"),
-            mask_kind=metadata.mask_kind,
             input_size=prepared.input_size,
             image_size=prepared.original_size,
-            mask_threshold=metadata.mask_threshold,
-            score_threshold=options.score_threshold,
             max_detections=options.max_detections,
-            mask_format=options.mask_format,
-            box_padding=metadata.box_padding or 0,
-            workers=self.settings.finishing_threads,
+            **self.finishing_options(model, options),
         )
         self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
         return instances
 
+    async def segment_tiles(self, tiled: TiledImage, model: LoadedModel, options: SegmentOptions, deadline: float) -> list[finishing.Instance]:
+        """Run the tiles through the model's batcher, finish each in the full frame as it arrives, and merge
+        (``model.tiling.merge_tiles``): at most the model's detections per tile, or the request's cap."""
+        plan, finish_options = tiled.plan, self.finishing_options(model, options)
+
+        def finish(outputs: Outputs, tile: Tile) -> list[finishing.Instance]:
+            return finish_tile(outputs, plan, tile, **finish_options)
+
+        window = 2 * self.settings.max_batch_size  # one batch running, the next one queued
+        try:
+            per_tile, finishing_s = await run_tiles(tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline)
+        except QueueFull:
+            raise self._queue_full(model) from None
+        except TimeoutError:
+            raise ServiceError(504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout") from None
+        except BackendError as error:
+            raise ServiceError(500, f"inference failed: {error}", "backend") from None
+        started = time.perf_counter()
+        limit = model.metadata.max_detections * len(plan.tiles)
+        limit = limit if options.max_detections is None else min(limit, options.max_detections)
+        instances = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, merge_tiles, plan, per_tile, limit)
+        self.metrics.mask_finishing.labels(model.name).observe(finishing_s + time.perf_counter() - started)
+        return instances
+
     @staticmethod
-    def encode_response(instances: list[finishing.Instance], prepared: PreparedImage, model: LoadedModel) -> Response:
+    def encode_response(instances: list[finishing.Instance], size: tuple[int, int], scale: float, model: LoadedModel) -> Response:
         names, ids = model.metadata.class_names, model.metadata.category_ids
 
         def encode(instance: finishing.Instance) -> Instance:
@@ -263,8 +357,10 @@ class SegmentService:
                 segmentation=RLE(**instance.rle) if instance.rle is not None else instance.polygons,
             )
 
-        height, width = prepared.original_size
-        body = SegmentResponse(model=model.name, version=model.version, width=width, height=height, instances=[encode(i) for i in instances])
+        height, width = size
+        body = SegmentResponse(
+            model=model.name, version=model.version, width=width, height=height, scale=scale, instances=[encode(i) for i in instances]
+        )
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def segment(self, request: Request, model_name: str | None, options: SegmentOptions) -> Response:
@@ -275,16 +371,21 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
+            if options.scale == "auto" and model.rule.object_size is None:
+                raise ServiceError(422, f"scale=auto needs a model that records its training object size; {model.name!r} "
+                                   "does not (retrain it, or pass a number)", "bad_input")
             if self.batchers[model.name].full:  # refuse before reading and decoding the body
                 raise self._queue_full(model)
             self.metrics.in_flight.labels(label).inc()
             try:
                 data = await self.read_body(request)
-                prepared = await loop.run_in_executor(self.cpu_pool, self.preprocess, data, model)
+                image = await loop.run_in_executor(self.cpu_pool, self.decode, data, model, options.channel)
                 del data
-                outputs = await self.predict(prepared, model, arrived + options.timeout_s)
-                instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
-                response = self.encode_response(instances, prepared, model)
+                deadline = arrived + options.timeout_s
+                scale = await self.choose_scale(image, model, options, deadline)
+                instances, tiles = await self.run(image, model, options, scale, deadline)
+                self.metrics.tiles.labels(model.name).observe(tiles)
+                response = self.encode_response(instances, (image.size[1], image.size[0]), scale, model)
             finally:
                 self.metrics.in_flight.labels(label).dec()
             status = 200
@@ -374,10 +475,17 @@ def create_app(settings: Settings) -> FastAPI:
         max_detections: Annotated[int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")] = None,
         mask_format: Annotated[MaskFormat, Query(description="rle (COCO compressed), polygon, or none (boxes only)")] = "rle",
         timeout_ms: Annotated[float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")] = None,
+        scale: Annotated[str, Query(
+            description="a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
+            "magnification), or 'auto' to estimate it from a first pass (models that record their training object size)",
+            examples=["1", "0.5", "auto"],
+        )] = "1",
+        channel: Annotated[int | None, Query(ge=0, le=3, description="microscopy models: the channel of a multi-channel image "
+                                             "to segment (default: the mean of its colour channels)")] = None,
     ) -> Response:
         """Segment one image: instances with boxes, scores, categories and masks in original image pixels."""
         timeout_s = settings.request_timeout_s if timeout_ms is None else min(timeout_ms / 1000, settings.request_timeout_s)
-        options = SegmentOptions(score_threshold, max_detections, mask_format, timeout_s)
+        options = SegmentOptions(score_threshold, max_detections, mask_format, timeout_s, parse_scale(scale), channel)
         return await service.segment(request, model, options)
 
     @app.get("/v2/health/live", response_model=Liveness)

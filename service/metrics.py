@@ -34,10 +34,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("onestage_batch_size", "histogram", ("model",), "images per executed batch (exponential buckets up to max_batch_size)"),
     MetricSpec("onestage_queue_depth", "gauge", ("model",), "requests waiting in the batcher queue"),
     MetricSpec("onestage_mask_finishing_seconds", "histogram", ("model",), "paste, threshold and RLE/polygon encoding of one image's masks"),
+    MetricSpec("onestage_tiles_per_request", "histogram", ("model",), "tiles an image was cut into (1: it fit a shape bucket whole)"),
     MetricSpec("onestage_failures_total", "counter", ("model", "reason"), "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
     MetricSpec("onestage_model_info", "info", ("model", "version", "method", "runtime", "providers"), "served models (value 1)"),
 )
 _HELP = {spec.name: spec.help for spec in METRICS}
+
+
+# Tiles per request: 1 (whole image) to a 40-megapixel image in 256-pixel tiles.
+TILE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def batch_size_buckets(max_batch_size: int) -> list[float]:
@@ -65,12 +70,13 @@ class Metrics:
         self.batch_size = Histogram("onestage_batch_size", _HELP["onestage_batch_size"], ("model",), buckets=batch_size_buckets(max_batch_size), registry=r)
         self.queue_depth = Gauge("onestage_queue_depth", _HELP["onestage_queue_depth"], ("model",), registry=r)
         self.mask_finishing = Histogram("onestage_mask_finishing_seconds", _HELP["onestage_mask_finishing_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
+        self.tiles = Histogram("onestage_tiles_per_request", _HELP["onestage_tiles_per_request"], ("model",), buckets=TILE_COUNT_BUCKETS, registry=r)
         self.failures = Counter("onestage_failures", _HELP["onestage_failures_total"], ("model", "reason"), registry=r)
         self.model_info = Info("onestage_model", _HELP["onestage_model_info"], ("model",), registry=r)
 
     def register_model(self, name: str) -> None:
         """Create a model's label sets, so that every series exists (at zero) from the start."""
-        for metric in (self.in_flight, self.preprocess, self.queue_wait, self.inference, self.batch_size, self.queue_depth, self.mask_finishing):
+        for metric in (self.in_flight, self.preprocess, self.queue_wait, self.inference, self.batch_size, self.queue_depth, self.mask_finishing, self.tiles):
             metric.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)

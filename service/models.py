@@ -24,6 +24,7 @@ from export.runtimes import OnnxRuntime, TensorRTRuntime
 from export import tensorrt_build
 from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
+from model.tiling import check_overlap
 from service.imaging import auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
 
@@ -179,6 +180,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         rule=metadata.input,
         buckets=model_buckets(spec, settings, metadata.input),
     )
+    check_overlap(loaded.buckets, settings.tile_overlap)
     if settings.warmup:
         warm_up(loaded, settings.max_batch_size)
     return loaded

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.tiling import DEFAULT_TILE_OVERLAP
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODELS = REPO / "models"
 _BUCKET = re.compile(r"^(\d+)x(\d+)$")
@@ -114,6 +116,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)")
+    tile_overlap: int = Field(
+        DEFAULT_TILE_OVERLAP,
+        ge=0,
+        description="input pixels shared by neighbouring tiles of an image larger than every bucket at the model's "
+        "scale; at least the largest object, at most half the shortest bucket side",
+    )
     cpu_workers: int = Field(default_factory=_spare_cores, ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
     finishing_threads: int = Field(
         default_factory=lambda: min(_spare_cores(), 4),

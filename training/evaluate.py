@@ -1,14 +1,17 @@
 """COCO evaluation (bbox and segm AP) of a checkpoint, through the runtime interface.
 
-    python -m training.evaluate --checkpoint CKPT --annotations JSON --images DIR
-        [--output results.json] [--batch-size N] [--device cpu]
+    python -m training.evaluate --checkpoint CKPT --annotations JSON --images DIR [--scale S|auto]
+        [--output results.json] [--batch-size N] [--device cpu] [--tile-size HxW] [--tile-overlap N]
 
-Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``, run through a
-``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
+Images are decoded and sized by the checkpoint's input contract (``model.input_contract``: its intensity
+rule, and its size rule times ``--scale``; ``auto`` estimates the scale per image from a first pass), run
+through a ``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
 ``make_runtime``) and finished by ``model.finishing.finish_image``, the function the service uses, so
-evaluation measures what users get. The COCO results file holds the dataset's category ids, xywh boxes
-in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
-APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
+evaluation measures what users get. An image larger than every tile shape at that size (by default the
+service's default shape buckets; ``--tile-size`` gives one) is tiled and merged as the service does
+(``model.tiling``), so AP is measured on whole images. The COCO results file holds the dataset's category
+ids, xywh boxes in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP,
+AP50, AP75, APs, APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
@@ -31,11 +36,21 @@ from export.onnx_export import export_onnx
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
-from model.finishing import finish_image
-from model.input_contract import InputContract
+from model.finishing import Instance, finish_image
+from model.input_contract import InputContract, check_scale
 from model.mask_contract import MaskKind
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
+from model.tiling import (
+    DEFAULT_TILE_OVERLAP,
+    TilePlan,
+    check_overlap,
+    default_overlap,
+    pad_batch,
+    plan_tiles,
+    segment_tiled,
+    shape_buckets,
+)
 from training.data import CocoInstanceDataset, collate
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -72,50 +87,149 @@ class EvalSpec:
         )
 
 
-def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
-    """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
+def eval_dataset(annotations: str, images: str, spec: EvalSpec, scale: float = 1.0) -> CocoInstanceDataset:
+    """The evaluation images at the model's test size times ``scale`` (pycocotools' chatter goes to stderr)."""
+    contract = spec.input
     with contextlib.redirect_stdout(sys.stderr):
         return CocoInstanceDataset(
-            annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False,
-            resize=spec.input.resize, scales=(spec.input.scale, spec.input.scale), intensity=spec.input.intensity,
-            percentiles=spec.input.percentiles,
+            annotations, images, [round(contract.min_size * scale)], round(contract.max_size * scale), 0.0, train=False,
+            resize=contract.resize, scales=(contract.scale * scale,) * 2, intensity=contract.intensity,
+            percentiles=contract.percentiles,
         )
 
 
-def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:
-    """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
-    for mask methods, the compressed RLE segmentation."""
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        collate_fn=partial(collate, size_divisibility=spec.input.size_divisibility, pad_value=tuple(spec.input.pad_value)),
+def tile_plans(
+    dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int, scale: float = 1.0
+) -> dict[int, TilePlan]:
+    """The tile plans of the dataset's images larger than every bucket at the model's size, by dataset index."""
+    plans = {}
+    for index, image_id in enumerate(dataset.image_ids):
+        info = dataset.coco.imgs[image_id]
+        size = (info["height"], info["width"])
+        plan = plan_tiles(size, spec.input.resized_shape(*size, scale), buckets, overlap)
+        if plan is not None:
+            plans[index] = plan
+    return plans
+
+
+def finishing_options(spec: EvalSpec, masks: bool = True) -> dict[str, Any]:
+    """``finish_image`` keywords for this model (masks off: boxes only, as a ``scale=auto`` first pass)."""
+    return {
+        "mask_kind": spec.mask_kind or "box28",
+        "mask_threshold": spec.mask_threshold,
+        "mask_format": "rle" if spec.mask_kind is not None and masks else "none",
+        "box_padding": spec.box_padding,
+    }
+
+
+def segment_image(
+    runtime: Runtime, image: np.ndarray, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int,
+    scale: float = 1.0, batch_size: int = 1, masks: bool = True,
+) -> list[Instance]:
+    """One decoded ``[H, W, 3]`` uint8 image at the model's size times ``scale``: whole when it fits a bucket,
+    else tiled and merged (``model.tiling``)."""
+    height, width = image.shape[:2]
+    contract, options = spec.input, finishing_options(spec, masks)
+    input_size = contract.resized_shape(height, width, scale)
+    plan = plan_tiles((height, width), input_size, buckets, overlap)
+    if plan is not None:
+        return segment_tiled(Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options)
+    pixels = contract.resize_image(image, scale)
+    padded = tuple(-(-side // contract.size_divisibility) * contract.size_divisibility for side in input_size)
+    outputs = runtime.infer(pad_batch([pixels], padded, tuple(contract.pad_value)))
+    first = {name: value[0] for name, value in outputs.items()}
+    return finish_image(
+        first["num_dets"], first["boxes"], first["scores"], first["classes"], first.get("masks") if masks else None,
+        input_size=input_size, image_size=(height, width), **options,
     )
-    results = []
+
+
+def segment_auto(
+    runtime: Runtime, image: np.ndarray, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int, batch_size: int = 1
+) -> tuple[list[Instance], float]:
+    """``scale=auto``: a boxes-only first pass at the model's own size, then the image at the scale that
+    brings its median object to the training objects' median size (``InputContract.estimate_scale``; the
+    model's own size when that finds too few objects). Returns the instances and the scale used."""
+    first = segment_image(runtime, image, spec, buckets, overlap, 1.0, batch_size, masks=False)
+    boxes = np.array([i.box for i in first], dtype=np.float32).reshape(-1, 4)
+    scale = spec.input.estimate_scale(boxes, np.array([i.score for i in first]), image.shape[:2]) or 1.0
+    return segment_image(runtime, image, spec, buckets, overlap, scale, batch_size), scale
+
+
+def predict(
+    runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
+    buckets: list[tuple[int, int]] | None = None, overlap: int | None = None, scale: float | str = 1.0,
+) -> list[dict[str, Any]]:
+    """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
+    for mask methods, the compressed RLE segmentation.
+
+    Images that fit a shape of `buckets` (default: the service's default buckets for this size rule) run
+    whole, `batch_size` at a time; larger ones are cut into tiles overlapping by `overlap` input pixels
+    (default: ``model.tiling.default_overlap``), run `batch_size` tiles at a time padded to their bucket, and
+    merged (``model.tiling``). `scale` multiplies the model's own size (`dataset` must be built with it, see
+    ``eval_dataset``); "auto" picks it per image (``segment_auto``), one image at a time."""
+    contract = spec.input
+    buckets = buckets or shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    overlap = default_overlap(buckets) if overlap is None else overlap
+    check_overlap(buckets, overlap)
+    results: list[dict[str, Any]] = []
+    if scale == "auto":
+        if contract.object_size is None:
+            raise ValueError("scale=auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
+        for image_id in tqdm(dataset.image_ids, desc="evaluate (scale=auto)", unit="image", file=sys.stderr, leave=False):
+            instances, _ = segment_auto(runtime, decoded(dataset, image_id, contract), spec, buckets, overlap, batch_size)
+            results += coco_records(image_id, instances, spec)
+        return results
+    plans = tile_plans(dataset, spec, buckets, overlap, float(scale))
+    whole = [index for index in range(len(dataset)) if index not in plans]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, whole) if plans else dataset,
+        batch_size=batch_size,
+        collate_fn=partial(collate, size_divisibility=contract.size_divisibility, pad_value=tuple(contract.pad_value)),
+    )
+    options = finishing_options(spec)
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
         outputs = runtime.infer(batch.images.numpy())
         for i, image_id in enumerate(batch.image_ids):
             instances = finish_image(
                 outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i],
                 outputs["masks"][i] if spec.mask_kind is not None else None,
-                mask_kind=spec.mask_kind or "box28",
                 input_size=batch.input_sizes[i],
                 image_size=batch.original_sizes[i],
-                mask_threshold=spec.mask_threshold,
-                mask_format="rle" if spec.mask_kind is not None else "none",
-                box_padding=spec.box_padding,
+                **options,
             )
-            for instance in instances:
-                x0, y0, x1, y1 = instance.box
-                record = {
-                    "image_id": image_id,
-                    "category_id": spec.category_ids[instance.class_index],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": instance.score,
-                }
-                if instance.rle is not None:
-                    record["segmentation"] = instance.rle
-                results.append(record)
+            results += coco_records(image_id, instances, spec)
+    for index, plan in tqdm(plans.items(), desc="evaluate tiled", unit="image", file=sys.stderr, leave=False):
+        image_id = dataset.image_ids[index]
+        image = decoded(dataset, image_id, contract)
+        if image.shape[:2] != plan.image_size:
+            raise ValueError(f"image {image_id}: decoded size {image.shape[:2]} differs from annotated {plan.image_size}")
+        results += coco_records(
+            image_id, segment_tiled(Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options), spec
+        )
     return results
+
+
+def decoded(dataset: CocoInstanceDataset, image_id: int, contract: InputContract) -> np.ndarray:
+    """An evaluation image decoded by the model's intensity rule: ``[H, W, 3]`` uint8."""
+    return contract.decode((Path(dataset.images) / dataset.coco.imgs[image_id]["file_name"]).read_bytes())
+
+
+def coco_records(image_id: int, instances: list[Instance], spec: EvalSpec) -> list[dict[str, Any]]:
+    """One image's instances as COCO result records."""
+    records = []
+    for instance in instances:
+        x0, y0, x1, y1 = instance.box
+        record = {
+            "image_id": image_id,
+            "category_id": spec.category_ids[instance.class_index],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": instance.score,
+        }
+        if instance.rle is not None:
+            record["segmentation"] = instance.rle
+        records.append(record)
+    return records
 
 
 def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], iou_type: str) -> dict[str, float | None]:
@@ -140,14 +254,15 @@ def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], io
 
 def evaluate(
     runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    results_path: str | Path | None = None,
+    results_path: str | Path | None = None, buckets: list[tuple[int, int]] | None = None, overlap: int | None = None,
+    scale: float | str = 1.0,
 ) -> dict[str, dict[str, float | None]]:
     """bbox (and, for mask methods, segm) metrics of ``runtime`` on ``dataset`` (see ``eval_dataset``);
-    the COCO results go to ``results_path`` when given."""
+    the COCO results go to ``results_path`` when given; `buckets`, `overlap` and `scale` as for ``predict``."""
     unknown = sorted(set(spec.category_ids) - set(dataset.category_ids))
     if unknown:
         raise ValueError(f"the model's category ids {unknown} are not in the evaluation annotations {dataset.category_ids}")
-    results = predict(runtime, dataset, spec, batch_size)
+    results = predict(runtime, dataset, spec, batch_size, buckets, overlap, scale)
     if results_path is not None:
         Path(results_path).write_text(json.dumps(results))
     iou_types = ["bbox"] if spec.mask_kind is None else ["bbox", "segm"]
@@ -169,6 +284,24 @@ def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, Eval
     raise ValueError(f"unknown runtime {name!r}")
 
 
+def tile_size(text: str) -> tuple[int, int]:
+    """"HxW" -> (H, W): a tile shape on the command line."""
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"tile size {text!r} is not of the form HxW (e.g. 512x512)")
+    return int(height), int(width)
+
+
+def scale_argument(text: str) -> float | str:
+    """--scale: "auto", or a number accepted by ``check_scale``."""
+    if text == "auto":
+        return text
+    try:
+        return check_scale(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -179,13 +312,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
                         help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scale", type=scale_argument, default=1.0, metavar="S|auto",
+                        help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
+                        "per image from a first pass (default 1: the recipe's size)")
+    parser.add_argument("--tile-size", type=tile_size, default=None, metavar="HxW",
+                        help="input shape of the tiles of images larger than it (default: the service's default shape "
+                        "buckets for the checkpoint's test size)")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="N",
+                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default, "
+                        "or half the shortest tile side when that is less)")
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
-    dataset = eval_dataset(args.annotations, args.images, spec)
+    contract = spec.input
+    if args.scale == "auto" and contract.object_size is None:
+        parser.error("--scale auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
+    buckets = [args.tile_size] if args.tile_size else shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    if any(side % contract.size_divisibility for side in buckets[0]):
+        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}")
+    overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap
+    try:
+        check_overlap(buckets, overlap)
+    except ValueError as error:
+        parser.error(str(error))
+    dataset = eval_dataset(args.annotations, args.images, spec, 1.0 if args.scale == "auto" else args.scale)
     output = args.output or f"{args.checkpoint}.results.json"
     start = time.perf_counter()
-    metrics = evaluate(runtime, dataset, spec, args.batch_size, output)
+    metrics = evaluate(runtime, dataset, spec, args.batch_size, output, buckets, overlap, args.scale)
     summary = {
         **metrics,
         "images": len(dataset),
@@ -193,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": args.checkpoint,
         "iteration": info["iteration"],
         "results": output,
+        "tile_buckets": [list(bucket) for bucket in buckets],
+        "tile_overlap": overlap,
+        "scale": args.scale,
     }
     print(json.dumps(summary))
 
