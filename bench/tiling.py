@@ -35,7 +35,7 @@ from PIL import Image
 
 from export.runtimes import OnnxRuntime
 from model.finishing import finish_image
-from model.tiling import DEFAULT_TILE_OVERLAP, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles, shape_buckets
+from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles
 from service.models import cached_name, export_checkpoint
 from service.settings import bundled_models, default_cache_dir
 from training.data import resized_shape
@@ -61,7 +61,7 @@ def tiled_run(runtime: OnnxRuntime, image: Image.Image, batch: int) -> dict[str,
     """One image through the tiled path at scale 1: milliseconds per stage, tiles, instances."""
     meta = runtime.metadata
     size = (image.size[1], image.size[0])
-    buckets = shape_buckets(meta.input.min_size, meta.input.max_size, meta.input.size_divisibility)
+    buckets = contract_buckets(meta.input)
     options = {"mask_kind": meta.mask_kind, "mask_threshold": meta.mask_threshold, "box_padding": meta.box_padding or 0}
     started, cpu_started = time.perf_counter(), time.process_time()
     plan = plan_tiles(size, size, buckets, DEFAULT_TILE_OVERLAP)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         graph = export_checkpoint(spec.path, default_cache_dir() / cached_name(spec, ".onnx"))
         runtime = OnnxRuntime(graph, providers=args.providers, threads=args.threads)
         meta = runtime.metadata
-        for bucket in shape_buckets(meta.input.min_size, meta.input.max_size, meta.input.size_divisibility)[-2:]:
+        for bucket in contract_buckets(meta.input)[-2:]:
             empty = np.zeros((3, 0, 0), np.uint8)  # warm-up: a batch of padding at each tile shape
             runtime.infer(pad_batch([empty] * args.batch, bucket, tuple(meta.input.pad_value)))
         for text in args.sizes:

@@ -34,6 +34,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.finishing import Instance, finish_image
+from model.input_contract import InputContract
 
 # Mask IoU above which two instances of one class from neighbouring tiles are the same object.
 DUPLICATE_IOU = 0.5
@@ -169,6 +170,16 @@ def shape_buckets(min_size: int, max_size: int, divisibility: int) -> list[tuple
     longs = sorted({min(pad(min_size * ratio), longest) for ratio in AUTO_BUCKET_RATIOS} | {longest})
     landscape = [(short, long) for long in longs]
     return sorted(set(landscape) | {(w, h) for h, w in landscape}, key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def contract_buckets(contract: InputContract) -> list[tuple[int, int]]:
+    """The default shape buckets of a model: ``shape_buckets`` of its test sizes, plus the largest square for
+    "scale"-rule (microscopy) contracts, whose fields have no landscape bias; sorted by area."""
+    buckets = shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    if contract.resize == "scale":
+        side = max(max(b) for b in buckets)
+        buckets = sorted(set(buckets) | {(side, side)}, key=lambda hw: (hw[0] * hw[1], hw))
+    return buckets
 
 
 def cut_tile(image: Image.Image, tile: Tile) -> np.ndarray:

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from model.input_contract import InputContract
 from model.intensity import UnsupportedPixels, is_tiff
 from model.tiling import pad_batch as pad_batch  # the batch layout, shared with tiled evaluation
-from model.tiling import shape_buckets
+from model.tiling import contract_buckets
 
 # PIL format names accepted, and the raw-body content types that may carry them.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -114,7 +114,7 @@ def check_input_size(image: Image.Image, rule: InputContract, scale: float, max_
 
 def auto_buckets(rule: InputContract) -> list[tuple[int, int]]:
     """Landscape and portrait buckets: the short test side by ratio x short (and the longest side), padded."""
-    return shape_buckets(rule.min_size, rule.max_size, rule.size_divisibility)
+    return contract_buckets(rule)
 
 
 def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisibility: int) -> tuple[int, int]:

@@ -53,11 +53,14 @@ def tiny_detector(method: str, *, seed: int = 0, extra: tuple[str, ...] = ()) ->
 
 
 def tiny_checkpoint(
-    method: str, path: Path, *, min_size: int = 128, max_size: int = 192, max_detections: int = 20, seed: int = 0
+    method: str, path: Path, *, min_size: int = 128, max_size: int = 192, max_detections: int = 20, seed: int = 0,
+    extra: tuple[str, ...] = (), object_size: float | None = None,
 ) -> Path:
-    """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it."""
+    """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it; `extra`
+    config overrides (e.g. a microscopy input contract) and the training objects' median size it records."""
     model, cfg = tiny_detector(method, seed=seed, extra=(
         f"model.head.max_detections={max_detections}", f"data.min_size_test={min_size}", f"data.max_size_test={max_size}",
+        *extra,
     ))
     save_checkpoint(
         {
@@ -67,6 +70,7 @@ def tiny_checkpoint(
             "category_ids": CATEGORY_IDS,
             "iteration": 0,
             "metrics": {},
+            "object_size": object_size,
         },
         path,
     )

@@ -49,7 +49,7 @@ from model.tiling import (
     pad_batch,
     plan_tiles,
     segment_tiled,
-    shape_buckets,
+    contract_buckets,
 )
 from training.data import CocoInstanceDataset, collate
 
@@ -169,7 +169,7 @@ def predict(
     merged (``model.tiling``). `scale` multiplies the model's own size (`dataset` must be built with it, see
     ``eval_dataset``); "auto" picks it per image (``segment_auto``), one image at a time."""
     contract = spec.input
-    buckets = buckets or shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    buckets = buckets or contract_buckets(contract)
     overlap = default_overlap(buckets) if overlap is None else overlap
     check_overlap(buckets, overlap)
     results: list[dict[str, Any]] = []
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     contract = spec.input
     if args.scale == "auto" and contract.object_size is None:
         parser.error("--scale auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
-    buckets = [args.tile_size] if args.tile_size else shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    buckets = [args.tile_size] if args.tile_size else contract_buckets(contract)
     if any(side % contract.size_divisibility for side in buckets[0]):
         parser.error(f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}")
     overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap

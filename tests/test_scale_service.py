@@ -1,0 +1,152 @@
+"""The input contract over HTTP: a microscopy model reads raw 16-bit files by its percentile rule, runs them at
+native scale (or the caller's scale, or one estimated with scale=auto) and answers exactly what offline
+evaluation computes; unusable scales and channels get a 4xx that says why."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from export.runtimes import OnnxRuntime
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.intensity import stretch_to_uint8
+from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets
+from service.launcher import ServiceProcess
+from service.models import cached_name
+from service.settings import ModelSpec
+from tests.service_models import tiny_checkpoint
+from training.evaluate import EvalSpec, segment_auto, segment_image
+from training.nucleus import HELA_IMAGES, resource
+
+MICROSCOPY = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile")
+MAX_PIXELS = 400_000
+OBJECT_SIZE = 12.0  # the tiny model's boxes are ~3 strides wide: about 24 px, so auto asks for ~0.5
+
+
+@pytest.fixture(scope="module")
+def field() -> np.ndarray:
+    """A crop of a real HeLa frame as the microscope wrote it (uint16 on an offset), larger than the largest
+    bucket (192x192), so it is tiled at scale 1 and not at 0.5."""
+    return tifffile.imread(resource(HELA_IMAGES), key=0)[100:300, 200:440]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, dict[str, Path]]]:
+    workdir = tmp_path_factory.mktemp("scale_service")
+    checkpoints = {
+        "cells": tiny_checkpoint("embedmask", workdir / "cells.pt", extra=MICROSCOPY, object_size=OBJECT_SIZE),
+        "photos": tiny_checkpoint("meinst", workdir / "photos.pt"),
+    }
+    # Confident detections (scores about 0.5 and up), as a trained model's, so that scale=auto has objects to measure.
+    confident = load_checkpoint(checkpoints["cells"])
+    confident["model"]["head.cls_logits.bias"] += 3.0
+    save_checkpoint(confident, checkpoints["cells"])
+    models = [{"name": name, "path": str(path)} for name, path in checkpoints.items()]
+    process = ServiceProcess(
+        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), "--providers", '["CPUExecutionProvider"]',
+         "--max-image-pixels", str(MAX_PIXELS)],
+        workdir / "server.log",
+    )
+    try:
+        process.wait_ready()
+        graphs = {name: workdir / "cache" / cached_name(ModelSpec(name=name, path=path), ".onnx") for name, path in checkpoints.items()}
+        yield process, graphs
+    finally:
+        process.terminate()
+
+
+def tiff(array: np.ndarray, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def post(url: str, data: bytes, **params: object) -> httpx.Response:
+    return httpx.post(f"{url}/segment", content=data, headers={"Content-Type": "image/tiff"}, params=params, timeout=120)
+
+
+def offline(graph: Path, image: np.ndarray, scale: float | str) -> tuple[list[tuple], float]:
+    """What evaluation computes for the decoded image: (box, score, rle counts) per instance, and the scale."""
+    runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"])
+    meta = runtime.metadata
+    spec = EvalSpec(meta.category_ids, meta.mask_kind, meta.mask_threshold, meta.box_padding or 0, meta.input)
+    buckets = contract_buckets(meta.input)  # as the server's defaults
+    if scale == "auto":
+        instances, scale = segment_auto(runtime, image, spec, buckets, DEFAULT_TILE_OVERLAP)
+    else:
+        instances = segment_image(runtime, image, spec, buckets, DEFAULT_TILE_OVERLAP, scale)
+    return [(tuple(round(v, 3) for v in i.box), round(i.score, 5), i.rle["counts"]) for i in instances], scale
+
+
+def served(response: httpx.Response) -> tuple[list[tuple], float]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    instances = [
+        ((x, y, x + w, y + h), i["score"], i["segmentation"]["counts"]) for i in body["instances"] for x, y, w, h in [i["bbox"]]
+    ]
+    return [(tuple(round(v, 3) for v in box), round(score, 5), counts) for box, score, counts in instances], body["scale"]
+
+
+@pytest.mark.parametrize("scale", ["1", "0.5", "auto"])
+def test_raw_16_bit_field_answers_as_offline_evaluation(server, field: np.ndarray, scale: str) -> None:
+    process, graphs = server
+    decoded = np.repeat(stretch_to_uint8(field, 1.0, 99.8)[..., None], 3, axis=2)
+    expected, expected_scale = offline(graphs["cells"], decoded, "auto" if scale == "auto" else float(scale))
+    got, got_scale = served(post(process.url, tiff(field), model="cells", scale=scale))
+    assert got_scale == pytest.approx(expected_scale) and len(got) > 0
+    if scale == "auto":
+        assert 0.3 < got_scale < 0.8  # objects about twice the recorded training size
+    assert [(g[0], g[2]) for g in got] == [(e[0], e[2]) for e in expected]
+    assert [g[1] for g in got] == pytest.approx([e[1] for e in expected], abs=1e-4)
+
+
+def test_the_percentile_rule_makes_the_encoding_irrelevant(server, field: np.ndarray) -> None:
+    """The same field as raw uint16, as a 12-bit signal in 16 bits and as a stretched 8-bit PNG: the same
+    instances (a random model; the stretched encodings differ by at most a grey level)."""
+    process, _ = server
+    png = io.BytesIO()
+    Image.fromarray(stretch_to_uint8(field, 1.0, 99.8)).save(png, format="PNG")
+    answers = [
+        served(post(process.url, data, model="cells", scale="0.5"))[0]
+        for data in (tiff(field), tiff(((field.astype(np.int64) - field.min()) * 16).astype(np.uint16)), png.getvalue())
+    ]
+    counts = [len(a) for a in answers]
+    assert min(counts) > 0 and max(counts) - min(counts) <= max(2, counts[0] // 5)
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf", "0.01", "20", "big"])
+def test_unusable_scales_get_422_with_a_reason(server, field: np.ndarray, scale: str) -> None:
+    process, _ = server
+    response = post(process.url, tiff(field), model="cells", scale=scale)
+    assert response.status_code == 422 and "scale" in response.json()["error"]
+
+
+def test_scaled_past_the_pixel_limit_is_413_and_auto_needs_a_recorded_size(server, field: np.ndarray) -> None:
+    process, _ = server
+    too_big = post(process.url, tiff(field), model="cells", scale="4")  # 200x240 x 16 > 400k pixels
+    assert too_big.status_code == 413 and "smaller scale" in too_big.json()["error"]
+    photo = post(process.url, tiff(field), model="photos", scale="auto")
+    assert photo.status_code == 422 and "training object size" in photo.json()["error"]
+    one_pixel = post(process.url, tiff(field[:1, :1]), model="cells", scale="auto")
+    assert one_pixel.status_code == 200 and (one_pixel.json()["width"], one_pixel.json()["height"]) == (1, 1)
+    assert one_pixel.json()["scale"] == 1.0  # no confident object to measure: the model's own size
+
+
+def test_channels(server, field: np.ndarray) -> None:
+    process, graphs = server
+    stack = np.stack([np.zeros_like(field), field])  # [C, H, W]: the nuclei in channel 1
+    chosen, _ = served(post(process.url, tiff(stack, photometric="minisblack"), model="cells", channel=1, scale="0.5"))
+    alone, _ = served(post(process.url, tiff(field), model="cells", scale="0.5"))
+    assert chosen == alone
+    missing = post(process.url, tiff(field), model="cells", channel=2)
+    assert missing.status_code == 422 and "channel 2" in missing.json()["error"]
+    stack_of_planes = post(process.url, tiff(np.stack([field] * 6), photometric="minisblack"), model="cells")
+    assert stack_of_planes.status_code == 422 and "single plane" in stack_of_planes.json()["error"]
