@@ -38,15 +38,16 @@ from model.finishing import finish_image
 from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles
 from service.models import cached_name, export_checkpoint
 from service.settings import bundled_models, default_cache_dir
-from training.data import resized_shape
-from training.nucleus import HELA_IMAGES, resource, to_uint8
+from model.input_contract import resized_shape
+from model.intensity import stretch_to_uint8
+from training.nucleus import HELA_IMAGES, resource
 
 RESULTS = Path(__file__).parent / "results" / "tiling.json"
 
 
 def field(size: tuple[int, int]) -> Image.Image:
     """The first HeLa frame (700x1100, stretched to 8 bits), mirrored out or cropped to `size`, as RGB."""
-    frame = to_uint8(tifffile.imread(resource(HELA_IMAGES))[0])
+    frame = stretch_to_uint8(tifffile.imread(resource(HELA_IMAGES))[0], 1.0, 99.8)
     height, width = size
     reps = (-(-height // frame.shape[0]), -(-width // frame.shape[1]))
     rows = [
