@@ -39,6 +39,7 @@ from model.config import Config
 from model.finishing import Instance, finish_image
 from model.input_contract import InputContract, check_scale
 from model.mask_contract import MaskKind
+from model.methods import mask_method_class
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 from model.tiling import (
@@ -72,17 +73,14 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int], object_size: float | None = None) -> EvalSpec:
-        model = cfg.model
-        kind, threshold = {
-            "meinst": ("box28", model.meinst.mask_threshold),
-            "embedmask": ("logprob_s4", model.embedmask.mask_threshold),
-            "fcos": (None, None),
-        }[model.method]
+        """The spec of a checkpoint's config: the mask fields its method exports (``graph_fields``)."""
+        method = mask_method_class(cfg.model.method)
+        fields = method.graph_fields(cfg.model) if method is not None else {}
         return cls(
             category_ids=list(category_ids),
-            mask_kind=kind,
-            mask_threshold=threshold,
-            box_padding=model.embedmask.box_padding,
+            mask_kind=fields.get("mask_kind"),
+            mask_threshold=fields.get("mask_threshold"),
+            box_padding=fields.get("box_padding", 0),
             input=InputContract.from_config(cfg, object_size),
         )
 
