@@ -31,7 +31,8 @@ def test_fcos_learns_the_boxes_of_a_voc_photo(voc_dataset: CocoInstanceDataset) 
 
 def _mask_ious(method: str, nucleus_root: Path, codec: Path | None) -> np.ndarray:
     dataset = CocoInstanceDataset(
-        str(nucleus_root / "val.json"), str(nucleus_root / "val"), min_sizes=[128], max_size=128, hflip_prob=0.0, train=False
+        str(nucleus_root / "val.json"), str(nucleus_root / "val"), min_sizes=[128], max_size=128, hflip_prob=0.0, train=False,
+        intensity="percentile",
     )
     index = max(range(len(dataset)), key=lambda i: len(dataset.coco.getAnnIds(imgIds=dataset.image_ids[i])))
     overrides = [f"model.method={method}", "model.num_classes=1"]

@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 
 from model.finishing import finish_image
 from model.input_contract import InputContract, resized_shape
-from model.intensity import load_rgb
+from model.intensity import load_rgb, stretch_to_uint8
 from service.imaging import auto_buckets, choose_bucket
 from service.launcher import ServiceProcess
 from service.metrics import METRICS
@@ -151,7 +151,9 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
 
 
 def nucleus_tile(nucleus_root: Path) -> bytes:
-    return sorted((nucleus_root / "val").glob("*.png"))[0].read_bytes()
+    """A real nucleus tile as an 8-bit RGB PNG (the raw 16-bit tile stretched, as an 8-bit viewer exports it)."""
+    raw = np.asarray(Image.open(sorted((nucleus_root / "val").glob("*.png"))[0]))
+    return encode(Image.fromarray(stretch_to_uint8(raw, 1.0, 99.8)).convert("RGB"), "PNG")
 
 
 def sixteen_bit_tiff(png: bytes) -> bytes:
@@ -180,7 +182,7 @@ def offline(runtime: OnnxRuntime, name: str, version: str, data: bytes, buckets:
         box_padding=meta.box_padding or 0, **options,
     )
     return {
-        "model": name, "version": version, "width": width, "height": height,
+        "model": name, "version": version, "width": width, "height": height, "scale": 1.0,
         "instances": [
             {
                 "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]], "score": i.score,

@@ -25,7 +25,8 @@ from service.models import cached_name
 from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
 from tests.test_service import CPU, METHODS, metrics, ok, png_header_only, post, value
-from training.data import load_rgb, resized_shape
+from model.input_contract import resized_shape
+from model.intensity import decode_rgb8, load_rgb
 
 BUCKET = (128, 128)
 OVERLAP = 32
@@ -90,7 +91,7 @@ def png(pixels: np.ndarray) -> bytes:
 def wide_image(nucleus_root: Path) -> bytes:
     """Three real 128x128 nucleus tiles side by side: 128x384, which the photo rule resizes to 64x192 (scale
     0.5), wider than the 128x128 bucket, so it runs as two tiles of 128x256 original pixels."""
-    tiles = [np.asarray(Image.open(path).convert("RGB")) for path in sorted((nucleus_root / "val").glob("*.png"))[:3]]
+    tiles = [decode_rgb8(path.read_bytes(), "percentile") for path in sorted((nucleus_root / "val").glob("*.png"))[:3]]
     return png(np.concatenate(tiles, axis=1))
 
 
