@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -34,8 +35,10 @@ from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
-from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
+from service.render import label_image, overlay_image, png_bytes
+from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, Render, SegmentResponse, TensorInfo
 from service.settings import Settings
+from service.web import mount_page
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
-        422: "invalid query parameter",
+        422: "invalid query parameter, or render=overlay with mask_format polygon or label",
         500: "the runtime failed",
         503: "queue full or model not ready (see Retry-After)",
         504: "the request waited past its deadline",
@@ -62,6 +65,16 @@ SEGMENT_BODY = {
             "multipart/form-data": {"schema": {"type": "object", "properties": {"file": IMAGE_BODY}, "required": ["file"]}},
         },
     }
+}
+SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON (default); with `render=overlay` the image with the instances drawn (PNG, 8-bit RGB); with "
+        "`mask_format=label` a 16-bit greyscale label PNG (0 background, instance i = i in score order, the higher "
+        "score keeps overlapping pixels). PNG answers carry the instance count in `X-Instances`.",
+        "content": {"image/png": IMAGE_BODY},
+        "headers": {"X-Instances": {"description": "number of instances drawn (PNG answers)", "schema": {"type": "integer"}}},
+    },
+    **ERROR_RESPONSES,
 }
 
 
@@ -83,6 +96,14 @@ class SegmentOptions:
     max_detections: int | None
     mask_format: MaskFormat
     timeout_s: float
+    render: Render = "json"
+
+    def conflict(self) -> str | None:
+        """Why this combination cannot be answered, or None."""
+        if self.render == "overlay" and self.mask_format in ("polygon", "label"):
+            return (f"render=overlay draws the masks (mask_format=rle, the default) or the boxes (mask_format=none) "
+                    f"on the image; mask_format={self.mask_format} cannot be drawn: leave render=json for it")
+        return None
 
 
 class SegmentService:
@@ -240,7 +261,7 @@ class SegmentService:
             mask_threshold=metadata.mask_threshold,
             score_threshold=options.score_threshold,
             max_detections=options.max_detections,
-            mask_format=options.mask_format,
+            mask_format="rle" if options.mask_format == "label" else options.mask_format,  # labels are painted from RLE
             box_padding=metadata.box_padding or 0,
             workers=self.settings.finishing_threads,
         )
@@ -248,7 +269,7 @@ class SegmentService:
         return instances
 
     @staticmethod
-    def encode_response(instances: list[finishing.Instance], prepared: PreparedImage, model: LoadedModel) -> Response:
+    def answer(instances: list[finishing.Instance], prepared: PreparedImage, model: LoadedModel) -> SegmentResponse:
         names, ids = model.metadata.class_names, model.metadata.category_ids
 
         def encode(instance: finishing.Instance) -> Instance:
@@ -263,8 +284,18 @@ class SegmentService:
             )
 
         height, width = prepared.original_size
-        body = SegmentResponse(model=model.name, version=model.version, width=width, height=height, instances=[encode(i) for i in instances])
-        return Response(body.model_dump_json(), media_type="application/json")
+        return SegmentResponse(model=model.name, version=model.version, width=width, height=height, instances=[encode(i) for i in instances])
+
+    def encode_response(self, answer: SegmentResponse, options: SegmentOptions, data: bytes | None) -> Response:
+        """The answer as JSON, as the label PNG (mask_format=label) or drawn over the image decoded again
+        from `data` (render=overlay); PNGs are drawn in a worker thread."""
+        if options.mask_format == "label":
+            picture = label_image(answer)
+        elif options.render == "overlay" and data is not None:
+            picture = overlay_image(np.asarray(decode_image(data, self.settings.max_image_pixels)), answer)
+        else:
+            return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(png_bytes(picture), media_type="image/png", headers={"X-Instances": str(len(answer.instances))})
 
     async def segment(self, request: Request, model_name: str | None, options: SegmentOptions) -> Response:
         arrived = time.perf_counter()
@@ -274,16 +305,23 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
+            if (conflict := options.conflict()) is not None:
+                raise ServiceError(422, conflict, "bad_input")
             if self.batchers[model.name].full:  # refuse before reading and decoding the body
                 raise self._queue_full(model)
             self.metrics.in_flight.labels(label).inc()
             try:
                 data = await self.read_body(request)
                 prepared = await loop.run_in_executor(self.cpu_pool, self.preprocess, data, model)
+                kept = data if options.render == "overlay" else None  # an overlay decodes the image again
                 del data
                 outputs = await self.predict(prepared, model, arrived + options.timeout_s)
                 instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
-                response = self.encode_response(instances, prepared, model)
+                answer = self.answer(instances, prepared, model)
+                if options.render == "json" and options.mask_format != "label":
+                    response = self.encode_response(answer, options, None)
+                else:
+                    response = await loop.run_in_executor(self.cpu_pool, self.encode_response, answer, options, kept)
             finally:
                 self.metrics.in_flight.labels(label).dec()
             status = 200
@@ -365,18 +403,22 @@ def create_app(settings: Settings) -> FastAPI:
         log.exception("unhandled error on %s", request.url.path)
         return error_response(500, "internal server error")
 
-    @app.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY)
+    @app.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
     async def segment(
         request: Request,
         model: Annotated[str | None, Query(description="model name (GET /models); default: the first configured")] = None,
         score_threshold: Annotated[float, Query(ge=0, le=1, description="drop detections scoring below this")] = 0.0,
         max_detections: Annotated[int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")] = None,
-        mask_format: Annotated[MaskFormat, Query(description="rle (COCO compressed), polygon, or none (boxes only)")] = "rle",
+        mask_format: Annotated[
+            MaskFormat, Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)")
+        ] = "rle",
         timeout_ms: Annotated[float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")] = None,
+        render: Annotated[Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")] = "json",
     ) -> Response:
-        """Segment one image: instances with boxes, scores, categories and masks in original image pixels."""
+        """Segment one image: instances with boxes, scores, categories and masks in original image pixels, as
+        JSON, as a label image or drawn over the image."""
         timeout_s = settings.request_timeout_s if timeout_ms is None else min(timeout_ms / 1000, settings.request_timeout_s)
-        options = SegmentOptions(score_threshold, max_detections, mask_format, timeout_s)
+        options = SegmentOptions(score_threshold, max_detections, mask_format, timeout_s, render)
         return await service.segment(request, model, options)
 
     @app.get("/v2/health/live", response_model=Liveness)
@@ -414,4 +456,5 @@ def create_app(settings: Settings) -> FastAPI:
         """Prometheus exposition (text format)."""
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    mount_page(app)
     return app

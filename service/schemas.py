@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MaskFormat = Literal["rle", "polygon", "none"]
+MaskFormat = Literal["rle", "polygon", "none", "label"]
+Render = Literal["json", "overlay"]
 
 
 class RLE(BaseModel):

@@ -246,7 +246,7 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
     assert httpx.get(f"{url}/docs").status_code == 200
     segment = httpx.get(f"{url}/openapi.json").json()["paths"]["/segment"]["post"]
     assert {"image/jpeg", "image/png", "multipart/form-data"} <= set(segment["requestBody"]["content"])
-    assert {p["name"] for p in segment["parameters"]} == {"model", "score_threshold", "max_detections", "mask_format", "timeout_ms"}
+    assert {p["name"] for p in segment["parameters"]} == {"model", "score_threshold", "max_detections", "mask_format", "timeout_ms", "render"}
 
 
 @pytest.mark.parametrize("method", METHODS)
