@@ -192,3 +192,158 @@ def test_page_rle_decoder_equals_pycocotools(server: ServiceProcess, nucleus_roo
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"# pass 5\b", result.stdout) and re.search(r"# fail 0\b", result.stdout), result.stdout
+
+
+# ---------------------------------------------------------------- the page in Chromium
+CHROMIUM_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1000",
+)
+
+
+@pytest.fixture(scope="module")
+def browser(workdir: Path) -> Iterator[Any]:
+    """Headless Chromium driven by chromedriver (Debian's chromium and chromium-driver packages)."""
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("Chromium cannot start: chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'chromium-profile'}"):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path, log_output=str(workdir / "chromedriver.log")), options=options)
+    except WebDriverException as error:
+        pytest.skip(f"Chromium cannot start here: {error.msg}")
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def canvas_pixels(driver: Any) -> np.ndarray:
+    """The page's canvas as [H, W, 3] RGB, at its own resolution (the image's)."""
+    url = driver.execute_script("return document.getElementById('canvas').toDataURL('image/png')")
+    return png_array(base64.b64decode(url.split(",", 1)[1]))[..., :3]
+
+
+def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser: Any, workdir: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.select import Select
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(server.url)
+    wait.until(lambda d: "Choose an image" in d.find_element(By.ID, "status").text)
+    assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == list(METHODS)
+    Select(browser.find_element(By.ID, "model")).select_by_value("embedmask")
+    browser.execute_script(
+        "const t = document.getElementById('threshold'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));", PAGE_THRESHOLD
+    )
+    browser.find_element(By.ID, "file").send_keys(str(PHOTO))
+    wait.until(lambda d: d.find_element(By.ID, "count").get_attribute("data-count"))
+
+    # The count a person reads is the API's for the same image, model and threshold.
+    expected = answer(server.url, PHOTO.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD)
+    shown = int(browser.find_element(By.ID, "count").get_attribute("data-count"))
+    assert shown == len(expected.instances) > 0
+    assert browser.find_element(By.ID, "count").text == f"{shown} instances"
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#instances tbody tr")) == shown
+    browser.save_screenshot(str(workdir / "page.png"))
+
+    # The canvas: inside the first instance's box its pixels are drawn over; away from every mask and box
+    # it is the photo (Chromium's JPEG decoder may differ from PIL's by a level or two).
+    canvas, photo = canvas_pixels(browser).astype(int), np.asarray(load_rgb(str(PHOTO))).astype(int)
+    assert canvas.shape == photo.shape
+    first = masks_of(expected)[0].astype(bool)
+    x, y, w, h = (round(v) for v in expected.instances[0].bbox)
+    in_box = np.zeros(first.shape, bool)
+    in_box[y : y + h, x : x + w] = True
+    drawn = np.abs(canvas - photo).sum(axis=2) > 24
+    assert drawn[first & in_box].mean() > 0.8
+    clear = cv2.dilate(np.any(masks_of(expected), axis=0).astype(np.uint8), np.ones((7, 7), np.uint8)) == 0
+    assert np.abs(canvas - photo)[clear].mean() < 3
+
+    # Hovering over the first instance highlights its row; sorting by score puts the best first.
+    labels = label_image(expected)
+    ys, xs = np.nonzero(cv2.erode((labels == 1).astype(np.uint8), np.ones((5, 5), np.uint8)))
+    element = browser.find_element(By.ID, "canvas")
+    rect = browser.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", element)
+    px, py = xs[len(xs) // 2], ys[len(ys) // 2]
+    offset = ((px + 0.5) * rect[0] / photo.shape[1] - rect[0] / 2, (py + 0.5) * rect[1] / photo.shape[0] - rect[1] / 2)
+    ActionChains(browser).move_to_element_with_offset(element, round(offset[0]), round(offset[1])).perform()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#instances tbody tr.hovered"))
+    assert browser.find_element(By.CSS_SELECTOR, "#instances tbody tr.hovered").get_attribute("data-index") == "0"
+    browser.find_element(By.CSS_SELECTOR, "th[data-key='area']").click()
+    areas = [int(td.text) for td in browser.find_elements(By.CSS_SELECTOR, "#instances tbody td:nth-child(4)")]
+    assert areas == sorted((i.area for i in expected.instances), reverse=True)
+
+    # A text file: the API's 415 becomes a readable message, and no stale result stays on screen.
+    text_file = workdir / "notes.txt"
+    text_file.write_text("not an image\n")
+    browser.find_element(By.ID, "file").send_keys(str(text_file))
+    message = wait.until(seen.visibility_of_element_located((By.ID, "message")))
+    assert "HTTP 415" in message.text and "not an image" in message.text
+    assert browser.find_element(By.ID, "count").get_attribute("data-count") == ""
+    assert not browser.find_elements(By.CSS_SELECTOR, "#instances tbody tr")
+    browser.save_screenshot(str(workdir / "page-error.png"))
+
+
+# ---------------------------------------------------------------- python -m service.predict
+def predict(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_cli_writes_overlays_labels_and_coco_results(
+    server: ServiceProcess, checkpoints: dict[str, Path], nucleus_root: Path, workdir: Path
+) -> None:
+    images = workdir / "predict_in"
+    images.mkdir()
+    shutil.copy(PHOTO, images / "photo.jpg")
+    shutil.copy(nucleus_tile(nucleus_root), images / "tile.png")
+    (images / "broken.png").write_bytes(b"this is text, not a PNG")
+    (images / "readme.txt").write_text("ignored: not an image suffix")
+    out = workdir / "predict_url"
+    run = predict(str(images), str(workdir / "missing.jpg"), "--url", server.url, "--model", "embedmask", "--out", str(out),
+                  "--concurrency", "3", "--score-threshold", PAGE_THRESHOLD)
+    assert run.returncode == 1, run.stderr  # two inputs failed, the others were written
+    assert "broken.png" in run.stderr and "missing.jpg" in run.stderr and "readme.txt" not in run.stderr
+    assert "2 of 3 images segmented" in run.stdout
+
+    answers = {}
+    for name, path in (("photo", images / "photo.jpg"), ("tile", images / "tile.png")):
+        answers[name] = answer(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD)
+        labels = segment(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, mask_format="label")
+        overlay = segment(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, render="overlay")
+        assert np.array_equal(png_array((out / f"{name}.labels.png").read_bytes()), png_array(labels.content)), name
+        assert np.array_equal(png_array((out / f"{name}.overlay.png").read_bytes()), png_array(overlay.content)), name
+    assert not (out / "broken.overlay.png").exists()
+
+    # One COCO results file for the run, loadable with pycocotools against the run's image list.
+    dataset = COCO(str(out / "images.json"))
+    results = dataset.loadRes(str(out / "results.json"))
+    ids = {Path(img["file_name"]).stem: img["id"] for img in dataset.dataset["images"]}
+    assert ids == {"photo": 2, "tile": 3}  # ids in input order (the folder's files sorted), failed ones left out
+    assert [c["name"] for c in dataset.dataset["categories"]] == CLASS_NAMES and dataset.getCatIds() == CATEGORY_IDS
+    for name, image_id in ids.items():
+        anns = results.loadAnns(results.getAnnIds(imgIds=[image_id]))
+        expected = answers[name].instances
+        assert [a["segmentation"]["counts"] for a in anns] == [i.segmentation.counts for i in expected]
+        assert [a["score"] for a in anns] == [i.score for i in expected] and len(anns) > 0
+
+    # In process from the checkpoint (its graph cached by the server): the service's answers.
+    local = workdir / "predict_local"
+    run = predict(str(images / "tile.png"), "--checkpoint", str(checkpoints["embedmask"]), "--cache-dir", str(workdir / "cache"),
+                  "--out", str(local), "--score-threshold", PAGE_THRESHOLD)
+    assert run.returncode == 0, run.stderr
+    local_results = json.loads((local / "results.json").read_text())
+    url_results = [{**r, "image_id": 1} for r in json.loads((out / "results.json").read_text()) if r["image_id"] == ids["tile"]]
+    assert local_results == url_results
+    assert np.array_equal(png_array((local / "tile.labels.png").read_bytes()), png_array((out / "tile.labels.png").read_bytes()))
