@@ -99,7 +99,9 @@ def plan_jobs(paths: list[Path]) -> list[Job]:
 class RemotePredictor:
     """`POST /segment` on a running service (httpx's client is thread-safe: one pool for all workers)."""
 
-    def __init__(self, url: str, model: str | None, api_key: str | None, score_threshold: float, max_detections: int | None) -> None:
+    def __init__(
+        self, url: str, model: str | None, api_key: str | None, score_threshold: float, max_detections: int | None
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120.0)
         try:
@@ -150,7 +152,9 @@ class LocalPredictor:
             raise SystemExit(f"error: {checkpoint} not found")
         name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
         name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
-        settings = Settings(models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1)
+        settings = Settings(
+            models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1
+        )
         self.loaded = load_model(settings.models[0], settings)
         self.model = name
         meta = self.loaded.metadata
@@ -167,10 +171,18 @@ class LocalPredictor:
             raise PredictFailed(error.message) from None
         outputs = model.runtime.infer(pad_batch([prepared.pixels], prepared.bucket, model.rule.pad_value))
         instances = self._finish(
-            outputs["num_dets"][0], outputs["boxes"][0], outputs["scores"][0], outputs["classes"][0], outputs["masks"][0],
-            mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
-            mask_threshold=meta.mask_threshold, score_threshold=self.score_threshold,
-            max_detections=self.max_detections, box_padding=meta.box_padding or 0,
+            outputs["num_dets"][0],
+            outputs["boxes"][0],
+            outputs["scores"][0],
+            outputs["classes"][0],
+            outputs["masks"][0],
+            mask_kind=meta.mask_kind,
+            input_size=prepared.input_size,
+            image_size=prepared.original_size,
+            mask_threshold=meta.mask_threshold,
+            score_threshold=self.score_threshold,
+            max_detections=self.max_detections,
+            box_padding=meta.box_padding or 0,
         )
         return self._answer(instances, prepared, model)
 
@@ -183,7 +195,9 @@ def run_job(job: Job, predict: Predictor, max_image_pixels: int, out: Path) -> D
     """Read, segment and draw one image; every failure becomes the Done's error, never an exception."""
     try:
         data = job.path.read_bytes()
-        image = np.asarray(decode_image(data, max_image_pixels))  # the overlay's background, oriented as the service sees it
+        image = np.asarray(
+            decode_image(data, max_image_pixels)
+        )  # the overlay's background, oriented as the service sees it
         answer = predict(data)
         (out / f"{job.name}.overlay.png").write_bytes(png_bytes(overlay_image(image, answer)))
         (out / f"{job.name}.labels.png").write_bytes(png_bytes(label_image(answer)))
@@ -225,19 +239,36 @@ def coco_images(done: list[Done], categories: list[dict[str, Any]]) -> dict[str,
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m service.predict", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m service.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", help="image files, folders (their images) or globs (quote them; ** recurses)")
+    parser.add_argument(
+        "inputs", nargs="+", help="image files, folders (their images) or globs (quote them; ** recurses)"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--url", help="a running service, e.g. http://localhost:8000")
-    source.add_argument("--checkpoint", type=Path, help="a training checkpoint (.pt), an exported .onnx graph or a TensorRT engine")
+    source.add_argument(
+        "--checkpoint", type=Path, help="a training checkpoint (.pt), an exported .onnx graph or a TensorRT engine"
+    )
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
     parser.add_argument("--model", help="--url: the served model (default: the service's first)")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="drop detections scoring below this (default 0.3)")
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.3, help="drop detections scoring below this (default 0.3)"
+    )
     parser.add_argument("--max-detections", type=int, default=None, help="keep at most this many per image")
     parser.add_argument("--concurrency", type=int, default=4, help="--url: requests in flight at once (default 4)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"--url: sent as a Bearer token (default: ${API_KEY_ENV})")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="--checkpoint: where a .pt is exported to ONNX (default: the service's)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"--url: sent as a Bearer token (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="--checkpoint: where a .pt is exported to ONNX (default: the service's)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.score_threshold <= 1:
         parser.error("--score-threshold must be in [0, 1]")
@@ -280,7 +311,9 @@ def main(argv: list[str]) -> int:
     segmented = [d.answer for d in done if d.answer is not None]
     failed = len(done) - len(segmented) + len(unmatched)
     instances = sum(len(answer.instances) for answer in segmented)
-    print(f"{len(segmented)} of {len(done)} images segmented ({instances} instances), {failed} failed; wrote {args.out}/")
+    print(
+        f"{len(segmented)} of {len(done)} images segmented ({instances} instances), {failed} failed; wrote {args.out}/"
+    )
     return 1 if failed else 0
 
 

@@ -33,7 +33,9 @@ PNG_COMPRESSION = 3  # zlib level: near the smallest files at a fraction of leve
 
 def instance_colours(count: int) -> np.ndarray:
     """[count, 3] uint8 RGB, one distinct colour per instance (instance 0 first)."""
-    rgb = [colorsys.hsv_to_rgb((i * GOLDEN_RATIO_CONJUGATE) % 1.0, COLOUR_SATURATION, COLOUR_VALUE) for i in range(count)]
+    rgb = [
+        colorsys.hsv_to_rgb((i * GOLDEN_RATIO_CONJUGATE) % 1.0, COLOUR_SATURATION, COLOUR_VALUE) for i in range(count)
+    ]
     return np.round(np.asarray(rgb, dtype=np.float64).reshape(count, 3) * 255).astype(np.uint8)
 
 
@@ -71,7 +73,9 @@ def overlay_image(image: np.ndarray, answer: SegmentResponse, *, fill: bool = Tr
     filled translucently and outlined, or, for an instance without a mask (mask_format=none), its box
     outlined. Returns a new array."""
     if image.shape[:2] != (answer.height, answer.width):
-        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but the answer is for {answer.width}x{answer.height}")
+        raise ValueError(
+            f"image is {image.shape[1]}x{image.shape[0]} but the answer is for {answer.width}x{answer.height}"
+        )
     colours = instance_colours(len(answer.instances))
     thickness = max(1, round(min(answer.height, answer.width) / 400))  # visible when the picture is shown whole
     labels, contours = _paint(answer, trace=outline)
@@ -85,7 +89,9 @@ def overlay_image(image: np.ndarray, answer: SegmentResponse, *, fill: bool = Tr
     for index, instance in enumerate(answer.instances):
         if instance.segmentation is None:
             x, y, w, h = instance.bbox
-            cv2.rectangle(out, (round(x), round(y)), (round(x + w) - 1, round(y + h) - 1), colours[index].tolist(), thickness)
+            cv2.rectangle(
+                out, (round(x), round(y)), (round(x + w) - 1, round(y + h) - 1), colours[index].tolist(), thickness
+            )
     return out
 
 

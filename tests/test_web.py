@@ -56,7 +56,9 @@ def checkpoints(workdir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProcess]:
     models = [{"name": method, "path": str(path)} for method, path in checkpoints.items()]
-    process = ServiceProcess(["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), *CPU], workdir / "server.log")
+    process = ServiceProcess(
+        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), *CPU], workdir / "server.log"
+    )
     try:
         process.wait_ready()
         yield process
@@ -65,7 +67,9 @@ def server(workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProce
 
 
 def segment(url: str, data: bytes, **params: Any) -> httpx.Response:
-    return httpx.post(f"{url}/segment", content=data, headers={"Content-Type": "application/octet-stream"}, params=params, timeout=60)
+    return httpx.post(
+        f"{url}/segment", content=data, headers={"Content-Type": "application/octet-stream"}, params=params, timeout=60
+    )
 
 
 def answer(url: str, data: bytes, **params: Any) -> SegmentResponse:
@@ -81,11 +85,14 @@ def png_array(data: bytes) -> np.ndarray:
 
 
 def masks_of(body: SegmentResponse) -> list[np.ndarray]:
-    return [mask_utils.decode({"size": list(i.segmentation.size), "counts": i.segmentation.counts.encode()}) for i in body.instances]
+    return [
+        mask_utils.decode({"size": list(i.segmentation.size), "counts": i.segmentation.counts.encode()})
+        for i in body.instances
+    ]
 
 
 def nucleus_tile(nucleus_root: Path) -> Path:
-    return sorted((nucleus_root / "val").glob("*.png"))[0]
+    return min((nucleus_root / "val").glob("*.png"))
 
 
 # ---------------------------------------------------------------- overlay and label answers
@@ -172,22 +179,32 @@ def test_page_rle_decoder_equals_pycocotools(server: ServiceProcess, nucleus_roo
                 flat = mask.ravel(order="F")  # COCO runs are column-major, starting with zeros
                 changes = np.flatnonzero(np.diff(flat)) + 1
                 runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-                masks.append({
-                    "name": f"{method}/{name}/{index}",
-                    "rle": instance.segmentation.model_dump(mode="json"),
-                    "mask": base64.b64encode(np.ascontiguousarray(mask).tobytes()).decode(),
-                    "runs": ([0] if flat[0] else []) + runs,
-                    "area": instance.area,
-                })
-            labels.append({
-                "name": f"{method}/{name}", "height": body.height, "width": body.width,
-                "rles": [i.segmentation.model_dump(mode="json") for i in body.instances],
-                "labels": base64.b64encode(label_image(body).astype("<u2").tobytes()).decode(),
-            })
+                masks.append(
+                    {
+                        "name": f"{method}/{name}/{index}",
+                        "rle": instance.segmentation.model_dump(mode="json"),
+                        "mask": base64.b64encode(np.ascontiguousarray(mask).tobytes()).decode(),
+                        "runs": ([0] if flat[0] else []) + runs,
+                        "area": instance.area,
+                    }
+                )
+            labels.append(
+                {
+                    "name": f"{method}/{name}",
+                    "height": body.height,
+                    "width": body.width,
+                    "rles": [i.segmentation.model_dump(mode="json") for i in body.instances],
+                    "labels": base64.b64encode(label_image(body).astype("<u2").tobytes()).decode(),
+                }
+            )
     cases = workdir / "rle_cases.json"
     cases.write_text(json.dumps({"masks": masks, "labels": labels, "colours": instance_colours(24).tolist()}))
     result = subprocess.run(  # app.js is an ES module without a package.json: Node 20 must be told to detect it
-        ["node", "--experimental-detect-module", "--test", str(NODE_TEST)], capture_output=True, text=True, timeout=120,
+        ["node", "--experimental-detect-module", "--test", str(NODE_TEST)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**os.environ, "ONESTAGE_RLE_CASES": str(cases)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -196,8 +213,16 @@ def test_page_rle_decoder_equals_pycocotools(server: ServiceProcess, nucleus_roo
 
 # ---------------------------------------------------------------- the page in Chromium
 CHROMIUM_FLAGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,1000",
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
 )
 
 
@@ -210,13 +235,17 @@ def browser(workdir: Path) -> Iterator[Any]:
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
-        pytest.skip("Chromium cannot start: chromium or chromedriver is not installed (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "Chromium cannot start: chromium or chromedriver is not installed (apt-get install chromium chromium-driver)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'chromium-profile'}"):
         options.add_argument(flag)
     try:
-        driver = webdriver.Chrome(service=Service(driver_path, log_output=str(workdir / "chromedriver.log")), options=options)
+        driver = webdriver.Chrome(
+            service=Service(driver_path, log_output=str(workdir / "chromedriver.log")), options=options
+        )
     except WebDriverException as error:
         pytest.skip(f"Chromium cannot start here: {error.msg}")
     driver.set_script_timeout(30)
@@ -245,7 +274,8 @@ def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser:
     assert [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options] == list(METHODS)
     Select(browser.find_element(By.ID, "model")).select_by_value("embedmask")
     browser.execute_script(
-        "const t = document.getElementById('threshold'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));", PAGE_THRESHOLD
+        "const t = document.getElementById('threshold'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));",
+        PAGE_THRESHOLD,
     )
     browser.find_element(By.ID, "file").send_keys(str(PHOTO))
     wait.until(lambda d: d.find_element(By.ID, "count").get_attribute("data-count"))
@@ -275,7 +305,9 @@ def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser:
     labels = label_image(expected)
     ys, xs = np.nonzero(cv2.erode((labels == 1).astype(np.uint8), np.ones((5, 5), np.uint8)))
     element = browser.find_element(By.ID, "canvas")
-    rect = browser.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", element)
+    rect = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", element
+    )
     px, py = xs[len(xs) // 2], ys[len(ys) // 2]
     offset = ((px + 0.5) * rect[0] / photo.shape[1] - rect[0] / 2, (py + 0.5) * rect[1] / photo.shape[0] - rect[1] / 2)
     ActionChains(browser).move_to_element_with_offset(element, round(offset[0]), round(offset[1])).perform()
@@ -298,7 +330,14 @@ def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser:
 
 # ---------------------------------------------------------------- python -m service.predict
 def predict(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.predict", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "service.predict", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_predict_cli_writes_overlays_labels_and_coco_results(
@@ -311,8 +350,20 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
     (images / "broken.png").write_bytes(b"this is text, not a PNG")
     (images / "readme.txt").write_text("ignored: not an image suffix")
     out = workdir / "predict_url"
-    run = predict(str(images), str(workdir / "missing.jpg"), "--url", server.url, "--model", "embedmask", "--out", str(out),
-                  "--concurrency", "3", "--score-threshold", PAGE_THRESHOLD)
+    run = predict(
+        str(images),
+        str(workdir / "missing.jpg"),
+        "--url",
+        server.url,
+        "--model",
+        "embedmask",
+        "--out",
+        str(out),
+        "--concurrency",
+        "3",
+        "--score-threshold",
+        PAGE_THRESHOLD,
+    )
     assert run.returncode == 1, run.stderr  # two inputs failed, the others were written
     assert "broken.png" in run.stderr and "missing.jpg" in run.stderr and "readme.txt" not in run.stderr
     assert "2 of 3 images segmented" in run.stdout
@@ -320,8 +371,12 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
     answers = {}
     for name, path in (("photo", images / "photo.jpg"), ("tile", images / "tile.png")):
         answers[name] = answer(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD)
-        labels = segment(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, mask_format="label")
-        overlay = segment(server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, render="overlay")
+        labels = segment(
+            server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, mask_format="label"
+        )
+        overlay = segment(
+            server.url, path.read_bytes(), model="embedmask", score_threshold=PAGE_THRESHOLD, render="overlay"
+        )
         assert np.array_equal(png_array((out / f"{name}.labels.png").read_bytes()), png_array(labels.content)), name
         assert np.array_equal(png_array((out / f"{name}.overlay.png").read_bytes()), png_array(overlay.content)), name
     assert not (out / "broken.overlay.png").exists()
@@ -340,10 +395,23 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
 
     # In process from the checkpoint (its graph cached by the server): the service's answers.
     local = workdir / "predict_local"
-    run = predict(str(images / "tile.png"), "--checkpoint", str(checkpoints["embedmask"]), "--cache-dir", str(workdir / "cache"),
-                  "--out", str(local), "--score-threshold", PAGE_THRESHOLD)
+    run = predict(
+        str(images / "tile.png"),
+        "--checkpoint",
+        str(checkpoints["embedmask"]),
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--out",
+        str(local),
+        "--score-threshold",
+        PAGE_THRESHOLD,
+    )
     assert run.returncode == 0, run.stderr
     local_results = json.loads((local / "results.json").read_text())
-    url_results = [{**r, "image_id": 1} for r in json.loads((out / "results.json").read_text()) if r["image_id"] == ids["tile"]]
+    url_results = [
+        {**r, "image_id": 1} for r in json.loads((out / "results.json").read_text()) if r["image_id"] == ids["tile"]
+    ]
     assert local_results == url_results
-    assert np.array_equal(png_array((local / "tile.labels.png").read_bytes()), png_array((out / "tile.labels.png").read_bytes()))
+    assert np.array_equal(
+        png_array((local / "tile.labels.png").read_bytes()), png_array((out / "tile.labels.png").read_bytes())
+    )
