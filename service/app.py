@@ -3,7 +3,7 @@
 A segmentation request goes through small named steps (as LitServe names them): ``read_body`` (streamed,
 size-checked) -> ``preprocess`` (decode, EXIF orientation, resize, bucket; in a worker thread) -> the
 model's ``DynamicBatcher`` (batch -> predict in the model's inference thread -> unbatch) -> ``finish``
-(``service.finishing.finish_image``: paste, threshold, RLE; in a worker thread) -> ``encode_response``.
+(``model.finishing.finish_image``: paste, threshold, RLE; in a worker thread) -> ``encode_response``.
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
 """
@@ -30,13 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service import finishing
+from model import finishing
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
 from service.render import label_image, overlay_image, png_bytes
-from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, Render, SegmentResponse, TensorInfo
+from service.schemas import (
+    RLE, AnswerMaskFormat, ErrorResponse, Instance, Liveness, ModelList, ModelMetadata, Readiness, Render, SegmentResponse, TensorInfo,
+)
 from service.settings import Settings
 from service.web import mount_page
 
@@ -94,7 +96,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 class SegmentOptions:
     score_threshold: float
     max_detections: int | None
-    mask_format: MaskFormat
+    mask_format: AnswerMaskFormat
     timeout_s: float
     render: Render = "json"
 
@@ -410,7 +412,7 @@ def create_app(settings: Settings) -> FastAPI:
         score_threshold: Annotated[float, Query(ge=0, le=1, description="drop detections scoring below this")] = 0.0,
         max_detections: Annotated[int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")] = None,
         mask_format: Annotated[
-            MaskFormat, Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)")
+            AnswerMaskFormat, Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)")
         ] = "rle",
         timeout_ms: Annotated[float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")] = None,
         render: Annotated[Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")] = "json",

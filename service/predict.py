@@ -144,8 +144,8 @@ class LocalPredictor:
     finishing) at batch 1."""
 
     def __init__(self, checkpoint: Path, cache_dir: Path, score_threshold: float, max_detections: int | None) -> None:
+        from model.finishing import finish_image
         from service.app import SegmentService
-        from service.finishing import finish_image
         from service.models import load_model
 
         if not checkpoint.is_file():

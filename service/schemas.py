@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MaskFormat = Literal["rle", "polygon", "none", "label"]
+from model.mask_contract import MaskFormat
+
+# The forms of an answer's masks: the finishing formats, or "label" (a 16-bit label PNG instead of JSON).
+AnswerMaskFormat = Literal[MaskFormat, "label"]
 Render = Literal["json", "overlay"]
 
 
