@@ -318,6 +318,7 @@ function startPage() {
     if (el.canvas.width !== width || el.canvas.height !== height) {
       el.canvas.width = width;
       el.canvas.height = height;
+      if (width && height) el.canvas.style.setProperty("--aspect", String(width / height));
     }
     if (!width || !height) return;
     ctx.fillStyle = "#000";
