@@ -13,7 +13,8 @@ Written under `--out`: `<name>.overlay.png` (the image with each instance in its
 `<name>.labels.png` (uint16: 0 background, instance i = i in score order) per image; `results.json`, the
 COCO results list of the run (image ids 1, 2, ... in input order); and `images.json`, a COCO file with
 those images and the model's categories, so that `COCO("images.json").loadRes("results.json")` works.
-Files that cannot be read or segmented are reported and skipped; the exit status is 1 if any failed.
+Files that cannot be read or segmented are reported and skipped; the exit status is 1 if any failed, 2 if
+nothing could be segmented at all (no service at `--url`, no such model or checkpoint, no input files).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ API_KEY_ENV = "ONESTAGE_API_KEY"
 
 class PredictFailed(Exception):
     """One image could not be segmented; the message says why."""
+
+
+class SetupFailed(Exception):
+    """Nothing can be segmented (no service, no such model or checkpoint); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +112,15 @@ class RemotePredictor:
         try:
             listed = self.client.get("/models")
         except httpx.TransportError as error:
-            raise SystemExit(f"error: cannot reach the service at {url}: {error}") from None
+            raise SetupFailed(f"cannot reach the service at {url}: {error}") from None
         if listed.status_code == 401:
-            raise SystemExit(f"error: the service at {url} needs an API key: pass --api-key or set {API_KEY_ENV}")
+            raise SetupFailed(f"the service at {url} needs an API key: pass --api-key or set {API_KEY_ENV}")
         if listed.status_code != 200:
-            raise SystemExit(f"error: GET {url}/models answered HTTP {listed.status_code}: {listed.text[:300]}")
+            raise SetupFailed(f"GET {url}/models answered HTTP {listed.status_code}: {listed.text[:300]}")
         models = {m["name"]: m for m in listed.json()["models"]}
         self.model = model or next(iter(models))
         if self.model not in models:
-            raise SystemExit(f"error: the service has no model {self.model!r}; it serves {', '.join(models)}")
+            raise SetupFailed(f"the service has no model {self.model!r}; it serves {', '.join(models)}")
         meta = models[self.model]
         self.categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
         self.params: dict[str, Any] = {"model": self.model, "score_threshold": score_threshold}
@@ -149,13 +154,16 @@ class LocalPredictor:
         from service.models import load_model
 
         if not checkpoint.is_file():
-            raise SystemExit(f"error: {checkpoint} not found")
+            raise SetupFailed(f"{checkpoint} not found")
         name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
         name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
         settings = Settings(
             models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1
         )
-        self.loaded = load_model(settings.models[0], settings)
+        try:
+            self.loaded = load_model(settings.models[0], settings)
+        except Exception as error:  # a file that is no checkpoint or graph: say so, not with a traceback
+            raise SetupFailed(f"cannot load {checkpoint}: {type(error).__name__}: {error}") from error
         self.model = name
         meta = self.loaded.metadata
         self.categories = [{"id": i, "name": n} for i, n in zip(meta.category_ids, meta.class_names)]
@@ -286,13 +294,16 @@ def main(argv: list[str]) -> int:
         print("error: no images to segment", file=sys.stderr)
         return 2
     predict: RemotePredictor | LocalPredictor
-    if args.url:
-        predict = RemotePredictor(args.url, args.model, args.api_key, args.score_threshold, args.max_detections)
-        workers = args.concurrency
-    else:
-        cache_dir = args.cache_dir or default_cache_dir()
-        predict = LocalPredictor(args.checkpoint, cache_dir, args.score_threshold, args.max_detections)
-        workers = 1  # the runtime already uses the cores
+    try:
+        if args.url:
+            predict = RemotePredictor(args.url, args.model, args.api_key, args.score_threshold, args.max_detections)
+        else:
+            cache_dir = args.cache_dir or default_cache_dir()
+            predict = LocalPredictor(args.checkpoint, cache_dir, args.score_threshold, args.max_detections)
+    except SetupFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    workers = args.concurrency if args.url else 1  # in process, the runtime already uses the cores
     args.out.mkdir(parents=True, exist_ok=True)
 
     jobs = plan_jobs(paths)

@@ -27,7 +27,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from service.launcher import ServiceProcess
+from service.launcher import ServiceProcess, free_port
 from service.render import instance_colours, label_image, overlay_image
 from service.schemas import SegmentResponse
 from service.settings import REPO
@@ -412,6 +412,10 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         {**r, "image_id": 1} for r in json.loads((out / "results.json").read_text()) if r["image_id"] == ids["tile"]
     ]
     assert local_results == url_results
+
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there: nothing is segmented, exit status 2
+    run = predict(str(images / "tile.png"), "--url", nobody, "--out", str(workdir / "predict_none"))
+    assert run.returncode == 2 and "cannot reach the service" in run.stderr
     assert np.array_equal(
         png_array((local / "tile.labels.png").read_bytes()), png_array((out / "tile.labels.png").read_bytes())
     )
