@@ -37,7 +37,17 @@ from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
 from service.render import label_image, overlay_image, png_bytes
 from service.schemas import (
-    RLE, AnswerMaskFormat, ErrorResponse, Instance, Liveness, ModelList, ModelMetadata, Readiness, Render, SegmentResponse, TensorInfo,
+    RLE,
+    AnswerMaskFormat,
+    ErrorResponse,
+    Instance,
+    Liveness,
+    ModelList,
+    ModelMetadata,
+    Readiness,
+    Render,
+    SegmentResponse,
+    TensorInfo,
 )
 from service.settings import Settings
 from service.web import mount_page
@@ -70,11 +80,13 @@ SEGMENT_BODY = {
 }
 SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "JSON (default); with `render=overlay` the image with the instances drawn (PNG, 8-bit RGB); with "
-        "`mask_format=label` a 16-bit greyscale label PNG (0 background, instance i = i in score order, the higher "
-        "score keeps overlapping pixels). PNG answers carry the instance count in `X-Instances`.",
+        "description": "JSON (default); with `render=overlay` the image with the instances drawn (PNG, 8-bit "
+        "RGB); with `mask_format=label` a 16-bit greyscale label PNG (0 background, instance i = i in score order, "
+        "the higher score keeps overlapping pixels). PNG answers carry the instance count in `X-Instances`.",
         "content": {"image/png": IMAGE_BODY},
-        "headers": {"X-Instances": {"description": "number of instances drawn (PNG answers)", "schema": {"type": "integer"}}},
+        "headers": {
+            "X-Instances": {"description": "number of instances drawn (PNG answers)", "schema": {"type": "integer"}}
+        },
     },
     **ERROR_RESPONSES,
 }
@@ -286,7 +298,9 @@ class SegmentService:
             )
 
         height, width = prepared.original_size
-        return SegmentResponse(model=model.name, version=model.version, width=width, height=height, instances=[encode(i) for i in instances])
+        return SegmentResponse(
+            model=model.name, version=model.version, width=width, height=height, instances=[encode(i) for i in instances]
+        )
 
     def encode_response(self, answer: SegmentResponse, options: SegmentOptions, data: bytes | None) -> Response:
         """The answer as JSON, as the label PNG (mask_format=label) or drawn over the image decoded again
@@ -412,10 +426,13 @@ def create_app(settings: Settings) -> FastAPI:
         score_threshold: Annotated[float, Query(ge=0, le=1, description="drop detections scoring below this")] = 0.0,
         max_detections: Annotated[int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")] = None,
         mask_format: Annotated[
-            AnswerMaskFormat, Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)")
+            AnswerMaskFormat,
+            Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)"),
         ] = "rle",
         timeout_ms: Annotated[float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")] = None,
-        render: Annotated[Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")] = "json",
+        render: Annotated[
+            Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")
+        ] = "json",
     ) -> Response:
         """Segment one image: instances with boxes, scores, categories and masks in original image pixels, as
         JSON, as a label image or drawn over the image."""

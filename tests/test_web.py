@@ -27,12 +27,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from model.input_contract import load_rgb
 from service.launcher import ServiceProcess, free_port
 from service.render import instance_colours, label_image, overlay_image
 from service.schemas import SegmentResponse
 from service.settings import REPO
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
-from training.data import load_rgb
 
 VOC = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
 PHOTO = VOC / "2011_000003.jpg"
@@ -236,7 +236,7 @@ def browser(workdir: Path) -> Iterator[Any]:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
         pytest.skip(
-            "Chromium cannot start: chromium or chromedriver is not installed (apt-get install chromium chromium-driver)"
+            "Chromium cannot start: chromium or chromedriver is missing (apt-get install chromium chromium-driver)"
         )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
