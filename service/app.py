@@ -112,6 +112,11 @@ class SegmentOptions:
     timeout_s: float
     render: Render = "json"
 
+    @property
+    def picture(self) -> bool:
+        """Whether the answer is a PNG (drawn in a worker thread) rather than JSON."""
+        return self.render == "overlay" or self.mask_format == "label"
+
     def conflict(self) -> str | None:
         """Why this combination cannot be answered, or None."""
         if self.render == "overlay" and self.mask_format in ("polygon", "label"):
@@ -307,7 +312,9 @@ class SegmentService:
         from `data` (render=overlay); PNGs are drawn in a worker thread."""
         if options.mask_format == "label":
             picture = label_image(answer)
-        elif options.render == "overlay" and data is not None:
+        elif options.render == "overlay":
+            if data is None:
+                raise ValueError("render=overlay draws on the request's image: pass its bytes")
             picture = overlay_image(np.asarray(decode_image(data, self.settings.max_image_pixels)), answer)
         else:
             return Response(answer.model_dump_json(), media_type="application/json")
@@ -334,10 +341,10 @@ class SegmentService:
                 outputs = await self.predict(prepared, model, arrived + options.timeout_s)
                 instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
                 answer = self.answer(instances, prepared, model)
-                if options.render == "json" and options.mask_format != "label":
-                    response = self.encode_response(answer, options, None)
-                else:
+                if options.picture:
                     response = await loop.run_in_executor(self.cpu_pool, self.encode_response, answer, options, kept)
+                else:
+                    response = self.encode_response(answer, options, None)
             finally:
                 self.metrics.in_flight.labels(label).dec()
             status = 200
