@@ -150,8 +150,8 @@ class LocalPredictor:
 
     def __init__(self, checkpoint: Path, cache_dir: Path, score_threshold: float, max_detections: int | None) -> None:
         from model.finishing import finish_image
-        from service.app import SegmentService
         from service.models import load_model
+        from service.segment_service import SegmentService
 
         if not checkpoint.is_file():
             raise SetupFailed(f"{checkpoint} not found")
