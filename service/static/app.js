@@ -422,11 +422,17 @@ function startPage() {
     draw();
   }
 
-  el.table.tHead.addEventListener("click", (event) => {
+  function sortBy(event) {
     const key = event.target.closest("th")?.dataset.key;
     if (!key) return;
+    event.preventDefault();
+    // A new column sorts best-first for score and area, A-Z or low-high otherwise; the same column flips.
     state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : key === "score" || key === "area" };
     fillTable();
+  }
+  el.table.tHead.addEventListener("click", sortBy);
+  el.table.tHead.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") sortBy(event);
   });
 
   el.canvas.addEventListener("mousemove", (event) => {
