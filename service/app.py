@@ -1,4 +1,5 @@
-"""The FastAPI app: the routes of ``service.routes`` on one ``SegmentService``, started and stopped with the app.
+"""The FastAPI app: the routes of ``service.routes`` on one ``SegmentService``, started and stopped with the app,
+and the web page at ``/`` (``service.web``).
 
 Errors of every kind (unknown paths, invalid parameters, anything unexpected) answer JSON ``{"error": ...}``
 with their status, as the request steps of ``service.segment_service`` do.
@@ -19,6 +20,7 @@ from service.metrics import UNKNOWN_MODEL
 from service.routes import router
 from service.segment_service import SegmentService, error_response
 from service.settings import Settings
+from service.web import mount_page
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
     install_error_handlers(app, service)
     app.include_router(router)
+    mount_page(app)
     return app
 
 

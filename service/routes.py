@@ -15,9 +15,17 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.input_contract import check_scale
-from model.mask_contract import MaskFormat
 from service.models import ModelEntry
-from service.schemas import ErrorResponse, Liveness, ModelList, ModelMetadata, Readiness, SegmentResponse
+from service.schemas import (
+    AnswerMaskFormat,
+    ErrorResponse,
+    Liveness,
+    ModelList,
+    ModelMetadata,
+    Readiness,
+    Render,
+    SegmentResponse,
+)
 from service.segment_service import SegmentOptions, SegmentService
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -27,7 +35,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
-        422: "invalid query parameter",
+        422: "invalid query parameter, or render=overlay with mask_format polygon or label",
         500: "the runtime failed",
         503: "queue full or model not ready (see Retry-After)",
         504: "the request waited past its deadline",
@@ -45,6 +53,19 @@ SEGMENT_BODY = {
             },
         },
     }
+}
+
+SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON (default); with `render=overlay` the image with the instances drawn (PNG, 8-bit "
+        "RGB); with `mask_format=label` a 16-bit greyscale label PNG (0 background, instance i = i in score order, "
+        "the higher score keeps overlapping pixels). PNG answers carry the instance count in `X-Instances`.",
+        "content": {"image/png": IMAGE_BODY},
+        "headers": {
+            "X-Instances": {"description": "number of instances drawn (PNG answers)", "schema": {"type": "integer"}}
+        },
+    },
+    **ERROR_RESPONSES,
 }
 
 router = APIRouter()
@@ -80,7 +101,7 @@ def parse_scale(text: str) -> float | Literal["auto"]:
         raise RequestValidationError([{"loc": ("query", "scale"), "msg": message, "type": "value_error"}]) from None
 
 
-@router.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY)
+@router.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
 async def segment(
     request: Request,
     service: Service,
@@ -90,11 +111,15 @@ async def segment(
         int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")
     ] = None,
     mask_format: Annotated[
-        MaskFormat, Query(description="rle (COCO compressed), polygon, or none (boxes only)")
+        AnswerMaskFormat,
+        Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)"),
     ] = "rle",
     timeout_ms: Annotated[
         float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")
     ] = None,
+    render: Annotated[
+        Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")
+    ] = "json",
     scale: Annotated[
         str,
         Query(
@@ -109,10 +134,13 @@ async def segment(
               "(default: the mean of its colour channels)"),
     ] = None,
 ) -> Response:
-    """Segment one image: instances with boxes, scores, categories and masks in original image pixels."""
+    """Segment one image: instances with boxes, scores, categories and masks in original image pixels, as
+    JSON, as a label image or drawn over the image."""
     limit = service.settings.request_timeout_s
     timeout_s = limit if timeout_ms is None else min(timeout_ms / 1000, limit)
-    options = SegmentOptions(score_threshold, max_detections, mask_format, timeout_s, parse_scale(scale), channel)
+    options = SegmentOptions(
+        score_threshold, max_detections, mask_format, timeout_s, render, parse_scale(scale), channel
+    )
     return await service.segment(request, model, options)
 
 

@@ -6,6 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from model.input_contract import InputContract
+from model.mask_contract import MaskFormat
+
+# The forms of an answer's masks: the finishing formats, or "label" (a 16-bit label PNG instead of JSON).
+AnswerMaskFormat = Literal[MaskFormat, "label"]
+Render = Literal["json", "overlay"]
+
 
 class RLE(BaseModel):
     """COCO compressed RLE; ``pycocotools.mask.decode`` gives an [H, W] mask of the original image."""
@@ -65,6 +72,9 @@ class ModelMetadata(BaseModel):
     min_size: int | None = Field(None, description="shorter side after resize")
     max_size: int | None = Field(None, description="longer side at most")
     buckets: list[tuple[int, int]] = Field([], description="padded input shapes [H, W] that batches run at")
+    input: InputContract | None = Field(
+        None, description="how the model reads an image: its intensity rule, size rule (and scale), padding"
+    )
     inputs: list[TensorInfo] = []
     outputs: list[TensorInfo] = []
 

@@ -5,7 +5,8 @@ size-checked) -> ``decode`` (the model's intensity rule, EXIF orientation) -> ``
 scale, or a first pass for ``scale=auto``) -> ``prepare`` (resize by the model's size rule times the scale,
 bucket, or tiles when larger than every bucket; worker threads) -> the model's ``DynamicBatcher`` (batch ->
 predict in the model's inference thread -> unbatch) -> ``finish`` (``model.finishing.finish_image``: paste,
-threshold, RLE; in a worker thread; tiles merged) -> ``encode_response``.
+threshold, RLE; in a worker thread; tiles merged) -> ``answer`` -> ``encode_response`` (JSON; or, in a worker
+thread, a PNG from ``service.render``: the label image, or the decoded image drawn with its instances).
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
 """
@@ -22,7 +23,6 @@ from functools import partial
 from typing import Any, Literal
 
 import numpy as np
-
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
@@ -31,7 +31,6 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from model import finishing
-from model.mask_contract import MaskFormat
 from model.tiling import Tile, finish_tile, merge_tiles
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import (
@@ -45,7 +44,8 @@ from service.imaging import (
 )
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
-from service.schemas import RLE, Instance, ModelMetadata, SegmentResponse, TensorInfo
+from service.render import label_image, overlay_image, png_bytes
+from service.schemas import RLE, AnswerMaskFormat, Instance, ModelMetadata, Render, SegmentResponse, TensorInfo
 from service.settings import Settings
 from service.tiled import TiledImage, prepare_tiles, run_tiles
 
@@ -68,10 +68,25 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 class SegmentOptions:
     score_threshold: float
     max_detections: int | None
-    mask_format: MaskFormat
+    mask_format: AnswerMaskFormat
     timeout_s: float
+    render: Render = "json"
     scale: float | Literal["auto"] = 1.0  # a factor on the model's own input size, or estimated per image
     channel: int | None = None  # microscopy models: the channel to segment (default: the channel rule)
+
+    @property
+    def picture(self) -> bool:
+        """Whether the answer is a PNG (drawn in a worker thread) rather than JSON."""
+        return self.render == "overlay" or self.mask_format == "label"
+
+    def conflict(self) -> str | None:
+        """Why this combination cannot be answered, or None."""
+        if self.render == "overlay" and self.mask_format in ("polygon", "label"):
+            return (
+                "render=overlay draws the masks (mask_format=rle, the default) or the boxes (mask_format=none) on "
+                f"the image; mask_format={self.mask_format} cannot be drawn: leave render=json for it"
+            )
+        return None
 
 
 class SegmentService:
@@ -279,7 +294,7 @@ class SegmentService:
             "mask_kind": metadata.mask_kind,
             "mask_threshold": metadata.mask_threshold,
             "score_threshold": options.score_threshold,
-            "mask_format": options.mask_format,
+            "mask_format": "rle" if options.mask_format == "label" else options.mask_format,  # labels are painted from RLE
             "box_padding": metadata.box_padding or 0,
             "workers": self.settings.finishing_threads,
         }
@@ -330,9 +345,9 @@ class SegmentService:
         return instances
 
     @staticmethod
-    def encode_response(
+    def answer(
         instances: list[finishing.Instance], size: tuple[int, int], scale: float, model: LoadedModel
-    ) -> Response:
+    ) -> SegmentResponse:
         names, ids = model.metadata.class_names, model.metadata.category_ids
 
         def encode(instance: finishing.Instance) -> Instance:
@@ -347,7 +362,7 @@ class SegmentService:
             )
 
         height, width = size
-        body = SegmentResponse(
+        return SegmentResponse(
             model=model.name,
             version=model.version,
             width=width,
@@ -355,7 +370,19 @@ class SegmentService:
             scale=scale,
             instances=[encode(i) for i in instances],
         )
-        return Response(body.model_dump_json(), media_type="application/json")
+
+    def encode_response(self, answer: SegmentResponse, options: SegmentOptions, image: Image.Image | None) -> Response:
+        """The answer as JSON, as the label PNG (mask_format=label) or drawn over the decoded image (the
+        8-bit RGB the model saw, before resizing; render=overlay)."""
+        if options.mask_format == "label":
+            picture = label_image(answer)
+        elif options.render == "overlay":
+            if image is None:
+                raise ValueError("render=overlay draws on the request's image: pass it")
+            picture = overlay_image(np.asarray(image), answer)
+        else:
+            return Response(answer.model_dump_json(), media_type="application/json")
+        return Response(png_bytes(picture), media_type="image/png", headers={"X-Instances": str(len(answer.instances))})
 
     async def segment(self, request: Request, model_name: str | None, options: SegmentOptions) -> Response:
         arrived = time.perf_counter()
@@ -365,6 +392,8 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
+            if (conflict := options.conflict()) is not None:
+                raise ServiceError(422, conflict, "bad_input")
             if options.scale == "auto" and model.rule.object_size is None:
                 raise ServiceError(422, f"scale=auto needs a model that records its training object size; {model.name!r} "
                                    "does not (retrain it, or pass a number)", "bad_input")
@@ -379,7 +408,11 @@ class SegmentService:
                 scale = await self.choose_scale(image, model, options, deadline)
                 instances, tiles = await self.run(image, model, options, scale, deadline)
                 self.metrics.tiles.labels(model.name).observe(tiles)
-                response = self.encode_response(instances, (image.size[1], image.size[0]), scale, model)
+                answer = self.answer(instances, (image.size[1], image.size[0]), scale, model)
+                if options.picture:
+                    response = await loop.run_in_executor(self.cpu_pool, self.encode_response, answer, options, image)
+                else:
+                    response = self.encode_response(answer, options, None)
             finally:
                 self.metrics.in_flight.labels(label).dec()
             status = 200
@@ -425,6 +458,7 @@ class SegmentService:
             max_detections=meta.max_detections,
             min_size=meta.input.min_size,
             max_size=meta.input.max_size,
+            input=meta.input,
             buckets=model.buckets,
             inputs=[TensorInfo(name=meta.input_name, datatype="UINT8", shape=[-1, 3, -1, -1])],
             outputs=[

@@ -250,7 +250,7 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
     segment = httpx.get(f"{url}/openapi.json").json()["paths"]["/segment"]["post"]
     assert {"image/jpeg", "image/png", "multipart/form-data"} <= set(segment["requestBody"]["content"])
     assert {p["name"] for p in segment["parameters"]} == {
-        "model", "score_threshold", "max_detections", "mask_format", "timeout_ms", "scale", "channel"
+        "model", "score_threshold", "max_detections", "mask_format", "timeout_ms", "render", "scale", "channel"
     }
 
 

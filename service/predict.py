@@ -1,0 +1,357 @@
+"""Segment files, folders or globs and write what a person looks at: per image an overlay PNG and a 16-bit
+label PNG, and for the whole run one COCO results file.
+
+    python -m service.predict data/nucleus/val --url http://localhost:8000 --model embedmask --out predictions
+    python -m service.predict "photos/**/*.jpg" --checkpoint models/meinst_nucleus/model.pt --out predictions
+
+`--url` sends every image to a running service (`--concurrency` requests at a time); `--checkpoint` runs
+a training checkpoint (exported to ONNX into `--cache-dir` first, as the service does), an exported
+`.onnx` graph or a TensorRT engine in this process, through the service's own decode, resize, runtime and
+mask finishing, so both modes give the service's answers.
+
+Written under `--out`: `<name>.overlay.png` (the image with each instance in its own colour) and
+`<name>.labels.png` (uint16: 0 background, instance i = i in score order) per image; `results.json`, the
+COCO results list of the run (image ids 1, 2, ... in input order); and `images.json`, a COCO file with
+those images and the model's categories, so that `COCO("images.json").loadRes("results.json")` works.
+Files that cannot be read or segmented are reported and skipped; the exit status is 1 if any failed, 2 if
+nothing could be segmented at all (no service at `--url`, no such model or checkpoint, no input files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from model.input_contract import InputContract, check_scale
+from service.imaging import ImageRejected, decode_image
+from service.render import label_image, overlay_image, png_bytes
+from service.schemas import RLE, SegmentResponse
+from service.settings import ModelSpec, Settings, default_cache_dir
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_IMAGE_PIXELS = Settings.model_fields["max_image_pixels"].default
+# A service from before models advertised their input contract served photo models: 8-bit RGB, as PIL decodes.
+PHOTO_CONTRACT = InputContract(size_divisibility=32, min_size=800, max_size=1333, pad_value=[124, 116, 104])
+API_KEY_ENV = "ONESTAGE_API_KEY"
+
+
+class PredictFailed(Exception):
+    """One image could not be segmented; the message says why."""
+
+
+class SetupFailed(Exception):
+    """Nothing can be segmented (no service, no such model or checkpoint); the message says why."""
+
+
+@dataclass(frozen=True)
+class Job:
+    image_id: int  # 1-based, input order
+    path: Path
+    name: str  # output file stem, unique in the run
+
+
+@dataclass(frozen=True)
+class Done:
+    job: Job
+    answer: SegmentResponse | None
+    error: str | None
+
+
+# ------------------------------------------------------------------ inputs
+def collect_inputs(arguments: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """Image paths from files, folders (their image files, sorted) and globs (`**` recurses), each once and
+    in the order given; and the arguments that matched nothing."""
+    paths: list[Path] = []
+    unmatched: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(argument, recursive=True) if Path(p).is_file())
+        if not found:
+            unmatched.append(argument)
+        paths.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    return unique, unmatched
+
+
+def plan_jobs(paths: list[Path]) -> list[Job]:
+    """One job per image; output names are the file stems, numbered where two files share one."""
+    jobs, used = [], set()
+    for image_id, path in enumerate(paths, start=1):
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}"
+        used.add(name)
+        jobs.append(Job(image_id, path, name))
+    return jobs
+
+
+# ------------------------------------------------------------------ predictors
+class RemotePredictor:
+    """`POST /segment` on a running service (httpx's client is thread-safe: one pool for all workers)."""
+
+    def __init__(
+        self, url: str, model: str | None, api_key: str | None, score_threshold: float, max_detections: int | None,
+        scale: float | str = 1.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120.0)
+        try:
+            listed = self.client.get("/models")
+        except httpx.TransportError as error:
+            raise SetupFailed(f"cannot reach the service at {url}: {error}") from None
+        if listed.status_code == 401:
+            raise SetupFailed(f"the service at {url} needs an API key: pass --api-key or set {API_KEY_ENV}")
+        if listed.status_code != 200:
+            raise SetupFailed(f"GET {url}/models answered HTTP {listed.status_code}: {listed.text[:300]}")
+        models = {m["name"]: m for m in listed.json()["models"]}
+        self.model = model or next(iter(models))
+        if self.model not in models:
+            raise SetupFailed(f"the service has no model {self.model!r}; it serves {', '.join(models)}")
+        meta = models[self.model]
+        self.categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
+        # How the model reads images, to draw the overlays on what it saw (a photo model's rule if not told).
+        self.contract = InputContract.model_validate(meta["input"]) if meta.get("input") else PHOTO_CONTRACT
+        self.params: dict[str, Any] = {"model": self.model, "score_threshold": score_threshold, "scale": str(scale)}
+        if max_detections is not None:
+            self.params["max_detections"] = max_detections
+        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # the service checks its own limit
+
+    def __call__(self, data: bytes) -> SegmentResponse:
+        try:
+            response = self.client.post(
+                "/segment", content=data, params=self.params, headers={"Content-Type": "application/octet-stream"}
+            )
+        except httpx.TransportError as error:
+            raise PredictFailed(f"request failed: {error}") from None
+        if response.status_code != 200:
+            try:
+                detail = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                detail = response.text[:300]
+            raise PredictFailed(f"HTTP {response.status_code}: {detail}")
+        return SegmentResponse.model_validate_json(response.content)
+
+
+class LocalPredictor:
+    """The model in this process, through the service's steps (decode by its contract, resize into a bucket or
+    tile, runtime, finishing, merge) at batch 1."""
+
+    def __init__(
+        self, checkpoint: Path, cache_dir: Path, score_threshold: float, max_detections: int | None,
+        scale: float | str = 1.0,
+    ) -> None:
+        from service.models import load_model
+        from training.evaluate import EvalSpec
+
+        if not checkpoint.is_file():
+            raise SetupFailed(f"{checkpoint} not found")
+        name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
+        name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
+        settings = Settings(
+            models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1
+        )
+        try:
+            self.loaded = load_model(settings.models[0], settings)
+        except Exception as error:  # a file that is no checkpoint or graph: say so, not with a traceback
+            raise SetupFailed(f"cannot load {checkpoint}: {type(error).__name__}: {error}") from error
+        self.model = name
+        meta = self.loaded.metadata
+        if scale == "auto" and meta.input.object_size is None:
+            raise SetupFailed(f"--scale auto needs a model that records its training object size; {checkpoint} does not")
+        self.contract = meta.input
+        self.spec = EvalSpec(meta.category_ids, meta.mask_kind, meta.mask_threshold, meta.box_padding or 0, meta.input)
+        self.categories = [{"id": i, "name": n} for i, n in zip(meta.category_ids, meta.class_names)]
+        self.score_threshold, self.max_detections, self.scale = score_threshold, max_detections, scale
+        self.max_image_pixels, self.tile_overlap = settings.max_image_pixels, settings.tile_overlap
+
+    def __call__(self, data: bytes) -> SegmentResponse:
+        """Decode by the model's contract, then the service's whole-or-tiled path at the asked (or estimated)
+        scale, as ``training.evaluate`` runs it (batch 1)."""
+        from service.segment_service import SegmentService
+        from training.evaluate import segment_auto, segment_image
+
+        model = self.loaded
+        try:
+            image = np.asarray(decode_image(data, self.max_image_pixels, self.contract))
+        except ImageRejected as error:
+            raise PredictFailed(error.message) from None
+        if self.scale == "auto":
+            instances, scale = segment_auto(model.runtime, image, self.spec, model.buckets, self.tile_overlap)
+        else:
+            scale = float(self.scale)
+            instances = segment_image(model.runtime, image, self.spec, model.buckets, self.tile_overlap, scale)
+        kept = [i for i in instances if i.score >= self.score_threshold][: self.max_detections]
+        return SegmentService.answer(kept, image.shape[:2], scale, model)
+
+
+Predictor = Callable[[bytes], SegmentResponse]
+
+
+# ------------------------------------------------------------------ one image, the run
+def run_job(job: Job, predict: Predictor, max_image_pixels: int, out: Path) -> Done:
+    """Read, segment and draw one image; every failure becomes the Done's error, never an exception."""
+    try:
+        data = job.path.read_bytes()
+        # The overlay's background: the 8-bit image the model reads (its intensity rule), oriented as the service sees it.
+        image = np.asarray(decode_image(data, max_image_pixels, predict.contract))
+        answer = predict(data)
+        (out / f"{job.name}.overlay.png").write_bytes(png_bytes(overlay_image(image, answer)))
+        (out / f"{job.name}.labels.png").write_bytes(png_bytes(label_image(answer)))
+    except ImageRejected as error:
+        return Done(job, None, error.message)
+    except (PredictFailed, OSError) as error:
+        return Done(job, None, str(error))
+    except Exception as error:  # noqa: BLE001 -- whatever else one image provokes, the run goes on
+        return Done(job, None, f"{type(error).__name__}: {error}")
+    return Done(job, answer, None)
+
+
+def coco_results(done: list[Done]) -> list[dict[str, Any]]:
+    """The COCO results list (`loadRes` input): one entry per instance, images in input order."""
+    return [
+        {
+            "image_id": d.job.image_id,
+            "category_id": instance.category_id,
+            "bbox": list(instance.bbox),
+            "score": instance.score,
+            "segmentation": instance.segmentation.model_dump(mode="json"),
+        }
+        for d in sorted(done, key=lambda d: d.job.image_id)
+        if d.answer is not None
+        for instance in d.answer.instances
+        if isinstance(instance.segmentation, RLE)
+    ]
+
+
+def coco_images(done: list[Done], categories: list[dict[str, Any]]) -> dict[str, Any]:
+    """A COCO dataset of the run's segmented images (no annotations), for `COCO(...).loadRes(results)`."""
+    images = [
+        {"id": d.job.image_id, "file_name": str(d.job.path), "width": d.answer.width, "height": d.answer.height}
+        for d in sorted(done, key=lambda d: d.job.image_id)
+        if d.answer is not None
+    ]
+    return {"images": images, "annotations": [], "categories": categories}
+
+
+def scale_argument(text: str) -> float | str:
+    """--scale: "auto", or a number ``check_scale`` accepts."""
+    if text == "auto":
+        return text
+    try:
+        return check_scale(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", help="image files, folders (their images) or globs (quote them; ** recurses)"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="a running service, e.g. http://localhost:8000")
+    source.add_argument(
+        "--checkpoint", type=Path, help="a training checkpoint (.pt), an exported .onnx graph or a TensorRT engine"
+    )
+    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
+    parser.add_argument("--model", help="--url: the served model (default: the service's first)")
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.3, help="drop detections scoring below this (default 0.3)"
+    )
+    parser.add_argument("--max-detections", type=int, default=None, help="keep at most this many per image")
+    parser.add_argument(
+        "--scale",
+        type=scale_argument,
+        default=1.0,
+        help="a factor on the model's own input size (0.1-10; e.g. 0.5 for images at twice the training "
+        "magnification) or 'auto' (default 1)",
+    )
+    parser.add_argument("--concurrency", type=int, default=4, help="--url: requests in flight at once (default 4)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"--url: sent as a Bearer token (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="--checkpoint: where a .pt is exported to ONNX (default: the service's)",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.score_threshold <= 1:
+        parser.error("--score-threshold must be in [0, 1]")
+    if args.concurrency < 1 or (args.max_detections is not None and args.max_detections < 1):
+        parser.error("--concurrency and --max-detections must be at least 1")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    paths, unmatched = collect_inputs(args.inputs)
+    for argument in unmatched:
+        print(f"skipped {argument}: no such file, or no images in it", file=sys.stderr)
+    if not paths:
+        print("error: no images to segment", file=sys.stderr)
+        return 2
+    predict: RemotePredictor | LocalPredictor
+    try:
+        if args.url:
+            predict = RemotePredictor(
+                args.url, args.model, args.api_key, args.score_threshold, args.max_detections, args.scale
+            )
+        else:
+            cache_dir = args.cache_dir or default_cache_dir()
+            predict = LocalPredictor(args.checkpoint, cache_dir, args.score_threshold, args.max_detections, args.scale)
+    except SetupFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    workers = args.concurrency if args.url else 1  # in process, the runtime already uses the cores
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    jobs = plan_jobs(paths)
+    done: list[Done] = []
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), unit="image", desc=predict.model) as bar:
+        futures = [pool.submit(run_job, job, predict, predict.max_image_pixels, args.out) for job in jobs]
+        for future in as_completed(futures):
+            result = future.result()
+            if result.error is not None:
+                bar.write(f"skipped {result.job.path}: {result.error}", file=sys.stderr)
+            done.append(result)
+            bar.update()
+
+    (args.out / "results.json").write_text(json.dumps(coco_results(done)))
+    (args.out / "images.json").write_text(json.dumps(coco_images(done, predict.categories), indent=1))
+    segmented = [d.answer for d in done if d.answer is not None]
+    failed = len(done) - len(segmented) + len(unmatched)
+    instances = sum(len(answer.instances) for answer in segmented)
+    print(
+        f"{len(segmented)} of {len(done)} images segmented ({instances} instances), {failed} failed; wrote {args.out}/"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
