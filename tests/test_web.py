@@ -27,7 +27,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from model.input_contract import load_rgb
+from model.intensity import load_rgb, stretch_to_uint8
 from service.launcher import ServiceProcess, free_port
 from service.render import instance_colours, label_image, overlay_image
 from service.schemas import SegmentResponse
@@ -91,8 +91,14 @@ def masks_of(body: SegmentResponse) -> list[np.ndarray]:
     ]
 
 
-def nucleus_tile(nucleus_root: Path) -> Path:
-    return min((nucleus_root / "val").glob("*.png"))
+@pytest.fixture(scope="module")
+def nucleus_png(nucleus_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real nucleus tile as an 8-bit PNG (the raw 16-bit tile stretched, as a viewer exports it), which the
+    tests' photo-rule models read as it is."""
+    raw = np.asarray(Image.open(min((nucleus_root / "val").glob("*.png"))))
+    path = tmp_path_factory.mktemp("nucleus_png") / "tile.png"
+    Image.fromarray(stretch_to_uint8(raw, 1.0, 99.8)).save(path)
+    return path
 
 
 # ---------------------------------------------------------------- overlay and label answers
@@ -122,8 +128,8 @@ def test_overlay_answer_draws_each_instance_on_the_image(server: ServiceProcess)
     assert not np.any(changed & (outlines == 0)) and changed.sum() > 0.9 * outlines.sum()  # box outlines only
 
 
-def test_label_answer_is_a_16_bit_label_image(server: ServiceProcess, nucleus_root: Path) -> None:
-    data = nucleus_tile(nucleus_root).read_bytes()
+def test_label_answer_is_a_16_bit_label_image(server: ServiceProcess, nucleus_png: Path) -> None:
+    data = nucleus_png.read_bytes()
     body = answer(server.url, data, model="meinst")
     response = segment(server.url, data, model="meinst", mask_format="label")
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
@@ -166,12 +172,12 @@ def node_major() -> int | None:
     return int(re.match(r"v(\d+)", version)[1])
 
 
-def test_page_rle_decoder_equals_pycocotools(server: ServiceProcess, nucleus_root: Path, workdir: Path) -> None:
+def test_page_rle_decoder_equals_pycocotools(server: ServiceProcess, nucleus_png: Path, workdir: Path) -> None:
     major = node_major()
     if major is None or major < 20:
         pytest.skip(f"the decoder test needs Node >= 20 (found {major}); the Python tests cover the same masks")
     masks, labels = [], []
-    images = {"photo": PHOTO.read_bytes(), "nuclei": nucleus_tile(nucleus_root).read_bytes()}
+    images = {"photo": PHOTO.read_bytes(), "nuclei": nucleus_png.read_bytes()}
     for method in METHODS:
         for name, data in images.items():
             body = answer(server.url, data, model=method, max_detections=10)
@@ -341,12 +347,12 @@ def predict(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_predict_cli_writes_overlays_labels_and_coco_results(
-    server: ServiceProcess, checkpoints: dict[str, Path], nucleus_root: Path, workdir: Path
+    server: ServiceProcess, checkpoints: dict[str, Path], nucleus_png: Path, workdir: Path
 ) -> None:
     images = workdir / "predict_in"
     images.mkdir()
     shutil.copy(PHOTO, images / "photo.jpg")
-    shutil.copy(nucleus_tile(nucleus_root), images / "tile.png")
+    shutil.copy(nucleus_png, images / "tile.png")
     (images / "broken.png").write_bytes(b"this is text, not a PNG")
     (images / "readme.txt").write_text("ignored: not an image suffix")
     out = workdir / "predict_url"
