@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,12 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service import finishing
+from service import finishing, request_log
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
+from service.request_log import RequestLogMiddleware
 from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
+from service.security import Authenticator, add_cors, require_api_key
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "corrupt or truncated image, or a malformed body",
+        401: "missing or invalid API key (when keys are configured; see WWW-Authenticate)",
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
@@ -274,6 +277,7 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
+            request_log.note_model(model.name)
             if self.batchers[model.name].full:  # refuse before reading and decoding the body
                 raise self._queue_full(model)
             self.metrics.in_flight.labels(label).inc()
@@ -331,13 +335,21 @@ class SegmentService:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The app for ``settings``; models load in the background once it starts (see ``/v2/health/ready``)."""
+    """The app for ``settings``; models load in the background once it starts (see ``/v2/health/ready``).
+
+    Raises KeyFileError when the API key file cannot be read or has a bad line."""
     service = SegmentService(settings)
+    authenticator = Authenticator.from_settings(settings, service.metrics)
+    # The routes that use or describe the models; none when no keys are set, so that /docs shows no scheme.
+    protected = [Depends(require_api_key)] if authenticator.enabled else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        authenticator.announce(settings)
+        authenticator.watch_sighup()
         await service.start()
         yield
+        authenticator.unwatch_sighup()
         await service.stop()
 
     app = FastAPI(
@@ -347,6 +359,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.authenticator = authenticator
+    add_cors(app, settings.cors_origins)
+    app.add_middleware(RequestLogMiddleware, access_log=settings.access_log)  # outermost: preflights get ids too
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -360,12 +375,7 @@ def create_app(settings: Settings) -> FastAPI:
             service.metrics.fail(name if name in service.registry.entries else UNKNOWN_MODEL, "bad_input")
         return error_response(422, f"invalid request: {problems}")
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal server error")
-
-    @app.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY)
+    @app.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY, dependencies=protected)
     async def segment(
         request: Request,
         model: Annotated[str | None, Query(description="model name (GET /models); default: the first configured")] = None,
@@ -395,7 +405,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise StarletteHTTPException(404, f"unknown model {name!r}")
         return entry
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}})
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}}, dependencies=protected)
     async def model_metadata(name: str) -> ModelMetadata:
         return service.model_metadata(entry_or_404(name))
 
@@ -405,11 +415,11 @@ def create_app(settings: Settings) -> FastAPI:
         is_ready = entry.state == "ready" and not service.stopping
         return JSONResponse(Readiness(ready=is_ready, models={name: entry.state}).model_dump(), status_code=200 if is_ready else 503)
 
-    @app.get("/models", response_model=ModelList)
+    @app.get("/models", response_model=ModelList, dependencies=protected)
     async def models() -> ModelList:
         return ModelList(models=[service.model_metadata(entry) for entry in service.registry.entries.values()])
 
-    @app.get("/metrics", response_class=Response)
+    @app.get("/metrics", response_class=Response, dependencies=protected if settings.metrics_require_key else [])
     async def metrics() -> Response:
         """Prometheus exposition (text format)."""
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -16,6 +16,10 @@ PREFIX = "onestage"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 FAILURE_REASONS = ("rejected", "timeout", "bad_input", "backend")
 UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured model
+AUTH_FAILURE_REASONS = ("missing", "invalid")
+UNNAMED_KEY = "_unnamed"  # the key_name label of keys given without a name
+OTHER_KEYS = "_other"  # the key_name label of names beyond KEY_NAME_LIMIT (renamed keys accumulate until restart)
+KEY_NAME_LIMIT = 32  # distinct key_name labels: per-client series stay few, whatever the key file holds
 
 
 class MetricSpec(NamedTuple):
@@ -35,6 +39,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("onestage_queue_depth", "gauge", ("model",), "requests waiting in the batcher queue"),
     MetricSpec("onestage_mask_finishing_seconds", "histogram", ("model",), "paste, threshold and RLE/polygon encoding of one image's masks"),
     MetricSpec("onestage_failures_total", "counter", ("model", "reason"), "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
+    MetricSpec("onestage_key_requests_total", "counter", ("key_name",), "requests accepted per API key name (at most "
+               f"{KEY_NAME_LIMIT} names, then {OTHER_KEYS}; keys without a name as {UNNAMED_KEY})"),
+    MetricSpec("onestage_auth_failures_total", "counter", ("reason",), "requests refused with 401: " + ", ".join(AUTH_FAILURE_REASONS) + " API key"),
     MetricSpec("onestage_model_info", "info", ("model", "version", "method", "runtime", "providers"), "served models (value 1)"),
 )
 _HELP = {spec.name: spec.help for spec in METRICS}
@@ -66,6 +73,12 @@ class Metrics:
         self.queue_depth = Gauge("onestage_queue_depth", _HELP["onestage_queue_depth"], ("model",), registry=r)
         self.mask_finishing = Histogram("onestage_mask_finishing_seconds", _HELP["onestage_mask_finishing_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.failures = Counter("onestage_failures", _HELP["onestage_failures_total"], ("model", "reason"), registry=r)
+        self.key_requests_total = Counter("onestage_key_requests", _HELP["onestage_key_requests_total"], ("key_name",), registry=r)
+        self.auth_failures = Counter("onestage_auth_failures", _HELP["onestage_auth_failures_total"], ("reason",), registry=r)
+        self._key_names: set[str] = set()
+        self.key_requests(None)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
         self.model_info = Info("onestage_model", _HELP["onestage_model_info"], ("model",), registry=r)
 
     def register_model(self, name: str) -> None:
@@ -74,6 +87,16 @@ class Metrics:
             metric.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)
+
+    def key_requests(self, name: str | None) -> Counter:
+        """The accepted-request counter of a key name; past KEY_NAME_LIMIT names, the shared ``_other`` one."""
+        label = name or UNNAMED_KEY
+        if label not in self._key_names:
+            if len(self._key_names) >= KEY_NAME_LIMIT:
+                label = OTHER_KEYS
+            else:
+                self._key_names.add(label)
+        return self.key_requests_total.labels(label)
 
     def fail(self, model: str, reason: str) -> None:
         self.failures.labels(model, reason).inc()
