@@ -4,7 +4,7 @@ A key file holds one key per line (``#`` starts a comment line; blank lines are 
 
     [name:]secret
     secret := sha256:<64 hex digits>   the SHA-256 of the key (what ``python -m service.keys hash`` prints)
-            | <the key itself>         at least 16 characters, no whitespace and no ':'
+            | <the key itself>         at least 16 characters, no whitespace, ':' or ','
     name   := letters, digits, '_', '.', '-' (at most 64): names the client in the per-key request counter
 
 The service keeps only SHA-256 digests in memory; a presented key is hashed and compared with every digest
@@ -37,7 +37,7 @@ MIN_KEY_LENGTH = 16  # shorter plain keys are refused: guessable within a scan
 MAX_KEY_LENGTH = 4096  # a presented key longer than this is refused before hashing
 _HASH = re.compile(rf"{HASH_PREFIX}([0-9a-fA-F]{{64}})")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_PLAIN_KEY = re.compile(rf"[^\s:]{{{MIN_KEY_LENGTH},{MAX_KEY_LENGTH}}}")
+_PLAIN_KEY = re.compile(rf"[^\s:,]{{{MIN_KEY_LENGTH},{MAX_KEY_LENGTH}}}")
 
 
 class KeyFileError(ValueError):
@@ -83,7 +83,9 @@ def parse_line(line: str, where: str) -> ApiKey | None:
             raise KeyFileError(f"{where}: a hash is 'sha256:' and 64 hex digits")
         return ApiKey(bytes.fromhex(match[1]), name)
     if not _PLAIN_KEY.fullmatch(line):
-        raise KeyFileError(f"{where}: a plain key needs at least {MIN_KEY_LENGTH} characters without whitespace or ':'")
+        raise KeyFileError(
+            f"{where}: a plain key needs at least {MIN_KEY_LENGTH} characters without whitespace, ':' or ','"
+        )
     return ApiKey(digest(line), name)
 
 
@@ -180,7 +182,7 @@ def main(argv: list[str]) -> int:
             key = getpass.getpass("key: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
             if not _PLAIN_KEY.fullmatch(key):
                 print(
-                    f"error: a key needs at least {MIN_KEY_LENGTH} characters without whitespace or ':'",
+                    f"error: a key needs at least {MIN_KEY_LENGTH} characters without whitespace, ':' or ','",
                     file=sys.stderr,
                 )
                 return 2

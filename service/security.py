@@ -54,13 +54,13 @@ class Authenticator:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics) -> Authenticator:
-        """Raises KeyFileError or OSError for a bad key file, so that the service does not start with it."""
-        fixed = [
-            parse_line(key.get_secret_value(), f"api_keys entry {i}") for i, key in enumerate(settings.api_keys, 1)
-        ]
-        if not fixed and settings.api_keys_file is None:
+        """Raises KeyFileError for a bad key (file or environment), so that the service does not start with it."""
+        entries = settings.api_keys.get_secret_value().split(",")
+        fixed = [parse_line(entry, f"ONESTAGE_API_KEYS entry {i}") for i, entry in enumerate(entries, 1)]
+        keys = [key for key in fixed if key is not None]
+        if not keys and settings.api_keys_file is None:
             return cls(None, metrics)
-        return cls(KeyStore([key for key in fixed if key is not None], settings.api_keys_file), metrics)
+        return cls(KeyStore(keys, settings.api_keys_file), metrics)
 
     @property
     def enabled(self) -> bool:

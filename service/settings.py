@@ -15,8 +15,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.keys import parse_line
-
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODELS = REPO / "models"
 _BUCKET = re.compile(r"^(\d+)x(\d+)$")
@@ -138,10 +136,10 @@ class Settings(BaseSettings):
         "re-read when it changes and on SIGHUP; with any key set, /segment and the model metadata need "
         "'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
     )
-    api_keys: list[SecretStr] = Field(
-        default_factory=list,
-        description="more accepted API keys, lines as in api_keys_file, JSON list (the environment variable, "
-        "not the flag: flags show in the process list)",
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="more accepted API keys, comma-separated, each as a line of api_keys_file; set it in the "
+        "environment (ONESTAGE_API_KEYS), not as a flag: flags show in the process list",
     )
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too (default: open to the Prometheus scraper)")
     cors_origins: list[str] = Field(
@@ -154,13 +152,6 @@ class Settings(BaseSettings):
     def _buckets_parse(cls, value: list[str]) -> list[str]:
         for bucket in value:
             parse_bucket(bucket)
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_parse(cls, value: list[SecretStr]) -> list[SecretStr]:
-        for number, key in enumerate(value, 1):
-            parse_line(key.get_secret_value(), f"api_keys entry {number}")  # the message never holds the key
         return value
 
     @field_validator("cors_origins")
