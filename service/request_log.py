@@ -20,6 +20,7 @@ import time
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from starlette.datastructures import Headers, MutableHeaders, QueryParams
@@ -149,11 +150,12 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time, level, logger, message, request_id, the access fields, the traceback."""
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, request_id, the access fields, the
+    traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": self.formatTime(record),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
