@@ -377,7 +377,9 @@ def create_app(settings: Settings) -> FastAPI:
             service.metrics.fail(name if name in service.registry.entries else UNKNOWN_MODEL, "bad_input")
         return error_response(422, f"invalid request: {problems}")
 
-    @app.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY, dependencies=protected)
+    @app.post(
+        "/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY, dependencies=protected
+    )
     async def segment(
         request: Request,
         model: Annotated[str | None, Query(description="model name (GET /models); default: the first configured")] = None,
@@ -407,7 +409,9 @@ def create_app(settings: Settings) -> FastAPI:
             raise StarletteHTTPException(404, f"unknown model {name!r}")
         return entry
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}}, dependencies=protected)
+    @app.get(
+        "/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}}, dependencies=protected
+    )
     async def model_metadata(name: str) -> ModelMetadata:
         return service.model_metadata(entry_or_404(name))
 

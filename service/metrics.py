@@ -39,9 +39,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("onestage_queue_depth", "gauge", ("model",), "requests waiting in the batcher queue"),
     MetricSpec("onestage_mask_finishing_seconds", "histogram", ("model",), "paste, threshold and RLE/polygon encoding of one image's masks"),
     MetricSpec("onestage_failures_total", "counter", ("model", "reason"), "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
-    MetricSpec("onestage_key_requests_total", "counter", ("key_name",), "requests accepted per API key name (at most "
-               f"{KEY_NAME_LIMIT} names, then {OTHER_KEYS}; keys without a name as {UNNAMED_KEY})"),
-    MetricSpec("onestage_auth_failures_total", "counter", ("reason",), "requests refused with 401: " + ", ".join(AUTH_FAILURE_REASONS) + " API key"),
+    MetricSpec(
+        "onestage_key_requests_total", "counter", ("key_name",),
+        f"requests accepted per API key name (at most {KEY_NAME_LIMIT} names, then {OTHER_KEYS}; "
+        f"keys without a name as {UNNAMED_KEY})",
+    ),
+    MetricSpec(
+        "onestage_auth_failures_total", "counter", ("reason",),
+        "requests refused with 401, by API key: " + " or ".join(AUTH_FAILURE_REASONS),
+    ),
     MetricSpec("onestage_model_info", "info", ("model", "version", "method", "runtime", "providers"), "served models (value 1)"),
 )
 _HELP = {spec.name: spec.help for spec in METRICS}
@@ -73,7 +79,9 @@ class Metrics:
         self.queue_depth = Gauge("onestage_queue_depth", _HELP["onestage_queue_depth"], ("model",), registry=r)
         self.mask_finishing = Histogram("onestage_mask_finishing_seconds", _HELP["onestage_mask_finishing_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
         self.failures = Counter("onestage_failures", _HELP["onestage_failures_total"], ("model", "reason"), registry=r)
-        self.key_requests_total = Counter("onestage_key_requests", _HELP["onestage_key_requests_total"], ("key_name",), registry=r)
+        self.key_requests_total = Counter(
+            "onestage_key_requests", _HELP["onestage_key_requests_total"], ("key_name",), registry=r
+        )
         self.auth_failures = Counter("onestage_auth_failures", _HELP["onestage_auth_failures_total"], ("reason",), registry=r)
         self._key_names: set[str] = set()
         self.key_requests(None)
