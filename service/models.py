@@ -19,9 +19,9 @@ from typing import Literal
 
 import numpy as np
 
+from export import tensorrt_build
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
 from export.runtimes import OnnxRuntime, TensorRTRuntime
-from export import tensorrt_build
 from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
 from service.imaging import auto_buckets
