@@ -10,29 +10,36 @@ more replicas. SIGTERM/SIGINT stop accepting connections and finish the requests
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 
 import uvicorn
 
 from service.app import create_app
+from service.keys import KeyFileError
+from service.request_log import configure_logging
 from service.settings import Settings, load_settings
 
 
 def main(argv: list[str]) -> int:
     settings: Settings = load_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     missing = [f"{spec.name}: {spec.path}" for spec in settings.models if not spec.path.is_file()]
     if missing:
         print("error: model files not found (set --models or ONESTAGE_MODELS):\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
+    try:
+        app = create_app(settings)
+    except KeyFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        log_config=None,  # uvicorn's lines go through configure_logging's handler, with request ids
+        access_log=False,  # the service's own access log (service.request_log) has the route, model and id
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         workers=1,
     )

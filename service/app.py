@@ -2,37 +2,44 @@
 and the web page at ``/`` (``service.web``).
 
 Errors of every kind (unknown paths, invalid parameters, anything unexpected) answer JSON ``{"error": ...}``
-with their status, as the request steps of ``service.segment_service`` do.
+with their status, as the request steps of ``service.segment_service`` do; an exception that escapes
+them all is answered (500) and logged by ``service.request_log.RequestLogMiddleware``, which also gives every
+answer its ``X-Request-ID``. API keys (``service.security``) guard the ``protected`` routes when configured.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.metrics import UNKNOWN_MODEL
-from service.routes import router
+from service.request_log import RequestLogMiddleware
+from service.routes import metrics_router, protected, router
+from service.security import Authenticator, add_cors, require_api_key
 from service.segment_service import SegmentService, error_response
 from service.settings import Settings
 from service.web import mount_page
 
-log = logging.getLogger(__name__)
-
 
 def create_app(settings: Settings) -> FastAPI:
-    """The app for ``settings``; models load in the background once it starts (see ``/v2/health/ready``)."""
+    """The app for ``settings``; models load in the background once it starts (see ``/v2/health/ready``).
+
+    Raises KeyFileError when the API key file cannot be read or has a bad line."""
     service = SegmentService(settings)
+    authenticator = Authenticator.from_settings(settings, service.metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        authenticator.announce(settings)
+        authenticator.watch_sighup()
         await service.start()
         yield
+        authenticator.unwatch_sighup()
         await service.stop()
 
     app = FastAPI(
@@ -42,8 +49,15 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.state.authenticator = authenticator
     install_error_handlers(app, service)
+    add_cors(app, settings.cors_origins)
+    app.add_middleware(RequestLogMiddleware, access_log=settings.access_log)  # outermost: preflights get ids too
+    # No dependency at all without keys, so that /docs shows a security scheme only where one applies.
+    guard = [Depends(require_api_key)] if authenticator.enabled else []
     app.include_router(router)
+    app.include_router(protected, dependencies=guard)
+    app.include_router(metrics_router, dependencies=guard if settings.metrics_require_key else [])
     mount_page(app)
     return app
 
@@ -62,8 +76,3 @@ def install_error_handlers(app: FastAPI, service: SegmentService) -> None:
             name = request.query_params.get("model")
             service.metrics.fail(name if name in service.registry.entries else UNKNOWN_MODEL, "bad_input")
         return error_response(422, f"invalid request: {problems}")
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal server error")

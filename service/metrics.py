@@ -19,6 +19,10 @@ LATENCY_BUCKETS = (
 FAILURE_REASONS = ("rejected", "timeout", "bad_input", "backend")
 UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured model
 MODEL_INFO_KEYS = ("version", "method", "runtime", "providers")
+AUTH_FAILURE_REASONS = ("missing", "invalid")
+UNNAMED_KEY = "_unnamed"  # the key_name label of keys given without a name
+OTHER_KEYS = "_other"  # the key_name label of names beyond KEY_NAME_LIMIT (renamed keys accumulate until restart)
+KEY_NAME_LIMIT = 32  # distinct key_name labels: per-client series stay few, whatever the key file holds
 
 Kind = Literal["histogram", "gauge", "counter", "info"]
 Buckets = Literal["latency", "batch_size", "tiles"]
@@ -54,6 +58,11 @@ METRICS: tuple[MetricSpec, ...] = (
                "tiles an image was cut into (1: it fit a shape bucket whole)", "tiles"),
     MetricSpec("failures", "onestage_failures_total", "counter", ("model", "reason"),
                "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
+    MetricSpec("key_requests_total", "onestage_key_requests_total", "counter", ("key_name",),
+               f"requests accepted per API key name (at most {KEY_NAME_LIMIT} names, then {OTHER_KEYS}; "
+               f"keys without a name as {UNNAMED_KEY})"),
+    MetricSpec("auth_failures", "onestage_auth_failures_total", "counter", ("reason",),
+               "requests refused with 401, by API key: " + " or ".join(AUTH_FAILURE_REASONS)),
     MetricSpec("model_info", "onestage_model_info", "info", ("model", *MODEL_INFO_KEYS),
                "served models (value 1)"),
 )  # fmt: skip
@@ -85,6 +94,8 @@ class Metrics:
     mask_finishing: Histogram
     tiles: Histogram
     failures: Counter
+    key_requests_total: Counter
+    auth_failures: Counter
     model_info: Info
 
     def __init__(self, max_batch_size: int) -> None:
@@ -92,6 +103,10 @@ class Metrics:
         buckets = {"latency": LATENCY_BUCKETS, "batch_size": batch_size_buckets(max_batch_size), "tiles": TILE_COUNT_BUCKETS}
         for spec in METRICS:
             setattr(self, spec.attribute, _collector(spec, buckets, self.registry))
+        self._key_names: set[str] = set()
+        self.key_requests(None)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
 
     def register_model(self, name: str) -> None:
         """Create a model's label sets, so that every series exists (at zero) from the start."""
@@ -101,6 +116,16 @@ class Metrics:
                 collector.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)
+
+    def key_requests(self, name: str | None) -> Counter:
+        """The accepted-request counter of a key name; past KEY_NAME_LIMIT names, the shared ``_other`` one."""
+        label = name or UNNAMED_KEY
+        if label not in self._key_names:
+            if len(self._key_names) >= KEY_NAME_LIMIT:
+                label = OTHER_KEYS
+            else:
+                self._key_names.add(label)
+        return self.key_requests_total.labels(label)
 
     def fail(self, model: str, reason: str) -> None:
         self.failures.labels(model, reason).inc()

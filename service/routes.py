@@ -1,7 +1,9 @@
 """The HTTP routes: ``POST /segment``, KServe v2 health and model metadata, ``/models`` and ``/metrics``.
 
 Every route gets the app's ``SegmentService`` through the ``get_service`` dependency (FastAPI ``Depends``);
-the routes only parse parameters and shape answers, the service does the work.
+the routes only parse parameters and shape answers, the service does the work. Three routers, so that the
+app can put API keys (``service.security``) on the ones that use or describe the models (``protected``) and,
+by a setting of its own, on ``/metrics`` (``metrics_router``), while probes stay open (``router``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "corrupt or truncated image, or a malformed body",
+        401: "missing or invalid API key (when keys are configured; see WWW-Authenticate)",
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
@@ -68,7 +71,9 @@ SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
 }
 
-router = APIRouter()
+router = APIRouter()  # open: health and readiness probes
+protected = APIRouter()  # behind API keys when keys are configured
+metrics_router = APIRouter()  # behind API keys when metrics_require_key is set too
 
 
 def get_service(request: Request) -> SegmentService:
@@ -101,7 +106,7 @@ def parse_scale(text: str) -> float | Literal["auto"]:
         raise RequestValidationError([{"loc": ("query", "scale"), "msg": message, "type": "value_error"}]) from None
 
 
-@router.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
+@protected.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
 async def segment(
     request: Request,
     service: Service,
@@ -157,7 +162,7 @@ async def ready(service: Service) -> JSONResponse:
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 
-@router.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}})
+@protected.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}})
 async def model_metadata(service: Service, entry: Entry) -> ModelMetadata:
     return service.model_metadata(entry)
 
@@ -173,12 +178,12 @@ async def model_ready(service: Service, entry: Entry) -> JSONResponse:
     return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
-@router.get("/models", response_model=ModelList)
+@protected.get("/models", response_model=ModelList)
 async def models(service: Service) -> ModelList:
     return ModelList(models=[service.model_metadata(entry) for entry in service.registry.entries.values()])
 
 
-@router.get("/metrics", response_class=Response)
+@metrics_router.get("/metrics", response_class=Response)
 async def metrics(service: Service) -> Response:
     """Prometheus exposition (text format)."""
     return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -31,7 +31,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from model import finishing
-from model.tiling import Tile, finish_tile, merge_tiles
+from service import request_log
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import (
     IMAGE_CONTENT_TYPES,
@@ -392,6 +392,7 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
+            request_log.note_model(model.name)
             if (conflict := options.conflict()) is not None:
                 raise ServiceError(422, conflict, "bad_input")
             if options.scale == "auto" and model.rule.object_size is None:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.tiling import DEFAULT_TILE_OVERLAP
@@ -20,6 +20,7 @@ from model.tiling import DEFAULT_TILE_OVERLAP
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODELS = REPO / "models"
 _BUCKET = re.compile(r"^(\d+)x(\d+)$")
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 def parse_bucket(text: str) -> tuple[int, int]:
@@ -133,13 +134,46 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
-    access_log: bool = Field(False, description="log every request (metrics cover request counts and latency)")
+    access_log: bool = Field(
+        False, description="log every request: method, route, model, status, latency, bytes, client, key name, id"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text, or as JSON objects, one a line")
+    api_keys_file: Path | None = Field(
+        None,
+        description="file of accepted API keys, one '[name:]key' or '[name:]sha256:<hex>' a line "
+        "(python -m service.keys), "
+        "re-read when it changes and on SIGHUP; with any key set, /segment and the model metadata need "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+    )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="more accepted API keys, comma-separated, each as a line of api_keys_file; set it in the "
+        "environment (ONESTAGE_API_KEYS), not as a flag: flags show in the process list",
+    )
+    metrics_require_key: bool = Field(
+        False, description="/metrics needs an API key too (default: open to the Prometheus scraper)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='origins whose pages may call the API, JSON ["https://host[:port]"] or ["*"]; '
+        "empty: CORS off (same-origin)",
+    )
 
     @field_validator("buckets")
     @classmethod
     def _buckets_parse(cls, value: list[str]) -> list[str]:
         for bucket in value:
             parse_bucket(bucket)
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_exact(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} is not scheme://host[:port] (no path, no trailing '/'), nor '*'"
+                )
         return value
 
     @field_validator("models")
