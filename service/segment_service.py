@@ -31,6 +31,7 @@ from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from model import finishing
+from model.tiling import Tile, finish_tile, merge_tiles
 from service import request_log
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import (
