@@ -5,18 +5,17 @@
 With no arguments: the bundled ``models/`` checkpoints on this machine's CPU (onnxruntime), or onnxruntime
 CUDA where a GPU is usable. Every flag has an ``ONESTAGE_*`` environment variable; ``--help`` lists them.
 One process serves all models (the batcher needs every request of a model in one place); scale out with
-more replicas. SIGTERM/SIGINT stop accepting connections and finish the requests in flight.
+more replicas. SIGTERM first drains (readiness 503 for ``--drain-s`` while still serving); then, as on
+SIGINT, the server stops accepting connections and finishes the requests it accepted.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 
-import uvicorn
-
 from service.app import create_app
+from service.server import serve
 from service.settings import Settings, load_settings
 
 
@@ -27,15 +26,9 @@ def main(argv: list[str]) -> int:
     if missing:
         print("error: model files not found (set --models or ONESTAGE_MODELS):\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        workers=1,
-    )
+    app = create_app(settings)
+    if not serve(app, settings, app.state.service.begin_drain):
+        return 3  # uvicorn's exit code for a failed start
     return 0
 
 

@@ -30,7 +30,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from service import finishing
-from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
+from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull, Reservation
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
@@ -96,6 +96,7 @@ class SegmentService:
         self.cpu_pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="onestage-cpu")
         self.inference_pools: dict[str, ThreadPoolExecutor] = {}
         self.stopping = False
+        self.draining = False  # after SIGTERM: still serving, readiness 503 (service.server)
         self._loader: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,9 +139,18 @@ class SegmentService:
         for pool in [*self.inference_pools.values(), self.cpu_pool]:
             pool.shutdown(wait=True)
 
+    def begin_drain(self) -> None:
+        """Report not ready from now on; requests are still served until the server stops listening."""
+        self.draining = True
+
+    @property
+    def accepting(self) -> bool:
+        """Neither draining nor stopping: what readiness reports besides the models' states."""
+        return not (self.draining or self.stopping)
+
     @property
     def ready(self) -> bool:
-        return self.registry.ready and not self.stopping
+        return self.registry.ready and self.accepting
 
     # ------------------------------------------------------------------ request steps
     def resolve(self, name: str | None) -> LoadedModel:
@@ -212,15 +222,12 @@ class SegmentService:
         finally:
             self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
 
-    async def predict(self, prepared: PreparedImage, model: LoadedModel, deadline: float) -> Outputs:
-        """Queue the image in the model's batcher and wait for its outputs until the deadline."""
+    async def predict(self, prepared: PreparedImage, slot: Reservation, deadline: float) -> Outputs:
+        """Queue the image in its reserved slot of the model's batcher and wait for its outputs until the deadline."""
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise ServiceError(504, "deadline passed before the request reached the queue", "timeout")
-        try:
-            future = self.batchers[model.name].submit(prepared.pixels, prepared.bucket)
-        except QueueFull:
-            raise self._queue_full(model) from None
+        future = slot.submit(prepared.pixels, prepared.bucket)
         try:
             return await asyncio.wait_for(future, remaining)
         except TimeoutError:
@@ -274,17 +281,20 @@ class SegmentService:
             if model_name in self.registry.entries or model_name is None:
                 label = model_name or next(iter(self.registry.entries))
             model = self.resolve(model_name)
-            if self.batchers[model.name].full:  # refuse before reading and decoding the body
-                raise self._queue_full(model)
+            try:  # a slot in the model's queue, before the body is read and decoded
+                slot = self.batchers[model.name].reserve()
+            except QueueFull:
+                raise self._queue_full(model) from None
             self.metrics.in_flight.labels(label).inc()
             try:
                 data = await self.read_body(request)
                 prepared = await loop.run_in_executor(self.cpu_pool, self.preprocess, data, model)
                 del data
-                outputs = await self.predict(prepared, model, arrived + options.timeout_s)
+                outputs = await self.predict(prepared, slot, arrived + options.timeout_s)
                 instances = await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options))
                 response = self.encode_response(instances, prepared, model)
             finally:
+                slot.release()
                 self.metrics.in_flight.labels(label).dec()
             status = 200
             return response
@@ -402,7 +412,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v2/models/{name}/ready", response_model=Readiness, responses={404: {"model": ErrorResponse}, 503: {"model": Readiness}})
     async def model_ready(name: str) -> JSONResponse:
         entry = entry_or_404(name)
-        is_ready = entry.state == "ready" and not service.stopping
+        is_ready = entry.state == "ready" and service.accepting
         return JSONResponse(Readiness(ready=is_ready, models={name: entry.state}).model_dump(), status_code=200 if is_ready else 503)
 
     @app.get("/models", response_model=ModelList)

@@ -138,10 +138,11 @@ def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list
     return buckets
 
 
-def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
-    """Export if needed, open the runtime, and warm it up (blocking; run it off the event loop)."""
+def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
+    """The graph file the runtime loads for ``spec``: a given ``.onnx`` or engine as it is, a checkpoint's
+    cached export (exported first when missing or older than the checkpoint), built into a cached TensorRT
+    engine when ``runtime=tensorrt``. Blocking; also run ahead of serving by ``python -m service.prepare``."""
     from export.metadata import read_onnx_metadata
-    from service.runtimes import OnnxRuntime, TensorRTRuntime
 
     path = spec.path
     if not path.is_file():
@@ -161,7 +162,15 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         rule = _rule(metadata)
         buckets = model_buckets(spec, settings, rule)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
+    return graph_path
 
+
+def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
+    """Prepare the graph (export, engine build) if needed, open the runtime, and warm it up (blocking; run it
+    off the event loop)."""
+    from service.runtimes import OnnxRuntime, TensorRTRuntime
+
+    graph_path = prepare_graph(spec, settings)
     runtime: OnnxRuntime | TensorRTRuntime
     runtime_name: Literal["onnxruntime", "tensorrt"]
     if graph_path.suffix in ENGINE_SUFFIXES:
