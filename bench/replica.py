@@ -44,7 +44,9 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def torch_mapped(pid: int) -> bool:
     """Whether the process has any of torch's shared libraries mapped (i.e. imported torch)."""
-    return any("libtorch" in line or "/torch/lib/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+    return any(
+        "libtorch" in line or "/torch/lib/" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+    )
 
 
 def start(cache_dir: Path, log_path: Path, idle_s: float) -> dict[str, Any]:
@@ -71,13 +73,19 @@ def start(cache_dir: Path, log_path: Path, idle_s: float) -> dict[str, Any]:
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        key: {"median": statistics.median(r[key] for r in runs), "min": min(r[key] for r in runs), "max": max(r[key] for r in runs)}
+        key: {
+            "median": statistics.median(r[key] for r in runs),
+            "min": min(r[key] for r in runs),
+            "max": max(r[key] for r in runs),
+        }
         for key in ("start_to_ready_s", "idle_rss_mb", "peak_rss_mb")
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.replica", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.replica", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--output", type=Path, default=RESULTS / "replica.json")
@@ -93,7 +101,11 @@ def main(argv: list[str] | None = None) -> None:
                 if kind == "cold":
                     shutil.rmtree(cache, ignore_errors=True)
                 run = start(cache, work / f"{kind}{repeat}.log", args.idle_s)
-                assert run["exported"] == (2 if kind == "cold" else 0), (kind, run, (work / f"{kind}{repeat}.log").read_text())
+                assert run["exported"] == (2 if kind == "cold" else 0), (
+                    kind,
+                    run,
+                    (work / f"{kind}{repeat}.log").read_text(),
+                )
                 runs[kind].append(run)
                 print(f"{kind} start {repeat + 1}: {run}", flush=True)
 
@@ -107,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| start | start -> ready (s) | idle RSS (MB) | peak RSS (MB) | torch loaded |\n|---|---|---|---|---|")
+    print("\n| start | start -> ready (s) | idle RSS (MB) | peak RSS (MB) | torch loaded |\n|---|---|---|---|---|")
     for kind, kind_runs in runs.items():
         s = result["summary"][kind]
         loaded = any(r["torch_loaded"] for r in kind_runs)
-        print(f"| {kind} | {s['start_to_ready_s']['median']:.1f} | {s['idle_rss_mb']['median']:.0f} | {s['peak_rss_mb']['median']:.0f} | {'yes' if loaded else 'no'} |")
+        print(
+            f"| {kind} | {s['start_to_ready_s']['median']:.1f} | {s['idle_rss_mb']['median']:.0f} | {s['peak_rss_mb']['median']:.0f} | {'yes' if loaded else 'no'} |"
+        )
     print(f"(median of {args.repeats}; goal idle RSS <= {GOAL_RSS_MB} MB) -> {args.output}")
 
 

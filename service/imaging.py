@@ -2,7 +2,7 @@
 
 Decoding checks the pixel count from the header before any pixel data is decoded (decompression bombs)
 and applies EXIF orientation, then converts exactly as training and evaluation do
-(``training.data.load_rgb``); the resize is the same detectron2 ResizeShortestEdge with PIL bilinear, so
+(``model.input_contract.load_rgb``); the resize is the same detectron2 ResizeShortestEdge with PIL bilinear, so
 the service feeds a graph what evaluation feeds it. Resized images are padded (bottom/right, with the
 graph's padding value) into the smallest of a few fixed shapes, so that images of different sizes can
 share a batch and every image is always run at the same padded shape, whatever it is batched with.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from training.data import load_rgb, resized_shape
+from model.input_contract import load_rgb, resized_shape
 
 # PIL format names accepted, and the raw-body content types that may carry them.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")

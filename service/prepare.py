@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-from service import finishing
+from model import finishing
 from service.models import prepare_graph
 from service.settings import load_settings
 

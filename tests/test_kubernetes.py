@@ -33,7 +33,12 @@ from referencing import Registry, Resource
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.test_deployment import DOCKERFILE, dashboard_queries, dashboards, promql_parts
+from tests.test_deployment import (
+    DOCKERFILE,
+    dashboard_queries,
+    dashboards,
+    promql_parts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
@@ -46,10 +51,32 @@ INFERENCE_SERVICE = K8S / "kserve" / "inferenceservice.yaml"
 PATCHES = {K8S / "overlays" / v / name for v in OVERLAYS for name in ("deployment.yaml", "hpa.yaml")}  # partial objects
 # KServe's ComponentExtensionSpec: the predictor fields that are not PodSpec fields (kserve v1beta1 API).
 KSERVE_COMPONENT_FIELDS = {
-    "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "containerConcurrency", "timeout",
-    "canaryTrafficPercent", "logger", "batcher", "labels", "annotations", "deploymentStrategy", "autoScaling",
+    "minReplicas",
+    "maxReplicas",
+    "scaleTarget",
+    "scaleMetric",
+    "scaleMetricType",
+    "containerConcurrency",
+    "timeout",
+    "canaryTrafficPercent",
+    "logger",
+    "batcher",
+    "labels",
+    "annotations",
+    "deploymentStrategy",
+    "autoScaling",
 }
-PODMONITOR_ENDPOINT_FIELDS = {"port", "portNumber", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings"}
+PODMONITOR_ENDPOINT_FIELDS = {
+    "port",
+    "portNumber",
+    "path",
+    "scheme",
+    "interval",
+    "scrapeTimeout",
+    "honorLabels",
+    "relabelings",
+    "metricRelabelings",
+}
 WRITABLE_BY_SERVICE = ("ONESTAGE_CACHE_DIR", "NUMBA_CACHE_DIR")  # paths the server and the init step write
 
 
@@ -69,7 +96,9 @@ def kubectl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def render(kubectl: Path, path: Path) -> list[dict[str, Any]]:
-    result = subprocess.run([str(kubectl), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(kubectl), "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -141,14 +170,18 @@ def validate_manifest(resource: dict[str, Any]) -> None:
 
 def written_manifests() -> dict[Path, list[dict[str, Any]]]:
     """Every complete manifest as written (overlay patches are partial: they are checked once rendered)."""
-    files = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p != ADAPTER_VALUES and p not in PATCHES)
+    files = sorted(
+        p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p != ADAPTER_VALUES and p not in PATCHES
+    )
     return {path: [doc for doc in yaml.safe_load_all(path.read_text()) if doc] for path in files}
 
 
 def test_overlays_render_every_object(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for variant, resources in rendered.items():
         kinds = sorted(r["kind"] for r in resources)
-        assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor", "Service"]), variant
+        assert kinds == sorted(
+            ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor", "Service"]
+        ), variant
         image = container(one(resources, "Deployment")["spec"]["template"]["spec"], "onestage")["image"]
         assert image == f"onestage:{variant}", "the compose file's image name and tag (docker-compose*.yml)"
 
@@ -156,9 +189,14 @@ def test_overlays_render_every_object(rendered: dict[str, list[dict[str, Any]]])
 def test_every_manifest_validates_against_the_kubernetes_schemas(rendered: dict[str, list[dict[str, Any]]]) -> None:
     written = written_manifests()
     assert {p.relative_to(K8S).as_posix() for p in written} >= {
-        "base/deployment.yaml", "base/service.yaml", "base/pdb.yaml", "base/hpa.yaml", "base/podmonitor.yaml", "kserve/inferenceservice.yaml",
+        "base/deployment.yaml",
+        "base/service.yaml",
+        "base/pdb.yaml",
+        "base/hpa.yaml",
+        "base/podmonitor.yaml",
+        "kserve/inferenceservice.yaml",
     }
-    for path, resources in written.items():
+    for resources in written.values():
         for resource in resources:
             validate_manifest(resource)
     for resources in rendered.values():
@@ -199,16 +237,27 @@ def test_probes_hit_routes_the_app_serves(rendered: dict[str, list[dict[str, Any
     servers = [container(one(r, "Deployment")["spec"]["template"]["spec"], "onestage") for r in rendered.values()]
     for server in [*servers, isvc["containers"][0]]:
         paths = probe_paths(server)
-        assert paths == {"startupProbe": "/v2/health/live", "livenessProbe": "/v2/health/live", "readinessProbe": "/v2/health/ready"}
+        assert paths == {
+            "startupProbe": "/v2/health/live",
+            "livenessProbe": "/v2/health/live",
+            "readinessProbe": "/v2/health/ready",
+        }
         assert all(("GET", path) in routes for path in paths.values())
     # the KServe v2 protocol's health and model metadata routes
-    assert {("GET", "/v2/health/live"), ("GET", "/v2/health/ready"), ("GET", "/v2/models/{name}"), ("GET", "/v2/models/{name}/ready")} <= routes
+    assert {
+        ("GET", "/v2/health/live"),
+        ("GET", "/v2/health/ready"),
+        ("GET", "/v2/models/{name}"),
+        ("GET", "/v2/models/{name}/ready"),
+    } <= routes
     monitor = one(rendered["gpu"], "PodMonitor")["spec"]["podMetricsEndpoints"]
     assert [e["path"] for e in monitor] == ["/metrics"] and ("GET", "/metrics") in routes
 
 
 @pytest.mark.parametrize("variant", OVERLAYS)
-def test_startup_probe_allows_a_first_export_and_engine_build(variant: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_startup_probe_allows_a_first_export_and_engine_build(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
     server = container(one(rendered[variant], "Deployment")["spec"]["template"]["spec"], "onestage")
     probe = server["startupProbe"]
     budget = probe["periodSeconds"] * probe["failureThreshold"]
@@ -226,7 +275,11 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "onnxruntime"}[variant]
     pod = one(resources, "Deployment")["spec"]["template"]["spec"]
     server, prepare = container(pod, "onestage"), container(pod, "prepare", init=True)
-    assert server["command"] == ["python", "-m", "service"] and prepare["command"] == ["python", "-m", "service.prepare"]
+    assert server["command"] == ["python", "-m", "service"] and prepare["command"] == [
+        "python",
+        "-m",
+        "service.prepare",
+    ]
     assert prepare["envFrom"] == server["envFrom"], "the init step must prepare exactly what the server loads"
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports == {"http": settings.port}
@@ -238,7 +291,10 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     # read-only root filesystem: every path the service writes is a mounted volume, in both containers
     volumes = {v["name"]: v for v in pod["volumes"]}
     for each in (server, prepare):
-        assert each["securityContext"]["readOnlyRootFilesystem"] is True and each["securityContext"]["allowPrivilegeEscalation"] is False
+        assert (
+            each["securityContext"]["readOnlyRootFilesystem"] is True
+            and each["securityContext"]["allowPrivilegeEscalation"] is False
+        )
         mounts = {m["mountPath"]: m["name"] for m in each["volumeMounts"]}
         assert "/tmp" in mounts
         for key in WRITABLE_BY_SERVICE:
@@ -274,8 +330,13 @@ def test_kserve_predictor_env_ports_and_grace(monkeypatch: pytest.MonkeyPatch) -
     env = {e["name"]: e["value"] for e in server["env"]}
     settings = parse_settings(env, monkeypatch)
     assert [p["containerPort"] for p in server["ports"]] == [settings.port]
-    assert all(server[p]["httpGet"]["port"] == settings.port for p in ("startupProbe", "livenessProbe", "readinessProbe"))
-    assert server["securityContext"]["readOnlyRootFilesystem"] is True and predictor["securityContext"]["runAsNonRoot"] is True
+    assert all(
+        server[p]["httpGet"]["port"] == settings.port for p in ("startupProbe", "livenessProbe", "readinessProbe")
+    )
+    assert (
+        server["securityContext"]["readOnlyRootFilesystem"] is True
+        and predictor["securityContext"]["runAsNonRoot"] is True
+    )
     mounts = [m["mountPath"] for m in server["volumeMounts"]]
     assert str(settings.cache_dir) in mounts and env["NUMBA_CACHE_DIR"].startswith(str(settings.cache_dir) + "/")
     pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -303,7 +364,11 @@ def test_hpa_scales_on_the_queue_depth_the_service_exports(
     resources = rendered[variant]
     hpa = one(resources, "HorizontalPodAutoscaler")["spec"]
     deployment = one(resources, "Deployment")
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     (pods,) = [m["pods"] for m in hpa["metrics"] if m["type"] == "Pods"]
     (cpu,) = [m["resource"] for m in hpa["metrics"] if m["type"] == "Resource"]
     assert cpu["name"] == "cpu" and 0 < cpu["target"]["averageUtilization"] <= 100  # the fallback
@@ -312,7 +377,10 @@ def test_hpa_scales_on_the_queue_depth_the_service_exports(
     series = re.fullmatch(r"(\w+)\{(.*)\}", rule["seriesQuery"])
     assert series and re.fullmatch(rule["name"]["matches"], series[1])
     assert exported_metrics().get(series[1]) == "gauge", f"{series[1]} is not a gauge in the service's /metrics"
-    assert {k: v["resource"] for k, v in rule["resources"]["overrides"].items()} == {"namespace": "namespace", "pod": "pod"}
+    assert {k: v["resource"] for k, v in rule["resources"]["overrides"].items()} == {
+        "namespace": "namespace",
+        "pod": "pod",
+    }
     assert rule["metricsQuery"].startswith("sum(") and "by (<<.GroupBy>>)" in rule["metricsQuery"]
     # the target is reached before a replica sheds load (503 beyond max_queue_size per model)
     settings = parse_settings(settings_env(resources), monkeypatch)
@@ -323,7 +391,9 @@ def test_hpa_scales_on_the_queue_depth_the_service_exports(
 
 
 @pytest.mark.parametrize("variant", OVERLAYS)
-def test_service_pdb_and_monitor_select_the_deployment_pods(variant: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_service_pdb_and_monitor_select_the_deployment_pods(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
     resources = rendered[variant]
     deployment = one(resources, "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -347,5 +417,7 @@ def test_grafana_dashboard_sums_over_replicas() -> None:
             selectors, grouping = promql_parts(expr)
             if not any(s.metric.startswith("onestage_") for s in selectors):
                 continue
-            assert re.match(r"^(histogram_quantile\([\d.]+, )?(sum|max) by \(", expr), f"{name}: not aggregated over pods: {expr}"
+            assert re.match(r"^(histogram_quantile\([\d.]+, )?(sum|max) by \(", expr), (
+                f"{name}: not aggregated over pods: {expr}"
+            )
             assert grouping and not grouping & {"pod", "instance", "namespace"}, f"{name}: {expr}"
