@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     for kind, kind_runs in runs.items():
         s = result["summary"][kind]
         loaded = any(r["torch_loaded"] for r in kind_runs)
-        print(
-            f"| {kind} | {s['start_to_ready_s']['median']:.1f} | {s['idle_rss_mb']['median']:.0f} | {s['peak_rss_mb']['median']:.0f} | {'yes' if loaded else 'no'} |"
-        )
+        row = [kind, f"{s['start_to_ready_s']['median']:.1f}", f"{s['idle_rss_mb']['median']:.0f}"]
+        row += [f"{s['peak_rss_mb']['median']:.0f}", "yes" if loaded else "no"]
+        print("| " + " | ".join(row) + " |")
     print(f"(median of {args.repeats}; goal idle RSS <= {GOAL_RSS_MB} MB) -> {args.output}")
 
 

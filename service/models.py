@@ -21,11 +21,12 @@ from typing import Literal
 
 import numpy as np
 
+from export import tensorrt_build
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
 from export.runtimes import OnnxRuntime, TensorRTRuntime
-from export import tensorrt_build
+from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
-from service.imaging import ResizeRule, auto_buckets
+from service.imaging import auto_buckets
 from service.settings import REPO, ModelSpec, Settings, parse_bucket
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class LoadedModel:
     runtime_name: Literal["onnxruntime", "tensorrt"]
     providers: list[str]
     metadata: GraphMetadata
-    rule: ResizeRule
+    rule: InputContract  # metadata.input
     buckets: list[tuple[int, int]]
 
 
@@ -84,7 +85,8 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
         return target
     log.info("exporting %s to %s", checkpoint, target)
     tmp = _atomic_output(target)
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp), "--skip-check"]
+    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp)]
+    command.append("--skip-check")  # as the in-process export did: the graph is checked by the export tests
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -131,12 +133,12 @@ def file_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list[tuple[int, int]]:
+def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> list[tuple[int, int]]:
     texts = spec.buckets if spec.buckets is not None else settings.buckets
     buckets = sorted({parse_bucket(t) for t in texts}) if texts else auto_buckets(rule)
-    bad = [b for b in buckets if b[0] % rule.divisibility or b[1] % rule.divisibility]
+    bad = [b for b in buckets if b[0] % rule.size_divisibility or b[1] % rule.size_divisibility]
     if bad:
-        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.divisibility}")
+        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.size_divisibility}")
     return buckets
 
 
@@ -159,8 +161,7 @@ def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
 
     if graph_path.suffix == ".onnx" and settings.runtime == "tensorrt":
         metadata = read_onnx_metadata(graph_path)
-        rule = _rule(metadata)
-        buckets = model_buckets(spec, settings, rule)
+        buckets = model_buckets(spec, settings, metadata.input)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
     return graph_path
 
@@ -180,7 +181,6 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     metadata = runtime.metadata
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
-    rule = _rule(metadata)
     loaded = LoadedModel(
         name=spec.name,
         version=file_version(graph_path),
@@ -189,18 +189,12 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         runtime_name=runtime_name,
         providers=providers,
         metadata=metadata,
-        rule=rule,
-        buckets=model_buckets(spec, settings, rule),
+        rule=metadata.input,
+        buckets=model_buckets(spec, settings, metadata.input),
     )
     if settings.warmup:
         warm_up(loaded, settings.max_batch_size)
     return loaded
-
-
-def _rule(metadata: GraphMetadata) -> ResizeRule:
-    rules = metadata.input
-    pad = tuple(rules.pad_value)
-    return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
 
 
 def warm_up(model: LoadedModel, max_batch_size: int) -> None:

@@ -14,11 +14,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pycocotools.coco import COCO
 
 from model.fcos_outputs import InstanceTargets
-from model.input_contract import load_rgb, resized_shape
+from model.input_contract import load_rgb, resize_rgb
 
 
 class SampleKey(NamedTuple):
@@ -89,9 +88,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         boxes, labels, masks = self._instances(image_id, height, width)
 
         short_edge = int(rng.choice(self.min_sizes)) if self.train else self.min_sizes[0]
-        new_h, new_w = resized_shape(height, width, short_edge, self.max_size)
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(resize_rgb(image, short_edge, self.max_size))
+        new_h, new_w = pixels.shape[1:]
         boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
         masks = (
             F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]
