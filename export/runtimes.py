@@ -8,6 +8,7 @@ import torch (only the TensorRT runtime's methods do), so a service running ONNX
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,19 +36,28 @@ def check_images(images: np.ndarray, divisibility: int) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def cuda_device_count() -> int:
+    """CUDA devices the NVIDIA driver reports (0 without a driver or a device), asked through the driver
+    library itself so that no framework is loaded for it."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def default_providers() -> list[str]:
     """CUDA (then CPU) where onnxruntime offers it and a CUDA device exists, else CPU only.
 
     onnxruntime-gpu lists its CUDA provider even on hosts that cannot load it, so the device is checked
     too; the TensorRT provider is left to explicit requests (it builds an engine per new input shape).
     """
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ["CPUExecutionProvider"]
-    # Only a GPU build of onnxruntime gets here; torch (installed beside it on GPU hosts) is imported this
-    # late so that CPU serving never loads it.
-    import torch
-
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 class OnnxRuntime:
@@ -61,6 +71,9 @@ class OnnxRuntime:
         requested = list(providers) if providers is not None else default_providers()
         if "CPUExecutionProvider" not in requested:
             requested.append("CPUExecutionProvider")
+        if "CUDAExecutionProvider" in requested:
+            # cuBLAS and cuDNN from NVIDIA's wheels (installed with torch), loaded without importing torch
+            ort.preload_dlls()
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

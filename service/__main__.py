@@ -5,19 +5,18 @@
 With no arguments: the bundled ``models/`` checkpoints on this machine's CPU (onnxruntime), or onnxruntime
 CUDA where a GPU is usable. Every flag has an ``ONESTAGE_*`` environment variable; ``--help`` lists them.
 One process serves all models (the batcher needs every request of a model in one place); scale out with
-more replicas. SIGTERM/SIGINT stop accepting connections and finish the requests in flight.
+more replicas. SIGTERM first drains (readiness 503 for ``--drain-s`` while still serving); then, as on
+SIGINT, the server stops accepting connections and finishes the requests it accepted.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-
-import uvicorn
 
 from service.app import create_app
 from service.keys import KeyFileError
 from service.request_log import configure_logging
+from service.server import serve
 from service.settings import Settings, load_settings
 
 
@@ -33,16 +32,8 @@ def main(argv: list[str]) -> int:
     except KeyFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # uvicorn's lines go through configure_logging's handler, with request ids
-        access_log=False,  # the service's own access log (service.request_log) has the route, model and id
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-        workers=1,
-    )
+    if not serve(app, settings, app.state.service.begin_drain):
+        return 3  # uvicorn's exit code for a failed start
     return 0
 
 

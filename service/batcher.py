@@ -4,8 +4,12 @@ Requests are queued by shape bucket. The worker takes the bucket whose first req
 until that bucket holds ``max_batch_size`` requests or its first request has waited ``max_delay`` (a
 request that already waited that long while a batch ran goes at once), and runs the batch in a thread,
 so the event loop keeps accepting requests and answering health checks meanwhile. One batch per model
-runs at a time. A request whose caller gave up (deadline or disconnect) leaves the queue at once; a full
-queue refuses new requests instead of growing. ``stop`` refuses new requests and drains the queue.
+runs at a time. A request whose caller gave up (deadline or disconnect) leaves the queue at once.
+
+Admission is bounded: a request takes one of ``max_queue_size`` slots (``reserve``) before its body is read
+and decoded and holds it until its batch starts, so a burst is refused at once (503) instead of piling up
+in front of the queue. ``stop`` refuses new requests, runs every queued one and waits for those still
+holding a slot.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ Outputs = dict[str, np.ndarray]
 
 
 class QueueFull(Exception):
-    """The model's queue holds ``max_queue_size`` requests, or the batcher is stopping."""
+    """``max_queue_size`` requests of the model are queued or about to be, or the batcher is stopping."""
 
 
 class BackendError(Exception):
@@ -67,6 +71,7 @@ class DynamicBatcher:
         self._metrics = metrics
         self._queues: dict[tuple[int, int], deque[_Pending]] = {}
         self._depth = 0
+        self._reserved = 0  # slots held by admitted requests that are not queued yet
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
@@ -77,7 +82,7 @@ class DynamicBatcher:
 
     @property
     def full(self) -> bool:
-        return self._stopping or self._depth >= self.max_queue_size
+        return self._stopping or self._depth + self._reserved >= self.max_queue_size
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
@@ -89,13 +94,25 @@ class DynamicBatcher:
         if self._worker is not None:
             await self._worker
 
-    def submit(self, pixels: np.ndarray, bucket: tuple[int, int]) -> asyncio.Future[Outputs]:
-        """Queue one resized image; the future gets its own slice of the batch outputs.
-
-        Raises ``QueueFull``. Cancelling the future (a caller's timeout) takes the request out of the queue.
-        """
+    def reserve(self) -> Reservation:
+        """Hold a queue slot for a request whose image is still to be read and decoded; raises ``QueueFull``."""
         if self.full:
             raise QueueFull(self.name)
+        self._reserved += 1
+        return Reservation(self)
+
+    def submit(self, pixels: np.ndarray, bucket: tuple[int, int]) -> asyncio.Future[Outputs]:
+        """Queue one more image of an admitted request (a tile, or a second pass) without a reserved slot;
+        raises ``QueueFull``."""
+        if self.full:
+            raise QueueFull(self.name)
+        return self._enqueue(pixels, bucket)
+
+    def _unreserve(self) -> None:
+        self._reserved -= 1
+        self._wakeup.set()  # a stopping worker waits for the last slot
+
+    def _enqueue(self, pixels: np.ndarray, bucket: tuple[int, int]) -> asyncio.Future[Outputs]:
         item = _Pending(pixels, bucket, asyncio.get_running_loop().create_future())
         self._queues.setdefault(bucket, deque()).append(item)
         self._set_depth(self._depth + 1)
@@ -129,7 +146,7 @@ class DynamicBatcher:
         while True:
             bucket = self._oldest_bucket()
             if bucket is None:
-                if self._stopping:
+                if self._stopping and not self._reserved:
                     return
                 await self._wait(None)
                 continue
@@ -169,3 +186,31 @@ class DynamicBatcher:
         outputs = self._infer(pad_batch(images, bucket, self._pad_value))
         self._metrics.inference.labels(self.name).observe(time.perf_counter() - started)
         return outputs
+
+
+class Reservation:
+    """One request's queue slot, from admission until ``submit`` queues its image or ``release`` gives it up."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher: DynamicBatcher | None = batcher
+
+    def submit(self, pixels: np.ndarray, bucket: tuple[int, int]) -> asyncio.Future[Outputs]:
+        """Queue the resized image ``pixels [3, h, w]`` in the slot; the future gets its own slice of the batch
+        outputs. Cancelling the future (a caller's timeout) takes the request out of the queue."""
+        batcher = self._batcher
+        if batcher is None:
+            raise RuntimeError("this slot was already used or released")
+        self._batcher = None
+        batcher._unreserve()
+        return batcher._enqueue(pixels, bucket)
+
+    @property
+    def used(self) -> bool:
+        """Whether the slot was used (``submit``) or given up (``release``)."""
+        return self._batcher is None
+
+    def release(self) -> None:
+        """Give the slot up unless it was used (a request that failed before reaching the queue); idempotent."""
+        if self._batcher is not None:
+            self._batcher._unreserve()
+            self._batcher = None

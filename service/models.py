@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
 from model.tiling import check_overlap
 from service.imaging import auto_buckets
-from service.settings import ModelSpec, Settings, parse_bucket
+from service.settings import REPO, ModelSpec, Settings, parse_bucket
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +76,22 @@ def cached_name(spec: ModelSpec, suffix: str) -> str:
 
 
 def export_checkpoint(checkpoint: Path, target: Path) -> Path:
-    """Export ``checkpoint`` to ONNX at ``target`` unless a cached graph at least as new is there."""
+    """Export ``checkpoint`` to ONNX at ``target`` unless a cached graph at least as new is there.
+
+    The export runs in a child process (``python -m export``): torch is loaded there and its memory goes
+    back when the child exits, so the serving process never imports torch (about 600 MB resident).
+    """
     if _newer(target, checkpoint):
         log.info("using cached graph %s for %s", target, checkpoint)
         return target
-    # Lazy: only a training checkpoint needs torch; a service given .onnx graphs never imports it.
-    from export.onnx_export import export_onnx
-    from model.checkpoint import load_detector
-
     log.info("exporting %s to %s", checkpoint, target)
-    model, cfg, checkpoint_metadata = load_detector(checkpoint)
     tmp = _atomic_output(target)
+    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp)]
+    command.append("--skip-check")  # as the in-process export did: the graph is checked by the export tests
     try:
-        export_onnx(model, cfg, checkpoint_metadata, tmp)
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"exporting {checkpoint} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -138,8 +143,10 @@ def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> l
     return buckets
 
 
-def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
-    """Export if needed, open the runtime, and warm it up (blocking; run it off the event loop)."""
+def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
+    """The graph file the runtime loads for ``spec``: a given ``.onnx`` or engine as it is, a checkpoint's
+    cached export (exported first when missing or older than the checkpoint), built into a cached TensorRT
+    engine when ``runtime=tensorrt``. Blocking; also run ahead of serving by ``python -m service.prepare``."""
     path = spec.path
     if not path.is_file():
         raise FileNotFoundError(f"model {spec.name}: {path} not found")
@@ -157,7 +164,13 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         metadata = read_onnx_metadata(graph_path)
         buckets = model_buckets(spec, settings, metadata.input)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
+    return graph_path
 
+
+def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
+    """Prepare the graph (export, engine build) if needed, open the runtime, and warm it up (blocking; run it
+    off the event loop)."""
+    graph_path = prepare_graph(spec, settings)
     runtime: OnnxRuntime | TensorRTRuntime
     runtime_name: Literal["onnxruntime", "tensorrt"]
     if graph_path.suffix in ENGINE_SUFFIXES:

@@ -156,7 +156,7 @@ async def live() -> Liveness:
 
 @router.get("/v2/health/ready", response_model=Readiness, responses={503: {"model": Readiness}})
 async def ready(service: Service) -> JSONResponse:
-    """200 only when every configured model is loaded and warmed up (and the server is not stopping)."""
+    """200 only when every configured model is loaded and warmed up, and the server neither drains nor stops."""
     states = {name: entry.state for name, entry in service.registry.entries.items()}
     body = Readiness(ready=service.ready, models=states).model_dump()
     return JSONResponse(body, status_code=200 if service.ready else 503)
@@ -173,7 +173,7 @@ async def model_metadata(service: Service, entry: Entry) -> ModelMetadata:
     responses={404: {"model": ErrorResponse}, 503: {"model": Readiness}},
 )
 async def model_ready(service: Service, entry: Entry) -> JSONResponse:
-    is_ready = entry.state == "ready" and not service.stopping
+    is_ready = entry.state == "ready" and service.accepting
     body = Readiness(ready=is_ready, models={entry.spec.name: entry.state}).model_dump()
     return JSONResponse(body, status_code=200 if is_ready else 503)
 

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from model import finishing
 from model.tiling import Tile, finish_tile, merge_tiles
 from service import request_log
-from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
+from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull, Reservation
 from service.imaging import (
     IMAGE_CONTENT_TYPES,
     ImageRejected,
@@ -101,6 +101,7 @@ class SegmentService:
         self.cpu_pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="onestage-cpu")
         self.inference_pools: dict[str, ThreadPoolExecutor] = {}
         self.stopping = False
+        self.draining = False  # after SIGTERM: still serving, readiness 503 (service.server)
         self._loader: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -153,9 +154,18 @@ class SegmentService:
         for pool in [*self.inference_pools.values(), self.cpu_pool]:
             pool.shutdown(wait=True)
 
+    def begin_drain(self) -> None:
+        """Report not ready from now on; requests are still served until the server stops listening."""
+        self.draining = True
+
+    @property
+    def accepting(self) -> bool:
+        """Neither draining nor stopping: what readiness reports besides the models' states."""
+        return not (self.draining or self.stopping)
+
     @property
     def ready(self) -> bool:
-        return self.registry.ready and not self.stopping
+        return self.registry.ready and self.accepting
 
     # ------------------------------------------------------------------ request steps
     def resolve(self, name: str | None) -> LoadedModel:
@@ -248,35 +258,41 @@ class SegmentService:
             self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
 
     async def run(
-        self, image: Image.Image, model: LoadedModel, options: SegmentOptions, scale: float, deadline: float
+        self, image: Image.Image, model: LoadedModel, options: SegmentOptions, scale: float, slot: Reservation,
+        deadline: float,
     ) -> tuple[list[finishing.Instance], int]:
-        """One image at one scale through the batcher, whole or as tiles: its instances and its tile count."""
+        """One image at one scale through the batcher, whole (in the request's queue slot while it is unused) or
+        as tiles (their own flow control; the slot is given back): its instances and its tile count."""
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self.cpu_pool, self.prepare, image, model, scale)
         if isinstance(prepared, TiledImage):
+            slot.release()
             return await self.segment_tiles(prepared, model, options, deadline), len(prepared.plan.tiles)
-        outputs = await self.predict(prepared, model, deadline)
+        outputs = await self.predict(prepared, model, slot, deadline)
         return await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options)), 1
 
-    async def choose_scale(self, image: Image.Image, model: LoadedModel, options: SegmentOptions, deadline: float) -> float:
+    async def choose_scale(
+        self, image: Image.Image, model: LoadedModel, options: SegmentOptions, slot: Reservation, deadline: float
+    ) -> float:
         """The request's scale; for ``auto``, a boxes-only first pass at the model's own size whose median
         object is compared with the training objects' (``InputContract.estimate_scale``; 1 when it finds too
         few objects)."""
         if options.scale != "auto":
             return options.scale
         first_pass = replace(options, mask_format="none", score_threshold=0.0, max_detections=None)
-        instances, _ = await self.run(image, model, first_pass, 1.0, deadline)
+        instances, _ = await self.run(image, model, first_pass, 1.0, slot, deadline)
         boxes = np.array([i.box for i in instances], dtype=np.float32).reshape(-1, 4)
         scores = np.array([i.score for i in instances], dtype=np.float32)
         return model.rule.estimate_scale(boxes, scores, (image.size[1], image.size[0])) or 1.0
 
-    async def predict(self, prepared: PreparedImage, model: LoadedModel, deadline: float) -> Outputs:
-        """Queue the image in the model's batcher and wait for its outputs until the deadline."""
+    async def predict(self, prepared: PreparedImage, model: LoadedModel, slot: Reservation, deadline: float) -> Outputs:
+        """Queue the image in the request's reserved slot of the model's batcher (or, once that is used, as one
+        more image of the request) and wait for its outputs until the deadline."""
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise ServiceError(504, "deadline passed before the request reached the queue", "timeout")
         try:
-            future = self.batchers[model.name].submit(prepared.pixels, prepared.bucket)
+            future = (self.batchers[model.name] if slot.used else slot).submit(prepared.pixels, prepared.bucket)
         except QueueFull:
             raise self._queue_full(model) from None
         try:
@@ -399,16 +415,18 @@ class SegmentService:
             if options.scale == "auto" and model.rule.object_size is None:
                 raise ServiceError(422, f"scale=auto needs a model that records its training object size; {model.name!r} "
                                    "does not (retrain it, or pass a number)", "bad_input")
-            if self.batchers[model.name].full:  # refuse before reading and decoding the body
-                raise self._queue_full(model)
+            try:  # a slot in the model's queue, before the body is read and decoded
+                slot = self.batchers[model.name].reserve()
+            except QueueFull:
+                raise self._queue_full(model) from None
             self.metrics.in_flight.labels(label).inc()
             try:
                 data = await self.read_body(request)
                 image = await loop.run_in_executor(self.cpu_pool, self.decode, data, model, options.channel)
                 del data
                 deadline = arrived + options.timeout_s
-                scale = await self.choose_scale(image, model, options, deadline)
-                instances, tiles = await self.run(image, model, options, scale, deadline)
+                scale = await self.choose_scale(image, model, options, slot, deadline)
+                instances, tiles = await self.run(image, model, options, scale, slot, deadline)
                 self.metrics.tiles.labels(model.name).observe(tiles)
                 answer = self.answer(instances, (image.size[1], image.size[0]), scale, model)
                 if options.picture:
@@ -416,6 +434,7 @@ class SegmentService:
                 else:
                     response = self.encode_response(answer, options, None)
             finally:
+                slot.release()
                 self.metrics.in_flight.labels(label).dec()
             status = 200
             return response

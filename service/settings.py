@@ -133,6 +133,12 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
+    drain_s: float = Field(
+        0.0,
+        ge=0,
+        description="after SIGTERM, readiness answers 503 this long while requests are still served (load balancers "
+        "take the replica out), before the graceful shutdown; SIGINT and a second SIGTERM skip it",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     access_log: bool = Field(
         False, description="log every request: method, route, model, status, latency, bytes, client, key name, id"
