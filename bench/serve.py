@@ -176,7 +176,7 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
             ))
         return count
 
-    for threads in (settings.ort_threads, None):
+    for threads in (settings.inference_threads, None):
         runtime = OnnxRuntime(model.graph_path, providers=settings.providers, threads=threads)
         for batch in sorted({1, args.max_batch_size}):
             images = pad_batch([prepared.pixels] * batch, prepared.bucket, model.rule.pad_value)
@@ -189,14 +189,14 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
                 instances = finish(outputs, batch)
                 pipeline_times.append(time.perf_counter() - started)
             run = {
-                "ort_threads": threads or "default",
+                "threads": threads or "default",
                 "batch": batch,
                 "infer_images_per_s": batch / statistics.median(infer_times),
                 "infer_and_finish_images_per_s": batch / statistics.median(pipeline_times),
                 "instances_per_image": instances / batch,
             }
             result["runs"].append(run)
-            print(f"  {spec.name:10s} raw threads {str(run['ort_threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
+            print(f"  {spec.name:10s} raw threads {str(run['threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
                   f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  ({run['instances_per_image']:.0f} instances/img)", flush=True)
     return result
 

@@ -2,8 +2,9 @@
 
 A segmentation request goes through small named steps (as LitServe names them): ``read_body`` (streamed,
 size-checked) -> ``preprocess`` (decode, EXIF orientation, resize, bucket; in a worker thread) -> the
-model's ``DynamicBatcher`` (batch -> predict in the model's inference thread -> unbatch) -> ``finish``
-(``service.finishing.finish_image``: paste, threshold, RLE; in a worker thread) -> ``encode_response``.
+model's ``DynamicBatcher`` (batch -> predict in one of the model's inference threads, one per stream ->
+unbatch) -> ``finish`` (``service.finishing.finish_image``: paste, threshold, RLE; in a worker thread) ->
+``encode_response``.
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
 """
@@ -52,6 +53,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "the request waited past its deadline",
     }.items()
 }
+# KServe v2 platform names of the runtimes.
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino_onnx"}
 IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
 SEGMENT_BODY = {
     "requestBody": {
@@ -113,11 +116,12 @@ class SegmentService:
             model = await asyncio.to_thread(self.registry.load, name)
             if model is None or self.stopping:
                 continue
-            pool = ThreadPoolExecutor(1, thread_name_prefix=f"onestage-infer-{name}")
+            pool = ThreadPoolExecutor(model.streams, thread_name_prefix=f"onestage-infer-{name}")
             batcher = DynamicBatcher(
                 name, model.runtime.infer, model.rule.pad_value,
                 max_batch_size=self.settings.max_batch_size, max_delay_s=self.settings.max_delay_ms / 1000,
                 max_queue_size=self.settings.max_queue_size, executor=pool, metrics=self.metrics,
+                max_in_flight=model.streams,
             )
             batcher.start()
             self.inference_pools[name], self.batchers[name] = pool, batcher
@@ -310,7 +314,7 @@ class SegmentService:
         return ModelMetadata(
             name=model.name,
             versions=[model.version],
-            platform="tensorrt_plan" if model.runtime_name == "tensorrt" else "onnxruntime_onnx",
+            platform=PLATFORMS[model.runtime_name],
             state=entry.state,
             error=entry.error,
             runtime=model.runtime_name,

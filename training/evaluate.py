@@ -151,13 +151,16 @@ def evaluate(
     return {iou_type: coco_metrics(dataset, results, iou_type) for iou_type in iou_types}
 
 
-def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
-    """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata."""
+def make_runtime(
+    name: str, checkpoint: str, device: str, precision: str = "auto"
+) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
+    """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata
+    (``precision``: OpenVINO's, auto = bf16 where the CPU has it)."""
     model, cfg, metadata = load_detector(checkpoint, device)
     spec = EvalSpec.from_config(cfg, metadata["category_ids"])
     if name == "torch":
         return TorchRuntime(model, device), spec, metadata
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "openvino"):
         # The fused graph of this very checkpoint, exported next to it, so both runtimes see the same weights.
         from export.onnx_export import export_onnx
         from service.runtimes import OnnxRuntime
@@ -165,6 +168,10 @@ def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, Eval
         graph = Path(f"{checkpoint}.onnx")
         if not graph.exists() or graph.stat().st_mtime < Path(checkpoint).stat().st_mtime:
             export_onnx(model, cfg, metadata, graph)
+        if name == "openvino":
+            from export.openvino_runtime import OpenVinoRuntime
+
+            return OpenVinoRuntime(graph, precision=precision), spec, metadata
         return OnnxRuntime(str(graph)), spec, metadata
     raise ValueError(f"unknown runtime {name!r}")
 
@@ -176,12 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime "
+                        "or OpenVINO")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="OpenVINO's inference precision (auto: bf16 where the CPU has it)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
+    runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device, args.precision)
     dataset = eval_dataset(args.annotations, args.images, spec)
     output = args.output or f"{args.checkpoint}.results.json"
     start = time.perf_counter()
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": args.checkpoint,
         "iteration": info["iteration"],
         "results": output,
+        "runtime": args.runtime,
+        **({"precision": runtime.precision} if args.runtime == "openvino" else {}),
     }
     print(json.dumps(summary))
 
