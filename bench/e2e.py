@@ -10,12 +10,12 @@ host (``engines``: onnxruntime, OpenVINO fp32, and OpenVINO bf16 where the CPU h
 compares each of ours with YOLO's fastest route.
 
 - Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml, the bundled models' network) exported by
-  ``export.onnx_export.export_onnx`` to one fused graph in ``service.runtimes.OnnxRuntime`` and in
+  ``export.onnx_export.export_onnx`` to one fused graph in ``export.runtimes.OnnxRuntime`` and in
   ``export.openvino_runtime.OpenVinoRuntime`` (one static engine for the SxS shape). The request
   path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
   ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
   side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
-  ``service.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
+  ``model.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
   frame), on the same thread count as the graph and as YOLO's torch post-processing, and ``json.dumps`` of
   the response.
 - YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
@@ -68,10 +68,10 @@ from ultralytics.utils import nms, ops
 
 from bench.latency import bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
-from service.finishing import finish_image
-from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
-from service.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime
+from model.finishing import finish_image
+from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

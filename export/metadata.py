@@ -15,13 +15,15 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from model.config import Config
+from model.mask_contract import MaskKind
 
 METADATA_KEY = "onestage"
 FORMAT_VERSION = 1
 INPUT_NAME = "images"
 DETECTION_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
 MASK_OUTPUT = "masks"
-MaskKind = Literal["box28", "logprob_s4"]
+# Node names carry the module path under this attribute of ``export.onnx_export.GraphModule`` ("/model/backbone/...").
+WRAPPED_NAME = "model"
 
 
 class InputRules(BaseModel):

@@ -39,7 +39,7 @@ import numpy as np
 import openvino as ov
 
 from export.metadata import read_onnx_metadata
-from service.runtimes import check_images
+from export.runtimes import check_images
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A segmentation request goes through small named steps (as LitServe names them): ``read_body`` (streamed,
 size-checked) -> ``preprocess`` (decode, EXIF orientation, resize, bucket; in a worker thread) -> the
 model's ``DynamicBatcher`` (batch -> predict in one of the model's inference threads, one per stream ->
-unbatch) -> ``finish`` (``service.finishing.finish_image``: paste, threshold, RLE; in a worker thread) ->
+unbatch) -> ``finish`` (``model.finishing.finish_image``: paste, threshold, RLE; in a worker thread) ->
 ``encode_response``.
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
@@ -30,12 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service import finishing
+from model import finishing
+from model.mask_contract import MaskFormat
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import LoadedModel, ModelEntry, ModelRegistry
-from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
+from service.schemas import RLE, ErrorResponse, Instance, Liveness, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -17,16 +17,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from export.metadata import GraphMetadata
+from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
+from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
+from export import tensorrt_build
+from model.runtime_protocol import Runtime
 from service.imaging import ResizeRule, auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
-
-if TYPE_CHECKING:
-    from model.runtime import Runtime
+from service.streams import RuntimeStreams
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
     if _newer(target, checkpoint):
         log.info("using cached graph %s for %s", target, checkpoint)
         return target
+    # Lazy: only a training checkpoint needs torch; a service given .onnx graphs never imports it.
     from export.onnx_export import export_onnx
-    from training.checkpoint import load_detector
+    from model.checkpoint import load_detector
 
     log.info("exporting %s to %s", checkpoint, target)
     model, cfg, checkpoint_metadata = load_detector(checkpoint)
@@ -97,14 +99,11 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
 def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings) -> Path:
     """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``, unless the cached
     one is newer than the graph and was built the same way (profile, precision, TensorRT version, GPU)."""
-    from export.metadata import read_engine_sidecar
-    from export.tensorrt_build import Profile, build_engine, build_identity, default_profile
-
-    default = default_profile(metadata, settings.max_batch_size)
+    default = tensorrt_build.default_profile(metadata, settings.max_batch_size)
     largest = (settings.max_batch_size, 3, max(max(b[0] for b in buckets), default.max[2]), max(max(b[1] for b in buckets), default.max[3]))
-    profile = Profile(min=default.min, opt=default.opt, max=largest)
+    profile = tensorrt_build.Profile(min=default.min, opt=default.opt, max=largest)
     if _newer(target, onnx_path):
-        wanted = build_identity(profile, fp16=settings.tensorrt_fp16)
+        wanted = tensorrt_build.build_identity(profile, fp16=settings.tensorrt_fp16)
         try:
             built = read_engine_sidecar(target)[1]
         except (FileNotFoundError, ValueError, KeyError):
@@ -116,7 +115,7 @@ def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, 
     log.info("building TensorRT engine %s from %s (max shape %s)", target, onnx_path, largest)
     tmp = _atomic_output(target)
     try:
-        build_engine(onnx_path, tmp, profile, fp16=settings.tensorrt_fp16)
+        tensorrt_build.build_engine(onnx_path, tmp, profile, fp16=settings.tensorrt_fp16)
         os.replace(tmp, target)
         os.replace(f"{tmp}.json", f"{target}.json")
     finally:
@@ -157,8 +156,6 @@ def choose_runtime(settings: Settings, graph_suffix: str) -> RuntimeName:
         return settings.runtime
     if graph_suffix in ENGINE_SUFFIXES:
         return "tensorrt"
-    from service.runtimes import default_providers
-
     if settings.providers is not None or default_providers() != ["CPUExecutionProvider"]:
         return "onnxruntime"
     return "openvino" if openvino_installed() else "onnxruntime"
@@ -166,10 +163,6 @@ def choose_runtime(settings: Settings, graph_suffix: str) -> RuntimeName:
 
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Export if needed, open the runtime, and warm it up (blocking; run it off the event loop)."""
-    from export.metadata import read_onnx_metadata
-    from service.runtimes import OnnxRuntime, TensorRTRuntime
-    from service.streams import RuntimeStreams
-
     path = spec.path
     if not path.is_file():
         raise FileNotFoundError(f"model {spec.name}: {path} not found")

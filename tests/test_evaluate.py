@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 
 from model.config import load_config
 from model.detector import OneStageDetector
-from training.checkpoint import save_checkpoint
+from model.checkpoint import save_checkpoint
 from training.data import resized_shape
 from training.evaluate import EvalSpec, eval_dataset, evaluate, main
 

@@ -25,7 +25,7 @@ from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16, resolve_precision
 from export.parity import compare_outputs, mask_ious, match_image
 from service.models import export_checkpoint, load_model
-from service.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime
 from service.settings import ModelSpec, Settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint, tiny_detector
 

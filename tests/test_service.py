@@ -25,12 +25,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from service.finishing import finish_image
+from model.finishing import finish_image
 from service.imaging import ResizeRule, auto_buckets, choose_bucket
 from service.launcher import ServiceProcess
 from service.metrics import METRICS
 from service.models import cached_name
-from service.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime
 from service.settings import ModelSpec, load_settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
 from training.data import load_rgb, resized_shape

@@ -5,7 +5,7 @@
 
 Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``, run through a
 ``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
-``make_runtime``) and finished by ``service.finishing.finish_image``, the function the service uses, so
+``make_runtime``) and finished by ``model.finishing.finish_image``, the function the service uses, so
 evaluation measures what users get. The COCO results file holds the dataset's category ids, xywh boxes
 in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
 APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
@@ -27,10 +27,14 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from export.onnx_export import export_onnx
+from export.runtimes import OnnxRuntime
+from model.checkpoint import load_detector
 from model.config import Config
-from model.runtime import Runtime, TorchRuntime
-from service.finishing import MaskKind, finish_image
-from training.checkpoint import load_detector
+from model.finishing import finish_image
+from model.mask_contract import MaskKind
+from model.runtime import TorchRuntime
+from model.runtime_protocol import Runtime
 from training.data import CocoInstanceDataset, collate
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -162,9 +166,6 @@ def make_runtime(
         return TorchRuntime(model, device), spec, metadata
     if name in ("onnxruntime", "openvino"):
         # The fused graph of this very checkpoint, exported next to it, so both runtimes see the same weights.
-        from export.onnx_export import export_onnx
-        from service.runtimes import OnnxRuntime
-
         graph = Path(f"{checkpoint}.onnx")
         if not graph.exists() or graph.stat().st_mtime < Path(checkpoint).stat().st_mtime:
             export_onnx(model, cfg, metadata, graph)
