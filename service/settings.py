@@ -71,10 +71,10 @@ def default_threads_per_stream() -> int:
 
 def default_streams() -> int:
     """Parallel inference streams: the usable cores divided by the threads per stream (2 x 1 on 2 cores,
-    4 x 2 on 8, 4 x 4 on 16). One thread per stream is the most efficient split of a small convolutional
-    network on a few cores (threads of one stream wait on each other at every layer); beyond 4 streams the
-    per-stream threads grow instead, so that a lone request still gets a quarter of the machine. Request
-    decoding and mask finishing share the cores with the streams: they are ~15-25% of a request's CPU time.
+    4 x 2 on 8, 4 x 4 on 16). On few cores a second batch in flight uses a core better than a second
+    thread inside one batch (a second onnxruntime thread made the 2-core service slower); beyond 4 streams
+    the per-stream threads grow instead, so that a lone request still gets a quarter of the machine.
+    Request decoding and mask finishing share the cores with the streams (~15-25% of a request's CPU time).
     """
     return max(_cores() // default_threads_per_stream(), 1)
 
