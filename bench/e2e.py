@@ -71,7 +71,7 @@ from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
 from export.runtimes import OnnxRuntime
 from model.finishing import finish_image
-from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
+from service.imaging import PreparedImage, decode_image, pad_batch, prepare_image
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,8 +134,7 @@ class OursPipeline:
             self.runtime = OpenVinoRuntime(graph, precision=engine.removeprefix("openvino-"), threads=threads)  # type: ignore[arg-type]
         self.threads = threads
         self.metadata = self.runtime.metadata
-        rules = self.metadata.input
-        self.rule = ResizeRule(min_size=size, max_size=size, divisibility=rules.size_divisibility, pad_value=tuple(rules.pad_value))
+        self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
         self.buckets = [(size, size)]
 
     def __call__(self, data: bytes) -> Run:

@@ -21,11 +21,12 @@ from typing import Literal
 
 import numpy as np
 
+from export import tensorrt_build
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
 from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
-from export import tensorrt_build
+from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
-from service.imaging import ResizeRule, auto_buckets
+from service.imaging import auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
 from service.streams import RuntimeStreams
 
@@ -46,7 +47,7 @@ class LoadedModel:
     providers: list[str]
     streams: int  # batches the runtime runs at once
     metadata: GraphMetadata
-    rule: ResizeRule
+    rule: InputContract  # metadata.input
     buckets: list[tuple[int, int]]
 
 
@@ -132,12 +133,12 @@ def file_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list[tuple[int, int]]:
+def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> list[tuple[int, int]]:
     texts = spec.buckets if spec.buckets is not None else settings.buckets
     buckets = sorted({parse_bucket(t) for t in texts}) if texts else auto_buckets(rule)
-    bad = [b for b in buckets if b[0] % rule.divisibility or b[1] % rule.divisibility]
+    bad = [b for b in buckets if b[0] % rule.size_divisibility or b[1] % rule.size_divisibility]
     if bad:
-        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.divisibility}")
+        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.size_divisibility}")
     return buckets
 
 
@@ -178,8 +179,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 
     if graph_path.suffix == ".onnx" and settings.runtime == "tensorrt":
         metadata = read_onnx_metadata(graph_path)
-        rule = _rule(metadata)
-        buckets = model_buckets(spec, settings, rule)
+        buckets = model_buckets(spec, settings, metadata.input)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
 
     runtime: Runtime
@@ -209,7 +209,6 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     metadata = runtime.metadata
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
-    rule = _rule(metadata)
     loaded = LoadedModel(
         name=spec.name,
         version=file_version(graph_path),
@@ -219,18 +218,12 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         providers=providers,
         streams=streams,
         metadata=metadata,
-        rule=rule,
-        buckets=model_buckets(spec, settings, rule),
+        rule=metadata.input,
+        buckets=model_buckets(spec, settings, metadata.input),
     )
     if settings.warmup:
         warm_up(loaded, settings.max_batch_size)
     return loaded
-
-
-def _rule(metadata: GraphMetadata) -> ResizeRule:
-    rules = metadata.input
-    pad = tuple(rules.pad_value)
-    return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
 
 
 def warm_up(model: LoadedModel, max_batch_size: int) -> None:

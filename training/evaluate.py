@@ -32,7 +32,9 @@ from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
 from model.finishing import finish_image
+from model.input_contract import InputContract
 from model.mask_contract import MaskKind
+from model.methods import mask_method_class
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 from training.data import CocoInstanceDataset, collate
@@ -42,7 +44,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What evaluation needs besides a runtime: input padding, the mask finishing rule and the dataset ids.
+    """What evaluation needs besides a runtime: the input contract, the mask finishing rule and the dataset ids.
 
     Built from a checkpoint's config here; a runtime that carries export metadata instead fills the same
     fields from that record.
@@ -52,35 +54,26 @@ class EvalSpec:
     mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
     mask_threshold: float | None
     box_padding: int
-    pad_value: tuple[int, ...]
-    size_divisibility: int
-    min_size: int
-    max_size: int
+    input: InputContract
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
-        model = cfg.model
-        kind, threshold = {
-            "meinst": ("box28", model.meinst.mask_threshold),
-            "embedmask": ("logprob_s4", model.embedmask.mask_threshold),
-            "fcos": (None, None),
-        }[model.method]
+        """The spec of a checkpoint's config: the mask fields its method exports (``graph_fields``)."""
+        method = mask_method_class(cfg.model.method)
+        fields = method.graph_fields(cfg.model) if method is not None else {}
         return cls(
             category_ids=list(category_ids),
-            mask_kind=kind,
-            mask_threshold=threshold,
-            box_padding=model.embedmask.box_padding,
-            pad_value=tuple(round(m) for m in model.pixel_mean),
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
+            mask_kind=fields.get("mask_kind"),
+            mask_threshold=fields.get("mask_threshold"),
+            box_padding=fields.get("box_padding", 0),
+            input=InputContract.from_config(cfg),
         )
 
 
 def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
     """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
-        return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
+        return CocoInstanceDataset(annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False)
 
 
 def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:
@@ -89,7 +82,7 @@ def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batc
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
+        collate_fn=partial(collate, size_divisibility=spec.input.size_divisibility, pad_value=tuple(spec.input.pad_value)),
     )
     results = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
