@@ -24,8 +24,8 @@ from PIL import Image
 from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16, resolve_precision
 from export.parity import compare_outputs, mask_ious, match_image
-from service.models import export_checkpoint, load_model
 from export.runtimes import OnnxRuntime
+from service.models import export_checkpoint, load_model
 from service.settings import ModelSpec, Settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint, tiny_detector
 
@@ -158,3 +158,21 @@ def test_service_serves_through_openvino(tmp_path: Path) -> None:
         )
         == []
     )
+
+
+def test_evaluation_runs_the_checkpoints_graph_through_openvino(tmp_path: Path) -> None:
+    """``training.evaluate --runtime openvino --precision fp32`` evaluates the same exported graph as
+    ``--runtime onnxruntime``, with the same outputs."""
+    from training.evaluate import make_runtime
+
+    checkpoint = str(tiny_checkpoint("embedmask", tmp_path / "tiny.pt"))
+    runtime, spec, _ = make_runtime("openvino", checkpoint, "cpu", "fp32")
+    reference, _, _ = make_runtime("onnxruntime", checkpoint, "cpu")
+    assert isinstance(runtime, OpenVinoRuntime) and runtime.precision == "fp32"
+    images = noise_images(2, 128, 160, seed=7)
+    expected = reference.infer(images)
+    assert (
+        compare_outputs(expected, runtime.infer(images), runtime.metadata, input_size=(128, 160), image_size=(128, 160))
+        == []
+    )
+    assert expected["num_dets"].min() > 0 and spec.mask_kind == runtime.metadata.mask_kind
