@@ -5,10 +5,13 @@
 Every model runs on the same real photos (the VOC JPEGs of Debian's labelme-examples), in one process,
 interleaved image by image and model by model so that load on a shared machine hits all of them alike.
 Each run is timed stage by stage; the tables show medians over every (repeat, image) run, and the
-end-to-end figure is the median of the per-run totals.
+end-to-end figure is the median of the per-run totals. Every contender runs on every CPU engine of this
+host (``engines``: onnxruntime, OpenVINO fp32, and OpenVINO bf16 where the CPU has it), so the ratio
+compares each of ours with YOLO's fastest route.
 
 - Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml, the bundled models' network) exported by
-  ``export.onnx_export.export_onnx`` to one fused graph in ``export.runtimes.OnnxRuntime``. The request
+  ``export.onnx_export.export_onnx`` to one fused graph in ``export.runtimes.OnnxRuntime`` and in
+  ``export.openvino_runtime.OpenVinoRuntime`` (one static engine for the SxS shape). The request
   path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
   ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
   side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
@@ -16,7 +19,8 @@ end-to-end figure is the median of the per-run totals.
   frame), on the same thread count as the graph and as YOLO's torch post-processing, and ``json.dumps`` of
   the response.
 - YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
-  exporter to a static SxS ONNX graph run in onnxruntime with the same thread count. The rest is what its
+  exporter to a static SxS ONNX graph run in onnxruntime and to OpenVINO IR compiled by OpenVINO (as its
+  predictor does, latency hint), with the same thread count. The rest is what its
   predictor does: ``cv2.imdecode`` (its ``imread``), ``LetterBox`` + its tensor preprocessing,
   ``ultralytics.utils.nms.non_max_suppression``, then masks in the original frame by either of its two
   routes -- ``retina`` (``ops.process_mask_native``, what ``retina_masks=True`` does) or ``default``
@@ -64,9 +68,10 @@ from ultralytics.utils import nms, ops
 
 from bench.latency import bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
+from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
+from export.runtimes import OnnxRuntime
 from model.finishing import finish_image
 from service.imaging import PreparedImage, decode_image, pad_batch, prepare_image
-from export.runtimes import OnnxRuntime
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,11 +123,15 @@ class Clock:
 
 
 class OursPipeline:
-    """MEInst or EmbedMask: the fused graph in onnxruntime behind the service's request path."""
+    """MEInst or EmbedMask: the fused graph in one of the runtimes we ship behind the service's request path."""
 
-    def __init__(self, method: str, size: int, graph: Path, threads: int) -> None:
-        self.name = f"ours-{method}"
-        self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
+    def __init__(self, method: str, size: int, graph: Path, threads: int, engine: str) -> None:
+        self.name = f"ours-{method}-{engine}"
+        self.runtime: OnnxRuntime | OpenVinoRuntime
+        if engine == "onnxruntime":
+            self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
+        else:  # one engine for the bench's one SxS shape, at the precision the service would pick
+            self.runtime = OpenVinoRuntime(graph, precision=engine.removeprefix("openvino-"), threads=threads)  # type: ignore[arg-type]
         self.threads = threads
         self.metadata = self.runtime.metadata
         self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
@@ -160,15 +169,40 @@ class OursPipeline:
         )
 
 
-class YoloPipeline:
-    """YOLO11n-seg's ONNX graph in onnxruntime with its own pre- and post-processing."""
+class YoloGraph:
+    """YOLO11n-seg's exported graph in an engine: its ONNX file in onnxruntime, or its OpenVINO IR (what
+    ``format="openvino"`` writes and its predictor loads) compiled with the given precision hint."""
 
-    def __init__(self, graph: Path, size: int, threads: int, names: dict[int, str], masks: str) -> None:
-        self.name = f"yolo11n-seg-{masks}"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+    def __init__(self, graphs: dict[str, Path], engine: str, threads: int) -> None:
+        self.engine = engine
+        if engine == "onnxruntime":
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(graphs["onnx"]), options, providers=["CPUExecutionProvider"])
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            import openvino as ov
+
+            precision = {"bf16": "bf16", "fp32": "f32"}[engine.removeprefix("openvino-")]
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}
+            self.compiled = ov.Core().compile_model(str(graphs["openvino"]), "CPU", config)
+            self.request = self.compiled.create_infer_request()
+
+    def __call__(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction, protos) of a float32 [1, 3, S, S] batch."""
+        if self.engine == "onnxruntime":
+            prediction, protos = self.session.run(None, {self.input_name: tensor})
+            return prediction, protos
+        self.request.infer({0: tensor})
+        return self.request.get_output_tensor(0).data.copy(), self.request.get_output_tensor(1).data.copy()
+
+
+class YoloPipeline:
+    """YOLO11n-seg's graph in one engine with its own pre- and post-processing."""
+
+    def __init__(self, graph: YoloGraph, size: int, names: dict[int, str], masks: str) -> None:
+        self.name = f"yolo11n-seg-{masks}-{graph.engine}"
+        self.graph = graph
         self.size, self.names, self.masks = size, names, masks
         self.letterbox = LetterBox((size, size), auto=False, stride=32)
 
@@ -179,7 +213,7 @@ class YoloPipeline:
         letterboxed = self.letterbox(image=original)
         tensor = torch.from_numpy(letterboxed).unsqueeze(0).permute(0, 3, 1, 2).contiguous().flip(1).float().div_(255)
         clock.lap("preprocess")
-        prediction, protos = (torch.from_numpy(o) for o in self.session.run(None, {self.input_name: tensor.numpy()}))
+        prediction, protos = (torch.from_numpy(o) for o in self.graph(tensor.numpy()))
         clock.lap("graph")
         pred = nms.non_max_suppression(
             prediction, conf_thres=0.0, iou_thres=YOLO_IOU, max_det=MAX_DETECTIONS, nc=len(self.names)
@@ -238,16 +272,20 @@ def yolo_with_masks(model: YOLO) -> None:
             branch[-1].bias[0] = 1.0
 
 
-def export_yolo(size: int, directory: Path) -> tuple[Path, dict[int, str]]:
-    """YOLO11n-seg from its yaml (random weights), exported by Ultralytics to a static SxS ONNX graph."""
+def export_yolo(size: int, directory: Path) -> tuple[dict[str, Path], dict[int, str]]:
+    """YOLO11n-seg from its yaml (random weights), exported by Ultralytics to a static SxS ONNX graph and
+    to OpenVINO IR (fp32 weights; the precision is chosen when it is compiled)."""
     torch.manual_seed(0)
     model = YOLO("yolo11n-seg.yaml")
     yolo_with_masks(model)
     target = directory / f"yolo11n-seg-{size}"
     target.mkdir()
+    graphs = {}
     with contextlib.chdir(target):
-        path = Path(model.export(format="onnx", imgsz=size, dynamic=False, verbose=False)).resolve()
-    return path, dict(model.names)
+        graphs["onnx"] = Path(model.export(format="onnx", imgsz=size, dynamic=False, verbose=False)).resolve()
+        folder = Path(model.export(format="openvino", imgsz=size, dynamic=False, half=False, verbose=False)).resolve()
+        graphs["openvino"] = next(folder.glob("*.xml"))
+    return graphs, dict(model.names)
 
 
 def summarise(runs: list[Run]) -> dict[str, Any]:
@@ -261,6 +299,11 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         json_bytes_median=statistics.median(len(r.body) for r in runs),
     )
     return summary
+
+
+def engines() -> list[str]:
+    """Every CPU engine on this host: onnxruntime, and OpenVINO in fp32 and, where the CPU has it, bf16."""
+    return ["onnxruntime", "openvino-fp32", *(["openvino-bf16"] if cpu_has_bf16() else [])]
 
 
 def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str], None]) -> dict[str, Any]:
@@ -285,10 +328,14 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
         ours = {method: export_ours(method, directory) for method in ("meinst", "embedmask")}
         log("exported ours")
         for size in sizes:
-            yolo_graph, names = export_yolo(size, directory)
+            yolo_graphs, names = export_yolo(size, directory)
             log(f"exported YOLO11n-seg at {size}")
-            pipelines = [OursPipeline(m, size, path, threads) for m, path in ours.items()]
-            pipelines += [YoloPipeline(yolo_graph, size, threads, names, masks) for masks in ("retina", "default")]
+            pipelines: list[OursPipeline | YoloPipeline] = [
+                OursPipeline(m, size, path, threads, engine) for m, path in ours.items() for engine in engines()
+            ]
+            for engine in engines():
+                graph = YoloGraph(yolo_graphs, engine, threads)
+                pipelines += [YoloPipeline(graph, size, names, masks) for masks in ("retina", "default")]
             runs: dict[str, list[Run]] = {p.name: [] for p in pipelines}
             for attempt in range(repeats + 1):  # the first round warms up
                 for data in encoded:
@@ -298,12 +345,13 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
                             assert run.instances >= MIN_DETECTIONS, f"{pipeline.name} at {size}: only {run.instances} instances"
                             runs[pipeline.name].append(run)
             rows = [{"model": name, "size": size, **summarise(r)} for name, r in runs.items()]
-            ours_best = min(r["total_ms"] for r in rows if r["model"].startswith("ours"))
             yolo_best = min(r["total_ms"] for r in rows if r["model"].startswith("yolo"))
             for row in rows:
                 row["yolo_best_over_this"] = yolo_best / row["total_ms"]
             results["rows"].extend(rows)
-            log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours {ours_best:.1f} ms, ratio {yolo_best / ours_best:.2f}")
+            for method in ("meinst", "embedmask"):
+                ours_best = min(r["total_ms"] for r in rows if r["model"].startswith(f"ours-{method}"))
+                log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, ratio {yolo_best / ours_best:.2f}")
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
 

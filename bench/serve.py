@@ -1,7 +1,12 @@
 """Service throughput and latency under load, batching on and off, beside the runtime's raw throughput.
 
-    python -m bench.serve [--models JSON | --tiny] [--image PATH] [--concurrency 1 4 16] [--requests N]
+    python -m bench.serve [--models JSON | --tiny] [--image PATH ...] [--concurrency 1 4 16] [--requests N]
         [--max-batch-size 8] [--max-delay-ms 0] [--output bench/results/serve.json]
+    python -m bench.serve --configs '{"name": [service flags], ...}' [--rounds 3] [--image PATH ...] ...
+
+With ``--configs``, one server per named configuration runs the bundled (or given) models, and the
+configurations take turns in interleaved rounds on every image, model and concurrency (see
+``compare_configs``); the first configuration is the baseline of the ratios.
 
 Starts ``python -m service`` twice on a loopback port -- batching on (``--max-batch-size``) and off
 (``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
@@ -36,7 +41,7 @@ import numpy as np
 from model.finishing import finish_image
 from service.imaging import decode_image, pad_batch, prepare_image
 from service.launcher import ServiceProcess
-from service.models import load_model
+from service.models import cached_name, export_checkpoint, load_model
 from service.settings import ModelSpec, Settings, bundled_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,6 +51,12 @@ WORK = RESULTS / "tmp"
 def machine() -> dict[str, Any]:
     import onnxruntime
 
+    try:
+        import openvino
+
+        openvino_info = {"openvino": openvino.__version__, "openvino_cpu_capabilities": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+    except ImportError:
+        openvino_info = {}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     return {
         "cpu_model": cpu,
@@ -54,6 +65,9 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text(),
+        **openvino_info,
     }
 
 
@@ -176,7 +190,7 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
             ))
         return count
 
-    for threads in (settings.ort_threads, None):
+    for threads in (settings.inference_threads, None):
         runtime = OnnxRuntime(model.graph_path, providers=settings.providers, threads=threads)
         for batch in sorted({1, args.max_batch_size}):
             images = pad_batch([prepared.pixels] * batch, prepared.bucket, model.rule.pad_value)
@@ -189,23 +203,82 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
                 instances = finish(outputs, batch)
                 pipeline_times.append(time.perf_counter() - started)
             run = {
-                "ort_threads": threads or "default",
+                "threads": threads or "default",
                 "batch": batch,
                 "infer_images_per_s": batch / statistics.median(infer_times),
                 "infer_and_finish_images_per_s": batch / statistics.median(pipeline_times),
                 "instances_per_image": instances / batch,
             }
             result["runs"].append(run)
-            print(f"  {spec.name:10s} raw threads {str(run['ort_threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
+            print(f"  {spec.name:10s} raw threads {str(run['threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
                   f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  ({run['instances_per_image']:.0f} instances/img)", flush=True)
     return result
+
+
+def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: list[Path]) -> dict[str, Any]:
+    """Every named service configuration at once (one server each, started before the first round), driven
+    in interleaved rounds: per round, per image, model and concurrency, each configuration in turn, so that
+    a change in the machine's load touches all of them alike. Reported per cell: the median over rounds of
+    throughput and of p50, and each configuration's ratio to the first one."""
+    configs: dict[str, list[str]] = json.loads(args.configs)
+    for spec in specs:  # export once here, not in every server at once
+        if spec.path.suffix == ".pt":
+            export_checkpoint(spec.path, args.cache_dir / cached_name(spec, ".onnx"))
+    models = json.dumps([spec.model_dump(mode="json") for spec in specs])
+    common = ["--models", models, "--cache-dir", str(args.cache_dir), "--max-batch-size", str(args.max_batch_size),
+              "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256"]
+    servers = {name: ServiceProcess([*common, *extra], WORK / f"serve_{name}.log") for name, extra in configs.items()}
+    rows: list[dict[str, Any]] = []
+    try:
+        for server in servers.values():
+            server.wait_ready(timeout=1800)  # OpenVINO compiles an engine per bucket and batch size on a first start
+        payloads = {image.name: image.read_bytes() for image in images}
+        for name, server in servers.items():
+            for spec in specs:
+                for data in payloads.values():
+                    drive(server.url, spec.name, data, 2, 8)  # warm the connection path
+        for round_index in range(args.rounds):
+            for image, data in payloads.items():
+                for spec in specs:
+                    for concurrency in args.concurrency:
+                        for name, server in servers.items():
+                            row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
+                            row.update(config=name, image=image, model=spec.name, round=round_index)
+                            rows.append(row)
+                            print(f"  round {round_index} {image[:24]:24s} {spec.name:10s} c={concurrency:<3d} {name:14s} "
+                                  f"{row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  errors {row['errors']}", flush=True)
+    finally:
+        for server in servers.values():
+            server.terminate()
+    baseline = next(iter(configs))
+    table = []
+    for image in payloads:
+        for spec in specs:
+            for concurrency in args.concurrency:
+                cell = {}
+                for name in configs:
+                    runs = [r for r in rows if (r["config"], r["image"], r["model"], r["concurrency"]) == (name, image, spec.name, concurrency)]
+                    cell[name] = {"throughput_rps": statistics.median(r["throughput_rps"] for r in runs),
+                                  "p50_ms": statistics.median(r["p50_ms"] for r in runs)}
+                for name in configs:
+                    cell[name]["throughput_vs_" + baseline] = cell[name]["throughput_rps"] / cell[baseline]["throughput_rps"]
+                    cell[name]["p50_vs_" + baseline] = cell[name]["p50_ms"] / cell[baseline]["p50_ms"]
+                table.append({"image": image, "model": spec.name, "concurrency": concurrency, "configs": cell})
+    print(f"{'image':24s} {'model':10s} {'c':>3s} " + " ".join(f"{name:>28s}" for name in configs))
+    for entry in table:
+        cells = " ".join(f"{c['throughput_rps']:6.1f} rps {c['p50_ms']:6.1f} ms x{c['throughput_vs_' + baseline]:4.2f}" for c in entry["configs"].values())
+        print(f"{entry['image'][:24]:24s} {entry['model']:10s} {entry['concurrency']:3d} {cells}")
+    return {"configs": configs, "rounds": args.rounds, "runs": rows, "table": table}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
     parser.add_argument("--tiny", action="store_true", help="random-weight tiny models instead of the bundled ones")
-    parser.add_argument("--image", type=Path, help="request image (default: a HeLa nucleus tile)")
+    parser.add_argument("--image", type=Path, nargs="+", help="request image(s) (default: a HeLa nucleus tile)")
+    parser.add_argument("--configs", help='JSON {"name": [extra service flags]}: compare these configurations instead '
+                        "(interleaved rounds, ratios to the first); batching-off and raw runs are skipped")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --configs")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, help="requests per level (default: max(40, 10 x concurrency))")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -225,10 +298,16 @@ def main() -> None:
     missing = [str(s.path) for s in specs if not s.path.is_file()]
     if missing:
         raise SystemExit(f"model files not found: {missing} (train the bundled models, or use --tiny / --models)")
-    image = args.image or default_image()
-    data = image.read_bytes()
-    report: dict[str, Any] = {"machine": machine(), "image": str(image), "models": [s.model_dump(mode="json") for s in specs], "settings": {
+    images = args.image or [default_image()]
+    data = images[0].read_bytes()
+    report: dict[str, Any] = {"machine": machine(), "image": [str(i) for i in images], "models": [s.model_dump(mode="json") for s in specs], "settings": {
         "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "concurrency": args.concurrency}}
+    if args.configs:
+        report["compare"] = compare_configs(args, specs, images)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}")
+        return
 
     print("service, batching on:")
     report["serve"] = serve_runs(args, specs, data, args.max_batch_size)

@@ -3,8 +3,10 @@
 Requests are queued by shape bucket. The worker takes the bucket whose first request is oldest, waits
 until that bucket holds ``max_batch_size`` requests or its first request has waited ``max_delay`` (a
 request that already waited that long while a batch ran goes at once), and runs the batch in a thread,
-so the event loop keeps accepting requests and answering health checks meanwhile. One batch per model
-runs at a time. A request whose caller gave up (deadline or disconnect) leaves the queue at once.
+so the event loop keeps accepting requests and answering health checks meanwhile. Up to ``max_in_flight``
+batches per model run at once (one per inference stream of the runtime, each in its own executor thread);
+the next batch forms as soon as a stream is free, from the requests that queued meanwhile. A request whose
+caller gave up (deadline or disconnect) leaves the queue at once.
 
 Admission is bounded: a request takes one of ``max_queue_size`` slots (``reserve``) before its body is read
 and decoded and holds it until its batch starts, so a burst is refused at once (503) instead of piling up
@@ -60,6 +62,7 @@ class DynamicBatcher:
         max_queue_size: int,
         executor: Executor,
         metrics: Metrics,
+        max_in_flight: int = 1,
     ) -> None:
         self.name = name
         self._infer = infer
@@ -75,6 +78,8 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
+        self._free_streams = asyncio.Semaphore(max_in_flight)
+        self._running: set[asyncio.Task[None]] = set()
 
     @property
     def depth(self) -> int:
@@ -88,11 +93,12 @@ class DynamicBatcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
-        """Refuse new requests, run every queued one, then end the worker."""
+        """Refuse new requests, run every queued one, then end the worker once its batches are done."""
         self._stopping = True
         self._wakeup.set()
         if self._worker is not None:
             await self._worker
+        await asyncio.gather(*self._running)
 
     def reserve(self) -> Reservation:
         """Hold a queue slot for a request whose image is still to be read and decoded; raises ``QueueFull``."""
@@ -144,10 +150,22 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         while True:
+            await self._free_streams.acquire()  # a batch forms only once a stream can take it
+            try:
+                if not await self._dispatch_one():
+                    return
+            except BaseException:
+                self._free_streams.release()
+                raise
+
+    async def _dispatch_one(self) -> bool:
+        """Form one batch and start it (its stream is released when it ends); False when stopped and empty."""
+        while True:
             bucket = self._oldest_bucket()
             if bucket is None:
                 if self._stopping and not self._reserved:
-                    return
+                    self._free_streams.release()
+                    return False
                 await self._wait(None)
                 continue
             queue = self._queues[bucket]
@@ -161,7 +179,14 @@ class DynamicBatcher:
                 continue
             batch = [queue.popleft() for _ in range(min(len(queue), self.max_batch_size))]
             self._set_depth(self._depth - len(batch))
-            await self._execute(bucket, batch)
+            task = asyncio.get_running_loop().create_task(self._execute(bucket, batch))
+            self._running.add(task)
+            task.add_done_callback(self._batch_done)
+            return True
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._free_streams.release()
 
     async def _execute(self, bucket: tuple[int, int], batch: list[_Pending]) -> None:
         started = time.perf_counter()

@@ -2,8 +2,10 @@
 
 A training checkpoint is exported to ONNX into the cache directory first (again only when the checkpoint
 is newer than the cached graph); with ``runtime=tensorrt`` the graph is then built into a TensorRT engine
-the same way. A model counts as ready only after it ran on every shape bucket at batch 1 and at the
-largest batch, so that no request pays for first-run allocation or engine setup.
+the same way, and with ``runtime=openvino`` OpenVINO compiles one engine per bucket and batch size (its
+model cache under ``cache_dir/openvino`` makes restarts fast). A model counts as ready only after every
+inference stream ran on every shape bucket at batch 1 and at the largest batch, so that no request pays
+for first-run allocation or engine setup.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ import numpy as np
 
 from export import tensorrt_build
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
-from export.runtimes import OnnxRuntime, TensorRTRuntime
+from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
 from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
 from model.tiling import check_overlap
 from service.imaging import auto_buckets
 from service.settings import REPO, ModelSpec, Settings, parse_bucket
+from service.streams import RuntimeStreams
 
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".plan", ".engine")
 State = Literal["loading", "ready", "failed"]
+RuntimeName = Literal["onnxruntime", "openvino", "tensorrt"]
 
 
 @dataclass
@@ -42,8 +46,9 @@ class LoadedModel:
     version: str  # first 12 hex digits of the served graph's sha256
     graph_path: Path
     runtime: Runtime
-    runtime_name: Literal["onnxruntime", "tensorrt"]
+    runtime_name: RuntimeName
     providers: list[str]
+    streams: int  # batches the runtime runs at once
     metadata: GraphMetadata
     rule: InputContract  # metadata.input
     buckets: list[tuple[int, int]]
@@ -143,6 +148,26 @@ def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> l
     return buckets
 
 
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_runtime(settings: Settings, graph_suffix: str) -> RuntimeName:
+    """The runtime for a graph file: the configured one, or for ``auto`` TensorRT for engines, onnxruntime
+    where CUDA is usable or providers were named, else OpenVINO when installed, else onnxruntime (CPU)."""
+    if settings.runtime != "auto":
+        return settings.runtime
+    if graph_suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    if settings.providers is not None or default_providers() != ["CPUExecutionProvider"]:
+        return "onnxruntime"
+    return "openvino" if openvino_installed() else "onnxruntime"
+
+
 def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
     """The graph file the runtime loads for ``spec``: a given ``.onnx`` or engine as it is, a checkpoint's
     cached export (exported first when missing or older than the checkpoint), built into a cached TensorRT
@@ -152,8 +177,8 @@ def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
         raise FileNotFoundError(f"model {spec.name}: {path} not found")
     cache = settings.cache_dir
     if path.suffix in ENGINE_SUFFIXES:
-        if settings.runtime == "onnxruntime":
-            raise ValueError(f"model {spec.name}: {path} is a TensorRT engine but runtime=onnxruntime")
+        if settings.runtime in ("onnxruntime", "openvino"):
+            raise ValueError(f"model {spec.name}: {path} is a TensorRT engine but runtime={settings.runtime}")
         graph_path = path
     elif path.suffix == ".onnx":
         graph_path = path
@@ -171,14 +196,31 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Prepare the graph (export, engine build) if needed, open the runtime, and warm it up (blocking; run it
     off the event loop)."""
     graph_path = prepare_graph(spec, settings)
-    runtime: OnnxRuntime | TensorRTRuntime
-    runtime_name: Literal["onnxruntime", "tensorrt"]
-    if graph_path.suffix in ENGINE_SUFFIXES:
+    cache = settings.cache_dir
+    runtime: Runtime
+    runtime_name = choose_runtime(settings, graph_path.suffix)
+    streams = 1
+    if runtime_name == "tensorrt":
         runtime = TensorRTRuntime(graph_path)
-        runtime_name, providers = "tensorrt", ["TensorRT"]
+        providers = ["TensorRT"]
+    elif runtime_name == "openvino":
+        from export.openvino_runtime import OpenVinoRuntime
+
+        streams = settings.inference_streams
+        runtime = OpenVinoRuntime(
+            graph_path, precision=settings.openvino_precision, threads=settings.inference_threads, streams=streams,
+            cache_dir=cache / "openvino", batch_sizes=(1, settings.max_batch_size),
+        )
+        providers = list(runtime.providers)
     else:
-        runtime = OnnxRuntime(graph_path, providers=settings.providers, threads=settings.ort_threads)
-        runtime_name, providers = "onnxruntime", list(runtime.providers)
+        def session() -> OnnxRuntime:
+            return OnnxRuntime(graph_path, providers=settings.providers, threads=settings.inference_threads)
+
+        first = session()
+        # Streams are for the CPU: one CUDA session already overlaps the host work of consecutive batches.
+        streams = 1 if first.accelerated else settings.inference_streams
+        runtime = RuntimeStreams([first, *(session() for _ in range(streams - 1))])
+        providers = list(first.providers)
     metadata = runtime.metadata
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
@@ -189,6 +231,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         runtime=runtime,
         runtime_name=runtime_name,
         providers=providers,
+        streams=streams,
         metadata=metadata,
         rule=metadata.input,
         buckets=model_buckets(spec, settings, metadata.input),
@@ -200,13 +243,15 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 
 
 def warm_up(model: LoadedModel, max_batch_size: int) -> None:
-    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value."""
+    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value, once per
+    stream (the streams take turns in order, so each one sees every shape)."""
     started = time.perf_counter()
     for bucket in model.buckets:
         for batch in sorted({1, max_batch_size}):
             flat = np.empty((batch, 3, *bucket), dtype=np.uint8)
             flat[...] = np.asarray(model.rule.pad_value, dtype=np.uint8)[None, :, None, None]
-            model.runtime.infer(flat)
+            for _ in range(model.streams):
+                model.runtime.infer(flat)
     log.info("model %s warmed up on %d buckets in %.1f s", model.name, len(model.buckets), time.perf_counter() - started)
 
 

@@ -4,7 +4,7 @@ A segmentation request goes through small named steps (as LitServe names them): 
 size-checked) -> ``decode`` (the model's intensity rule, EXIF orientation) -> ``choose_scale`` (the request's
 scale, or a first pass for ``scale=auto``) -> ``prepare`` (resize by the model's size rule times the scale,
 bucket, or tiles when larger than every bucket; worker threads) -> the model's ``DynamicBatcher`` (batch ->
-predict in the model's inference thread -> unbatch) -> ``finish`` (``model.finishing.finish_image``: paste,
+predict in one of the model's inference threads, one per stream -> unbatch) -> ``finish`` (``model.finishing.finish_image``: paste,
 threshold, RLE; in a worker thread; tiles merged) -> ``answer`` -> ``encode_response`` (JSON; or, in a worker
 thread, a PNG from ``service.render``: the label image, or the decoded image drawn with its instances).
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
@@ -51,6 +51,9 @@ from service.settings import Settings
 from service.tiled import TiledImage, prepare_tiles, run_tiles
 
 log = logging.getLogger(__name__)
+
+# KServe v2 platform names of the runtimes.
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino_onnx"}
 
 
 class ServiceError(Exception):
@@ -119,7 +122,7 @@ class SegmentService:
             model = await asyncio.to_thread(self.registry.load, name)
             if model is None or self.stopping:
                 continue
-            pool = ThreadPoolExecutor(1, thread_name_prefix=f"onestage-infer-{name}")
+            pool = ThreadPoolExecutor(model.streams, thread_name_prefix=f"onestage-infer-{name}")
             batcher = DynamicBatcher(
                 name,
                 model.runtime.infer,
@@ -129,6 +132,7 @@ class SegmentService:
                 max_queue_size=self.settings.max_queue_size,
                 executor=pool,
                 metrics=self.metrics,
+                max_in_flight=model.streams,
             )
             batcher.start()
             self.inference_pools[name], self.batchers[name] = pool, batcher
@@ -465,7 +469,7 @@ class SegmentService:
         return ModelMetadata(
             name=model.name,
             versions=[model.version],
-            platform="tensorrt_plan" if model.runtime_name == "tensorrt" else "onnxruntime_onnx",
+            platform=PLATFORMS[model.runtime_name],
             state=entry.state,
             error=entry.error,
             runtime=model.runtime_name,

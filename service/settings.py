@@ -67,6 +67,21 @@ def _spare_cores() -> int:
     return max(_cores() - _cores() // 2, 1)
 
 
+def default_threads_per_stream() -> int:
+    """Inference threads per stream: 1 up to 7 usable cores, then a quarter of them (see ``default_streams``)."""
+    return max(_cores() // 4, 1)
+
+
+def default_streams() -> int:
+    """Parallel inference streams: the usable cores divided by the threads per stream (2 x 1 on 2 cores,
+    4 x 2 on 8, 4 x 4 on 16). On few cores a second batch in flight uses a core better than a second
+    thread inside one batch (a second onnxruntime thread made the 2-core service slower); beyond 4 streams
+    the per-stream threads grow instead, so that a lone request still gets a quarter of the machine.
+    Request decoding and mask finishing share the cores with the streams (~15-25% of a request's CPU time).
+    """
+    return max(_cores() // default_threads_per_stream(), 1)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onestage"
 
@@ -86,18 +101,33 @@ class Settings(BaseSettings):
         default_factory=bundled_models,
         description='served models, JSON [{"name", "path", "buckets"?}]; default: the bundled models/ checkpoints',
     )
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="where checkpoints are exported to ONNX (and TensorRT engines built)")
-    runtime: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="where checkpoints are exported to ONNX, TensorRT engines built and OpenVINO's model cache kept",
+    )
+    runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
         "auto",
-        description="auto: onnxruntime (CUDA when available, else CPU) or TensorRT for engine paths; "
-        "onnxruntime; tensorrt: build/load TensorRT engines (GPU hosts)",
+        description="auto: TensorRT for engine paths, onnxruntime on CUDA when usable (or when providers are given), "
+        "else OpenVINO when installed, else onnxruntime on the CPU; onnxruntime; openvino (CPU); "
+        "tensorrt: build/load TensorRT engines (GPU hosts)",
     )
     providers: list[str] | None = Field(None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)")
-    ort_threads: int = Field(
-        default_factory=lambda: max(_cores() // 2, 1),
+    inference_streams: int = Field(
+        default_factory=default_streams,
         ge=1,
-        description="onnxruntime intra-op threads per model; default half the cores, the other half decodes and finishes "
-        "masks meanwhile (a pool of all cores would fight them for the CPU)",
+        le=64,
+        description="batches of one model in flight at once on the CPU runtimes (OpenVINO streams, or onnxruntime "
+        "sessions); default: the cores divided by inference_threads",
+    )
+    inference_threads: int = Field(
+        default_factory=default_threads_per_stream,
+        ge=1,
+        description="threads of each inference stream (onnxruntime intra-op threads, OpenVINO INFERENCE_NUM_THREADS / "
+        "streams); default 1 up to 7 cores, then a quarter of the cores",
+    )
+    openvino_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="OpenVINO's inference precision: auto is bf16 where the CPU has it (AVX-512 BF16, AMX), else fp32",
     )
     tensorrt_fp16: bool = Field(False, description="build TensorRT engines with FP16 convolution trunks")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the batcher forms (1 turns batching off)")

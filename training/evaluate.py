@@ -267,17 +267,24 @@ def evaluate(
     return {iou_type: coco_metrics(dataset, results, iou_type) for iou_type in iou_types}
 
 
-def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
-    """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata."""
+def make_runtime(
+    name: str, checkpoint: str, device: str, precision: str = "auto"
+) -> tuple[Runtime, EvalSpec, dict[str, Any]]:
+    """The runtime called ``name`` for ``checkpoint``, its EvalSpec, and the checkpoint's metadata
+    (``precision``: OpenVINO's, auto = bf16 where the CPU has it)."""
     model, cfg, metadata = load_detector(checkpoint, device)
     spec = EvalSpec.from_config(cfg, metadata["category_ids"], metadata.get("object_size"))
     if name == "torch":
         return TorchRuntime(model, device), spec, metadata
-    if name == "onnxruntime":
+    if name in ("onnxruntime", "openvino"):
         # The fused graph of this very checkpoint, exported next to it, so both runtimes see the same weights.
         graph = Path(f"{checkpoint}.onnx")
         if not graph.exists() or graph.stat().st_mtime < Path(checkpoint).stat().st_mtime:
             export_onnx(model, cfg, metadata, graph)
+        if name == "openvino":
+            from export.openvino_runtime import OpenVinoRuntime
+
+            return OpenVinoRuntime(graph, precision=precision), spec, metadata
         return OnnxRuntime(str(graph)), spec, metadata
     raise ValueError(f"unknown runtime {name!r}")
 
@@ -307,8 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
-                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime")
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime "
+                        "or OpenVINO")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="OpenVINO's inference precision (auto: bf16 where the CPU has it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scale", type=scale_argument, default=1.0, metavar="S|auto",
                         help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                         "or half the shortest tile side when that is less)")
     args = parser.parse_args(argv)
 
-    runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
+    runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device, args.precision)
     contract = spec.input
     if args.scale == "auto" and contract.object_size is None:
         parser.error("--scale auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
@@ -347,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         "tile_buckets": [list(bucket) for bucket in buckets],
         "tile_overlap": overlap,
         "scale": args.scale,
+        "runtime": args.runtime,
+        **({"precision": runtime.precision} if args.runtime == "openvino" else {}),
     }
     print(json.dumps(summary))
 

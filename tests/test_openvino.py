@@ -1,0 +1,178 @@
+"""OpenVINO against onnxruntime on the same fused graphs, and the service's OpenVINO setting.
+
+fp32 (forced, as on a CPU without bf16) must reproduce onnxruntime as tightly as the export parity
+checks eager PyTorch: tiny random-weight detectors, images of noise, every detection, masks IoU >= 0.99.
+
+bf16 is checked on the bundled trained models and real HeLa tiles instead: random weights give a dense
+carpet of near-equal scores, so bf16 rounding reorders the 100-detection cut and flips detections at the
+score threshold, and their EmbedMask spatial embeddings (position scale 20) lose the RBF coupling to
+cancellation; neither says anything about a trained model. What a user sees must agree: every detection
+scoring >= 0.3 on one side is on the other (same class, box within 2 px, score within 0.02), and the
+finished masks of the pairs overlap with median IoU >= 0.97, each >= 0.9 (nuclei are ~20 px wide, so one
+pixel of boundary is ~5% IoU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.onnx_export import export_onnx
+from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16, resolve_precision
+from export.parity import compare_outputs, mask_ious, match_image
+from export.runtimes import OnnxRuntime
+from service.models import export_checkpoint, load_model
+from service.settings import ModelSpec, Settings
+from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint, tiny_detector
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIDENT = 0.3
+
+
+def noise_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, 3, height, width), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module", params=["meinst", "embedmask"])
+def tiny_graph(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, cfg = tiny_detector(request.param)
+    path = tmp_path_factory.mktemp("openvino") / f"{request.param}.onnx"
+    export_onnx(model, cfg, {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}, path)
+    return path
+
+
+def test_fp32_matches_onnxruntime_on_every_detection(tiny_graph: Path) -> None:
+    reference_runtime = OnnxRuntime(tiny_graph, providers=["CPUExecutionProvider"])
+    runtime = OpenVinoRuntime(tiny_graph, precision="fp32", threads=1, batch_sizes=(1, 2))
+    assert runtime.metadata == reference_runtime.metadata and runtime.output_names == reference_runtime.output_names
+    # A batch of 3 with engines for batch 1 and 2 runs as 2 + 1: the chunks must line up with the images.
+    images = noise_images(3, 128, 192)
+    reference, candidate = reference_runtime.infer(images), runtime.infer(images)
+    for name, value in reference.items():
+        assert candidate[name].dtype == value.dtype and candidate[name].shape == value.shape, name
+    assert (reference["num_dets"] > 10).all()
+    problems = compare_outputs(reference, candidate, runtime.metadata, input_size=(128, 192), image_size=(192, 288))
+    assert problems == []
+    assert runtime.shapes == [(1, 128, 192), (2, 128, 192)]
+
+
+def test_runtime_rejects_inputs_outside_the_contract(tiny_graph: Path) -> None:
+    runtime = OpenVinoRuntime(tiny_graph, precision="fp32", threads=1)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        runtime.infer(noise_images(1, 100, 128))
+    with pytest.raises(ValueError, match="uint8"):
+        runtime.infer(noise_images(1, 96, 128).astype(np.float32))
+
+
+def test_auto_precision_follows_the_cpu() -> None:
+    assert resolve_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("fp32") == "fp32"
+    if not cpu_has_bf16():
+        with pytest.raises(ValueError, match="lacks it"):
+            resolve_precision("bf16")
+
+
+def test_model_cache_makes_a_second_start_fast(tiny_graph: Path, tmp_path: Path) -> None:
+    images = noise_images(1, 160, 224, seed=3)
+    started = time.perf_counter()
+    first = OpenVinoRuntime(tiny_graph, precision="fp32", threads=1, cache_dir=tmp_path).infer(images)
+    cold = time.perf_counter() - started
+    assert any(tmp_path.iterdir()), "OpenVINO wrote no model cache"
+    started = time.perf_counter()
+    second = OpenVinoRuntime(tiny_graph, precision="fp32", threads=1, cache_dir=tmp_path).infer(images)
+    warm = time.perf_counter() - started
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert warm < cold
+
+
+def confident(outputs: dict[str, np.ndarray], image: int) -> dict[str, np.ndarray]:
+    """One image's detections scoring >= CONFIDENT, as a batch of one in the graph's layout."""
+    keep = np.flatnonzero(outputs["scores"][image, : int(outputs["num_dets"][image])] >= CONFIDENT)
+    return {
+        "num_dets": np.array([len(keep)]),
+        **{k: outputs[k][image : image + 1, keep] for k in ("boxes", "scores", "classes", "masks")},
+    }
+
+
+@pytest.fixture(scope="module")
+def hela_tiles(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """Three 256x256 HeLa nucleus tiles (the bundled models' input size) as a uint8 batch."""
+    from training.nucleus import build
+
+    root = tmp_path_factory.mktemp("hela")
+    build(str(root), tile=256, frames=1)
+    tiles = sorted((root / "val").glob("*.png"))[:3]
+    return np.stack([np.asarray(Image.open(t).convert("RGB")).transpose(2, 0, 1) for t in tiles])
+
+
+@pytest.mark.skipif(
+    not cpu_has_bf16(),
+    reason="this CPU has no bf16 (no BF16 in OpenVINO's OPTIMIZATION_CAPABILITIES); fp32 is tested above",
+)
+@pytest.mark.parametrize("method", ["meinst", "embedmask"])
+def test_bf16_keeps_what_users_see_on_a_trained_model(method: str, hela_tiles: np.ndarray, tmp_path: Path) -> None:
+    graph = export_checkpoint(REPO / "models" / f"{method}_nucleus" / "model.pt", tmp_path / f"{method}.onnx")
+    reference = OnnxRuntime(graph, providers=["CPUExecutionProvider"]).infer(hela_tiles)
+    runtime = OpenVinoRuntime(graph, precision="bf16", threads=1)
+    assert runtime.precision == "bf16"
+    candidate = runtime.infer(hela_tiles)
+    ious: list[float] = []
+    for image in range(len(hela_tiles)):
+        ours, theirs = confident(reference, image), confident(candidate, image)
+        pairs, problems = match_image(ours, theirs, 0, rtol=0.0, atol=2.0)  # same class, box corners within 2 px
+        assert problems == []
+        scores = np.array([[ours["scores"][0, a], theirs["scores"][0, b]] for a, b in pairs])
+        assert np.abs(scores[:, 0] - scores[:, 1]).max() <= 0.02
+        ious += mask_ious(ours, theirs, 0, pairs, runtime.metadata, input_size=(256, 256), image_size=(256, 256))
+    assert len(ious) >= 15
+    assert np.median(ious) >= 0.97 and min(ious) >= 0.9, sorted(ious)[:5]
+
+
+def test_service_serves_through_openvino(tmp_path: Path) -> None:
+    """``--runtime openvino``: one engine per bucket at batch 1 and the largest batch, compiled at warm-up
+    into the cache directory, and a batch of 3 answered as the engines of 2 and 1 would."""
+    spec = ModelSpec(name="tiny", path=tiny_checkpoint("meinst", tmp_path / "tiny.pt"), buckets=["128x128", "128x192"])
+    settings = Settings(
+        models=[spec],
+        cache_dir=tmp_path / "cache",
+        runtime="openvino",
+        openvino_precision="fp32",
+        max_batch_size=2,
+        inference_streams=2,
+        inference_threads=1,
+    )
+    model = load_model(spec, settings)
+    assert (model.runtime_name, model.streams) == ("openvino", 2)
+    assert isinstance(model.runtime, OpenVinoRuntime)
+    assert model.runtime.shapes == [(1, 128, 128), (1, 128, 192), (2, 128, 128), (2, 128, 192)]
+    assert any((tmp_path / "cache" / "openvino").iterdir())
+    images = noise_images(3, 128, 192, seed=5)
+    reference = OnnxRuntime(model.graph_path, providers=["CPUExecutionProvider"]).infer(images)
+    assert (
+        compare_outputs(
+            reference, model.runtime.infer(images), model.metadata, input_size=(128, 192), image_size=(128, 192)
+        )
+        == []
+    )
+
+
+def test_evaluation_runs_the_checkpoints_graph_through_openvino(tmp_path: Path) -> None:
+    """``training.evaluate --runtime openvino --precision fp32`` evaluates the same exported graph as
+    ``--runtime onnxruntime``, with the same outputs."""
+    from training.evaluate import make_runtime
+
+    checkpoint = str(tiny_checkpoint("embedmask", tmp_path / "tiny.pt"))
+    runtime, spec, _ = make_runtime("openvino", checkpoint, "cpu", "fp32")
+    reference, _, _ = make_runtime("onnxruntime", checkpoint, "cpu")
+    assert isinstance(runtime, OpenVinoRuntime) and runtime.precision == "fp32"
+    images = noise_images(2, 128, 160, seed=7)
+    expected = reference.infer(images)
+    assert (
+        compare_outputs(expected, runtime.infer(images), runtime.metadata, input_size=(128, 160), image_size=(128, 160))
+        == []
+    )
+    assert expected["num_dets"].min() > 0 and spec.mask_kind == runtime.metadata.mask_kind
