@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -109,7 +110,9 @@ class TorchRuntime:
         return sorted(self._captured)
 
     def _dense(self, images: torch.Tensor) -> DenseOutputs:
-        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.float32), enabled=self.precision != "fp32"):
+        with torch.autocast(
+            self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.float32), enabled=self.precision != "fp32"
+        ):
             _, head, method_outputs = self.model.dense_outputs(images)
         return _float32(head, method_outputs)
 

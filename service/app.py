@@ -33,7 +33,7 @@ from service import finishing
 from service.batcher import BackendError, DynamicBatcher, Outputs, QueueFull
 from service.imaging import IMAGE_CONTENT_TYPES, ImageRejected, PreparedImage, configure_pil, decode_image, prepare_image
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.models import LoadedModel, ModelEntry, ModelRegistry
+from service.models import TRITON_PLATFORMS, LoadedModel, ModelEntry, ModelRegistry
 from service.schemas import RLE, ErrorResponse, Instance, Liveness, MaskFormat, ModelList, ModelMetadata, Readiness, SegmentResponse, TensorInfo
 from service.settings import Settings
 
@@ -310,7 +310,7 @@ class SegmentService:
         return ModelMetadata(
             name=model.name,
             versions=[model.version],
-            platform="tensorrt_plan" if model.runtime_name == "tensorrt" else "onnxruntime_onnx",
+            platform=TRITON_PLATFORMS[model.runtime_name],
             state=entry.state,
             error=entry.error,
             runtime=model.runtime_name,

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".plan", ".engine")
+CHECKPOINT_SUFFIX = ".pt"
+RuntimeName = Literal["onnxruntime", "tensorrt", "torch"]
+# The platform name Triton's model metadata gives each runtime's models.
+TRITON_PLATFORMS: dict[str, str] = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
 State = Literal["loading", "ready", "failed"]
 
 
@@ -38,7 +42,7 @@ class LoadedModel:
     version: str  # first 12 hex digits of the served graph's sha256
     graph_path: Path
     runtime: Runtime
-    runtime_name: Literal["onnxruntime", "tensorrt"]
+    runtime_name: RuntimeName
     providers: list[str]
     metadata: GraphMetadata
     rule: ResizeRule
@@ -146,6 +150,8 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     path = spec.path
     if not path.is_file():
         raise FileNotFoundError(f"model {spec.name}: {path} not found")
+    if settings.runtime == "torch":
+        return _finish_loading(spec, settings, path, *open_torch_runtime(spec, settings))
     cache = settings.cache_dir
     if path.suffix in ENGINE_SUFFIXES:
         if settings.runtime == "onnxruntime":
@@ -163,14 +169,42 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
 
     runtime: OnnxRuntime | TensorRTRuntime
-    runtime_name: Literal["onnxruntime", "tensorrt"]
+    runtime_name: RuntimeName
     if graph_path.suffix in ENGINE_SUFFIXES:
         runtime = TensorRTRuntime(graph_path)
         runtime_name, providers = "tensorrt", ["TensorRT"]
     else:
         runtime = OnnxRuntime(graph_path, providers=settings.providers, threads=settings.ort_threads)
         runtime_name, providers = "onnxruntime", list(runtime.providers)
-    metadata = runtime.metadata
+    return _finish_loading(spec, settings, graph_path, runtime, runtime.metadata, runtime_name, providers)
+
+
+def open_torch_runtime(spec: ModelSpec, settings: Settings) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
+    """The checkpoint's detector in PyTorch (``runtime=torch``; torch is imported only here) and the
+    metadata record its export would carry."""
+    if spec.path.suffix != CHECKPOINT_SUFFIX:
+        raise ValueError(f"model {spec.name}: runtime=torch serves training checkpoints (.pt), got {spec.path}")
+    from export.metadata import build_metadata
+    from model.runtime import TorchRuntime, default_device
+    from training.checkpoint import load_detector
+
+    device = default_device()
+    model, cfg, checkpoint_metadata = load_detector(spec.path)
+    runtime = TorchRuntime(
+        model, device, precision=settings.torch_precision, channels_last=settings.torch_channels_last,
+        cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda", compile=settings.torch_compile,
+    )
+    if settings.torch_cuda_graphs and device.type != "cuda":
+        log.warning("model %s: torch_cuda_graphs needs a CUDA device; running without", spec.name)
+    providers = [str(device), settings.torch_precision, *(["cuda_graphs"] if runtime.cuda_graphs else []), *(["compile"] if settings.torch_compile else [])]
+    return runtime, build_metadata(cfg, checkpoint_metadata), "torch", providers
+
+
+def _finish_loading(
+    spec: ModelSpec, settings: Settings, graph_path: Path, runtime: Runtime, metadata: GraphMetadata,
+    runtime_name: RuntimeName, providers: list[str],
+) -> LoadedModel:
+    """The loaded model around an open runtime (``graph_path``: the file served), warmed up unless disabled."""
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
     rule = _rule(metadata)
@@ -186,7 +220,8 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         buckets=model_buckets(spec, settings, rule),
     )
     if settings.warmup:
-        warm_up(loaded, settings.max_batch_size)
+        # A CUDA graph serves one exact shape: capture every batch size the batcher may form.
+        warm_up(loaded, settings.max_batch_size, every_batch_size=settings.runtime == "torch" and settings.torch_cuda_graphs)
     return loaded
 
 
@@ -196,11 +231,12 @@ def _rule(metadata: GraphMetadata) -> ResizeRule:
     return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
 
 
-def warm_up(model: LoadedModel, max_batch_size: int) -> None:
-    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value."""
+def warm_up(model: LoadedModel, max_batch_size: int, every_batch_size: bool = False) -> None:
+    """Run every bucket at batch 1 and at ``max_batch_size`` (or at every batch size up to it) on a flat
+    image of the padding value."""
     started = time.perf_counter()
     for bucket in model.buckets:
-        for batch in sorted({1, max_batch_size}):
+        for batch in range(1, max_batch_size + 1) if every_batch_size else sorted({1, max_batch_size}):
             flat = np.empty((batch, 3, *bucket), dtype=np.uint8)
             flat[...] = np.asarray(model.rule.pad_value, dtype=np.uint8)[None, :, None, None]
             model.runtime.infer(flat)

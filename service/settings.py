@@ -84,11 +84,20 @@ class Settings(BaseSettings):
         description='served models, JSON [{"name", "path", "buckets"?}]; default: the bundled models/ checkpoints',
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="where checkpoints are exported to ONNX (and TensorRT engines built)")
-    runtime: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+    runtime: Literal["auto", "onnxruntime", "tensorrt", "torch"] = Field(
         "auto",
         description="auto: onnxruntime (CUDA when available, else CPU) or TensorRT for engine paths; "
-        "onnxruntime; tensorrt: build/load TensorRT engines (GPU hosts)",
+        "onnxruntime; tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch "
+        "(CUDA when available, else CPU; .pt paths only)",
     )
+    torch_precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="runtime=torch: autocast of the network part (selection, NMS and mask decode stay float32)"
+    )
+    torch_channels_last: bool = Field(True, description="runtime=torch: NHWC weights and inputs")
+    torch_cuda_graphs: bool = Field(
+        False, description="runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
+    )
+    torch_compile: bool = Field(False, description="runtime=torch: torch.compile the network part (compiles during warm-up)")
     providers: list[str] | None = Field(None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)")
     ort_threads: int = Field(
         default_factory=lambda: max(_cores() // 2, 1),
