@@ -191,7 +191,8 @@ def open_torch_runtime(spec: ModelSpec, settings: Settings) -> tuple[Runtime, Gr
     device = default_device()
     model, cfg, checkpoint_metadata = load_detector(spec.path)
     runtime = TorchRuntime(
-        model, device, precision=settings.torch_precision, channels_last=settings.torch_channels_last,
+        model, device, precision=settings.torch_precision,
+        channels_last=settings.torch_channels_last if settings.torch_channels_last is not None else device.type == "cuda",
         cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda", compile=settings.torch_compile,
     )
     if settings.torch_cuda_graphs and device.type != "cuda":

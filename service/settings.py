@@ -93,7 +93,9 @@ class Settings(BaseSettings):
     torch_precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="runtime=torch: autocast of the network part (selection, NMS and mask decode stay float32)"
     )
-    torch_channels_last: bool = Field(True, description="runtime=torch: NHWC weights and inputs")
+    torch_channels_last: bool | None = Field(
+        None, description="runtime=torch: NHWC weights and inputs (default: on CUDA devices only; on the CPU it slowed the bundled models 2x)"
+    )
     torch_cuda_graphs: bool = Field(
         False, description="runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
     )
