@@ -16,7 +16,9 @@ from service.settings import REPO
 
 def test_dry_run_runs_every_part_and_says_what_it_skipped(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    done = subprocess.run([str(REPO / "bench" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(REPO / "bench" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True, text=True, timeout=900, check=False
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and "finished" in summary
@@ -27,12 +29,20 @@ def test_dry_run_runs_every_part_and_says_what_it_skipped(tmp_path: Path) -> Non
     assert "not_measured" in summary and (out / "gpu_check.log").stat().st_size > 0
 
     rows = {name: json.loads((out / f"{name}.json").read_text())["rows"] for name in PARTS}
-    assert {(r["backbone"], r["model"]) for r in rows["latency"]} == {(b, m) for b in ("mnv2", "r50") for m in ("meinst", "embedmask")}
+    assert {(r["backbone"], r["model"]) for r in rows["latency"]} == {
+        (b, m) for b in ("mnv2", "r50") for m in ("meinst", "embedmask")
+    }
     assert all(r["infer_ms"] > 0 and r["detections_per_image"] > 0 for r in rows["latency"])
-    assert {(r["backbone"], r["model"]) for r in rows["training"]} == {(b, m) for b in ("mnv2", "r50") for m in ("maskrcnn", "meinst", "embedmask")}
+    assert {(r["backbone"], r["model"]) for r in rows["training"]} == {
+        (b, m) for b in ("mnv2", "r50") for m in ("maskrcnn", "meinst", "embedmask")
+    }
     assert all(r["seconds_per_image"] > 0 and r["speed_vs_maskrcnn"] > 0 for r in rows["training"])
     torch_rows = [r for r in rows["parity"] if r["runtime"] == "torch-cpu"]
     assert len(torch_rows) == 2 and all(r["within_bar"] for r in torch_rows)  # eager and graph on one CPU agree
-    assert {(r["model"], r["batching"]) for r in rows["serve"]} == {(m, b) for m in ("meinst", "embedmask") for b in (True, False)}
+    assert {(r["model"], r["batching"]) for r in rows["serve"]} == {
+        (m, b) for m in ("meinst", "embedmask") for b in (True, False)
+    }
     assert all(r["errors"] == 0 and r["inference_ms"] > 0 for r in rows["serve"])
-    assert {r["test"].rsplit("::", 1)[1] for r in rows["tests"] if r["outcome"] == "skipped"} >= {"test_cuda_matches_the_cpu_graph[meinst]"}
+    assert {r["test"].rsplit("::", 1)[1] for r in rows["tests"] if r["outcome"] == "skipped"} >= {
+        "test_cuda_matches_the_cpu_graph[meinst]"
+    }
