@@ -67,7 +67,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from model.backbone import load_imagenet_state
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from training.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import EvalSpec, coco_metrics, eval_dataset
 from training.solver import build_optimizer, build_scheduler

@@ -8,11 +8,11 @@ Each run is timed stage by stage; the tables show medians over every (repeat, im
 end-to-end figure is the median of the per-run totals.
 
 - Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml, the bundled models' network) exported by
-  ``export.onnx_export.export_onnx`` to one fused graph in ``service.runtimes.OnnxRuntime``. The request
+  ``export.onnx_export.export_onnx`` to one fused graph in ``export.runtimes.OnnxRuntime``. The request
   path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
   ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
   side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
-  ``service.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
+  ``model.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
   frame), on the same thread count as the graph and as YOLO's torch post-processing, and ``json.dumps`` of
   the response.
 - YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
@@ -64,9 +64,9 @@ from ultralytics.utils import nms, ops
 
 from bench.latency import bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
-from service.finishing import finish_image
-from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
-from service.runtimes import OnnxRuntime
+from model.finishing import finish_image
+from service.imaging import PreparedImage, decode_image, pad_batch, prepare_image
+from export.runtimes import OnnxRuntime
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +125,7 @@ class OursPipeline:
         self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
         self.threads = threads
         self.metadata = self.runtime.metadata
-        rules = self.metadata.input
-        self.rule = ResizeRule(min_size=size, max_size=size, divisibility=rules.size_divisibility, pad_value=tuple(rules.pad_value))
+        self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
         self.buckets = [(size, size)]
 
     def __call__(self, data: bytes) -> Run:

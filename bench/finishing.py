@@ -1,4 +1,4 @@
-"""Mask finishing speed: `service.finishing.finish_image` vs the full-frame route.
+"""Mask finishing speed: `model.finishing.finish_image` vs the full-frame route.
 
 The full-frame route is what detectron2 and EM-mrcnn evaluation do: paste each instance into a canvas of
 the whole image with torch (grid_sample for MEInst, F.interpolate for EmbedMask), threshold, and call
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from service.finishing import LOGPROB_STRIDE, OUTSIDE_LOG_PROB, finish_image, scale_boxes
+from model.finishing import LOGPROB_STRIDE, OUTSIDE_LOG_PROB, finish_image, scale_boxes
 
 SIZES = [(512, 512), (800, 1333)]
 INSTANCES = 100

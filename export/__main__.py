@@ -25,7 +25,7 @@ from export.tensorrt_build import Profile, build_engine, default_profile, engine
 from export.triton_repo import onnx_tensor_specs, write_repository
 from model.config import Config
 from model.detector import OneStageDetector
-from training.checkpoint import load_detector
+from model.checkpoint import load_detector
 
 
 def _parser() -> argparse.ArgumentParser:

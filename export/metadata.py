@@ -1,8 +1,9 @@
 """The metadata record that travels with an exported graph (ONNX ``metadata_props``, engine sidecar, Triton).
 
 A runtime needs more than the graph to turn its outputs into instances: the method and mask kind (how to
-finish masks), the thresholds, the class names and dataset ids, and the input rules (uint8 RGB NCHW, H and
-W multiples of 32, the resize rule and the padding value). One JSON record carries all of it.
+finish masks), the thresholds, the class names and dataset ids, and the input contract
+(``model.input_contract.InputContract``: uint8 RGB NCHW, the resize rule, H and W multiples of 32 and the
+padding value). One JSON record carries all of it.
 """
 
 from __future__ import annotations
@@ -15,27 +16,16 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from model.config import Config
+from model.input_contract import InputContract
+from model.mask_contract import MaskKind
 
 METADATA_KEY = "onestage"
 FORMAT_VERSION = 1
 INPUT_NAME = "images"
 DETECTION_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
 MASK_OUTPUT = "masks"
-MaskKind = Literal["box28", "logprob_s4"]
-
-
-class InputRules(BaseModel):
-    """How a client must prepare ``images`` (detectron2 ResizeShortestEdge, then pad bottom/right)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    layout: Literal["NCHW"] = "NCHW"
-    dtype: Literal["uint8"] = "uint8"
-    color: Literal["RGB"] = "RGB"
-    size_divisibility: int
-    min_size: int  # shorter side after resize
-    max_size: int  # longer side at most this
-    pad_value: list[int]  # the rounded pixel mean: padding normalises to about zero
+# Node names carry the module path under this attribute of ``export.onnx_export.GraphModule`` ("/model/backbone/...").
+WRAPPED_NAME = "model"
 
 
 class GraphMetadata(BaseModel):
@@ -55,7 +45,7 @@ class GraphMetadata(BaseModel):
     mask_size: int | None = None  # MEInst box-relative mask side (28)
     mask_stride: int | None = None  # EmbedMask map stride (4)
     box_padding: int | None = None  # EmbedMask crop around each box, in stride-4 cells
-    input: InputRules
+    input: InputContract  # the field name of graphs already exported
     input_name: str = INPUT_NAME
     output_names: list[str]
 
@@ -100,12 +90,7 @@ def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMet
         max_detections=model.head.max_detections,
         pre_nms_topk=model.head.pre_nms_topk,
         strides=list(model.head.strides),
-        input=InputRules(
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
-            pad_value=[round(m) for m in model.pixel_mean],
-        ),
+        input=InputContract.from_config(cfg),
         output_names=outputs,
         **mask_fields,
     )

@@ -20,8 +20,6 @@ from model.config import Config
 from model.detector import OneStageDetector
 
 DEFAULT_OPSET = 17
-# Node names carry the module path under this wrapper attribute ("/model/backbone/...").
-WRAPPED_NAME = "model"
 
 
 class GraphModule(nn.Module):

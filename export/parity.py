@@ -2,7 +2,7 @@
 
 Detections are matched one to one within each image (same class, boxes and scores within tolerance),
 preferring the same slot, so that two candidates whose scores tie exactly may trade places. Masks are
-compared as users get them: both sides' matched detections go through ``service.finishing.finish_image``
+compared as users get them: both sides' matched detections go through ``model.finishing.finish_image``
 and the two COCO RLEs of each pair must overlap with IoU >= ``min_mask_iou``.
 """
 
@@ -14,10 +14,10 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from export.metadata import GraphMetadata
+from export.runtimes import OnnxRuntime
 from model.detector import OneStageDetector
+from model.finishing import finish_image
 from model.runtime import TorchRuntime
-from service.finishing import finish_image
-from service.runtimes import OnnxRuntime
 
 Outputs = dict[str, np.ndarray]
 

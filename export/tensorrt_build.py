@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.metadata import GraphMetadata, read_onnx_metadata, write_engine_sidecar
-from export.onnx_export import WRAPPED_NAME
+from export.metadata import WRAPPED_NAME, GraphMetadata, read_onnx_metadata, write_engine_sidecar
 from export.triton_repo import TensorSpec
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,10 @@
-"""The runtime interface, and the PyTorch runtime: eager for evaluation, tuned for serving on a GPU.
+"""The PyTorch runtime behind the runtime interface (``model.runtime_protocol.Runtime``): eager for
+evaluation, tuned for serving on a GPU.
 
-Evaluation, the service and the parity checks hold a ``Runtime`` and never know whether PyTorch,
-onnxruntime or TensorRT is behind it. Outputs (numpy, padded to ``max_detections``): ``num_dets [B]``
+Its outputs are the fused ONNX graph's contract (numpy, padded to ``max_detections``): ``num_dets [B]``
 int64, ``boxes [B,K,4]`` float32 xyxy input pixels, ``scores [B,K]`` float32, ``classes [B,K]`` int64 and,
 for mask methods, ``masks`` float32 (MEInst ``[B,K,28,28]`` box-relative probabilities, EmbedMask
-``[B,K,H/4,W/4]`` log-probabilities) -- the fused ONNX graph's contract.
+``[B,K,H/4,W/4]`` log-probabilities).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,12 +29,6 @@ AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.
 CAPTURE_WARMUP_RUNS = 3
 
 DenseOutputs = tuple[FCOSHeadOutputs, "MethodOutputs | None"]
-
-
-class Runtime(Protocol):
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """``images``: uint8 [B, 3, H, W] RGB, H and W multiples of 32."""
-        ...
 
 
 def default_device() -> torch.device:

@@ -15,16 +15,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from export.metadata import GraphMetadata
-from service.imaging import ResizeRule, auto_buckets
+from export import tensorrt_build
+from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
+from export.runtimes import OnnxRuntime, TensorRTRuntime
+from model.input_contract import InputContract
+from model.runtime_protocol import Runtime
+from service.imaging import auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
-
-if TYPE_CHECKING:
-    from model.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,11 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 CHECKPOINT_SUFFIX = ".pt"
 RuntimeName = Literal["onnxruntime", "tensorrt", "torch"]
 # The platform name Triton's model metadata gives each runtime's models.
-TRITON_PLATFORMS: dict[str, str] = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+TRITON_PLATFORMS: dict[str, str] = {
+    "onnxruntime": "onnxruntime_onnx",
+    "tensorrt": "tensorrt_plan",
+    "torch": "pytorch_libtorch",
+}
 State = Literal["loading", "ready", "failed"]
 
 
@@ -45,7 +50,7 @@ class LoadedModel:
     runtime_name: RuntimeName
     providers: list[str]
     metadata: GraphMetadata
-    rule: ResizeRule
+    rule: InputContract  # metadata.input
     buckets: list[tuple[int, int]]
 
 
@@ -80,8 +85,9 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
     if _newer(target, checkpoint):
         log.info("using cached graph %s for %s", target, checkpoint)
         return target
+    # Lazy: only a training checkpoint needs torch; a service given .onnx graphs never imports it.
     from export.onnx_export import export_onnx
-    from training.checkpoint import load_detector
+    from model.checkpoint import load_detector
 
     log.info("exporting %s to %s", checkpoint, target)
     model, cfg, checkpoint_metadata = load_detector(checkpoint)
@@ -97,14 +103,11 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
 def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings) -> Path:
     """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``, unless the cached
     one is newer than the graph and was built the same way (profile, precision, TensorRT version, GPU)."""
-    from export.metadata import read_engine_sidecar
-    from export.tensorrt_build import Profile, build_engine, build_identity, default_profile
-
-    default = default_profile(metadata, settings.max_batch_size)
+    default = tensorrt_build.default_profile(metadata, settings.max_batch_size)
     largest = (settings.max_batch_size, 3, max(max(b[0] for b in buckets), default.max[2]), max(max(b[1] for b in buckets), default.max[3]))
-    profile = Profile(min=default.min, opt=default.opt, max=largest)
+    profile = tensorrt_build.Profile(min=default.min, opt=default.opt, max=largest)
     if _newer(target, onnx_path):
-        wanted = build_identity(profile, fp16=settings.tensorrt_fp16)
+        wanted = tensorrt_build.build_identity(profile, fp16=settings.tensorrt_fp16)
         try:
             built = read_engine_sidecar(target)[1]
         except (FileNotFoundError, ValueError, KeyError):
@@ -116,7 +119,7 @@ def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, 
     log.info("building TensorRT engine %s from %s (max shape %s)", target, onnx_path, largest)
     tmp = _atomic_output(target)
     try:
-        build_engine(onnx_path, tmp, profile, fp16=settings.tensorrt_fp16)
+        tensorrt_build.build_engine(onnx_path, tmp, profile, fp16=settings.tensorrt_fp16)
         os.replace(tmp, target)
         os.replace(f"{tmp}.json", f"{target}.json")
     finally:
@@ -133,20 +136,17 @@ def file_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list[tuple[int, int]]:
+def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> list[tuple[int, int]]:
     texts = spec.buckets if spec.buckets is not None else settings.buckets
     buckets = sorted({parse_bucket(t) for t in texts}) if texts else auto_buckets(rule)
-    bad = [b for b in buckets if b[0] % rule.divisibility or b[1] % rule.divisibility]
+    bad = [b for b in buckets if b[0] % rule.size_divisibility or b[1] % rule.size_divisibility]
     if bad:
-        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.divisibility}")
+        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.size_divisibility}")
     return buckets
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Export if needed, open the runtime, and warm it up (blocking; run it off the event loop)."""
-    from export.metadata import read_onnx_metadata
-    from service.runtimes import OnnxRuntime, TensorRTRuntime
-
     path = spec.path
     if not path.is_file():
         raise FileNotFoundError(f"model {spec.name}: {path} not found")
@@ -164,8 +164,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 
     if graph_path.suffix == ".onnx" and settings.runtime == "tensorrt":
         metadata = read_onnx_metadata(graph_path)
-        rule = _rule(metadata)
-        buckets = model_buckets(spec, settings, rule)
+        buckets = model_buckets(spec, settings, metadata.input)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
 
     runtime: OnnxRuntime | TensorRTRuntime
@@ -179,25 +178,28 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     return _finish_loading(spec, settings, graph_path, runtime, runtime.metadata, runtime_name, providers)
 
 
-def open_torch_runtime(spec: ModelSpec, settings: Settings) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
+def open_torch_runtime(
+    spec: ModelSpec, settings: Settings
+) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
     """The checkpoint's detector in PyTorch (``runtime=torch``; torch is imported only here) and the
     metadata record its export would carry."""
     if spec.path.suffix != CHECKPOINT_SUFFIX:
         raise ValueError(f"model {spec.name}: runtime=torch serves training checkpoints (.pt), got {spec.path}")
     from export.metadata import build_metadata
+    from model.checkpoint import load_detector
     from model.runtime import TorchRuntime, default_device
-    from training.checkpoint import load_detector
 
     device = default_device()
     model, cfg, checkpoint_metadata = load_detector(spec.path)
     runtime = TorchRuntime(
         model, device, precision=settings.torch_precision,
-        channels_last=settings.torch_channels_last if settings.torch_channels_last is not None else device.type == "cuda",
+        channels_last=device.type == "cuda" if settings.torch_channels_last is None else settings.torch_channels_last,
         cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda", compile=settings.torch_compile,
     )
     if settings.torch_cuda_graphs and device.type != "cuda":
         log.warning("model %s: torch_cuda_graphs needs a CUDA device; running without", spec.name)
-    providers = [str(device), settings.torch_precision, *(["cuda_graphs"] if runtime.cuda_graphs else []), *(["compile"] if settings.torch_compile else [])]
+    providers = [str(device), settings.torch_precision]
+    providers += [*(["cuda_graphs"] if runtime.cuda_graphs else []), *(["compile"] if settings.torch_compile else [])]
     return runtime, build_metadata(cfg, checkpoint_metadata), "torch", providers
 
 
@@ -205,10 +207,10 @@ def _finish_loading(
     spec: ModelSpec, settings: Settings, graph_path: Path, runtime: Runtime, metadata: GraphMetadata,
     runtime_name: RuntimeName, providers: list[str],
 ) -> LoadedModel:
-    """The loaded model around an open runtime (``graph_path``: the file served), warmed up unless disabled."""
+    """The loaded model around an open runtime (``graph_path``: the file served), warmed up unless
+    disabled."""
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
-    rule = _rule(metadata)
     loaded = LoadedModel(
         name=spec.name,
         version=file_version(graph_path),
@@ -217,19 +219,14 @@ def _finish_loading(
         runtime_name=runtime_name,
         providers=providers,
         metadata=metadata,
-        rule=rule,
-        buckets=model_buckets(spec, settings, rule),
+        rule=metadata.input,
+        buckets=model_buckets(spec, settings, metadata.input),
     )
     if settings.warmup:
         # A CUDA graph serves one exact shape: capture every batch size the batcher may form.
-        warm_up(loaded, settings.max_batch_size, every_batch_size=settings.runtime == "torch" and settings.torch_cuda_graphs)
+        every_batch_size = settings.runtime == "torch" and settings.torch_cuda_graphs
+        warm_up(loaded, settings.max_batch_size, every_batch_size=every_batch_size)
     return loaded
-
-
-def _rule(metadata: GraphMetadata) -> ResizeRule:
-    rules = metadata.input
-    pad = tuple(rules.pad_value)
-    return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
 
 
 def warm_up(model: LoadedModel, max_batch_size: int, every_batch_size: bool = False) -> None:

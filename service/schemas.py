@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MaskFormat = Literal["rle", "polygon", "none"]
-
 
 class RLE(BaseModel):
     """COCO compressed RLE; ``pycocotools.mask.decode`` gives an [H, W] mask of the original image."""

@@ -2,7 +2,7 @@
 
 The detectors are small MobileNetV2-FPN networks (32 channels) with a head re-initialised so that any
 textured image (a photo, a nucleus tile) yields detections with distinct scores and boxes a few strides
-wide; the MEInst codec decodes to disks. They are saved with `training.checkpoint.save_checkpoint`, so the
+wide; the MEInst codec decodes to disks. They are saved with `model.checkpoint.save_checkpoint`, so the
 service loads them exactly as it loads trained checkpoints (export to ONNX on start).
 """
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from training.checkpoint import save_checkpoint
+from model.checkpoint import save_checkpoint
 
 CLASS_NAMES = ["cell", "nucleus", "debris"]
 CATEGORY_IDS = [3, 5, 9]  # non-contiguous dataset ids, so responses must map class indices

@@ -19,7 +19,7 @@ from export.metadata import GraphMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx
 from export.parity import compare_outputs
 from model.runtime import TorchRuntime
-from service.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_detector
 
 CHECKPOINT_METADATA = {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}

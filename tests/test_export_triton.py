@@ -13,9 +13,9 @@ from tritonclient.grpc import model_config_pb2
 from export.__main__ import main as export_main
 from export.metadata import GraphMetadata, build_metadata, read_onnx_metadata
 from export.triton_repo import TensorSpec, render_config, write_repository
-from service.runtimes import OnnxRuntime
+from export.runtimes import OnnxRuntime
 from tests.test_export_onnx import CHECKPOINT_METADATA, noise_images, tiny_detector
-from training.checkpoint import save_checkpoint
+from model.checkpoint import save_checkpoint
 
 ONNX_TO_TRITON = {
     onnx.TensorProto.UINT8: model_config_pb2.TYPE_UINT8,

@@ -1,7 +1,7 @@
 """Mask finishing equals the full-frame torch pastes of the reference implementations and pycocotools' RLE.
 
 The references paste into a canvas of the whole image with torch, as detectron2 (MEInst) and EM-mrcnn
-(EmbedMask) do; `service.finishing` works box-locally and must give the same binary masks and the same
+(EmbedMask) do; `model.finishing` works box-locally and must give the same binary masks and the same
 RLE strings, bit for bit, over random masks, borders, ties, empty and full masks, and scale factors.
 """
 
@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from service import mask_kernel
-from service.finishing import (
+from model import mask_kernel
+from model.finishing import (
     LOGPROB_STRIDE,
     MIN_INSTANCES_PER_WORKER,
     OUTSIDE_LOG_PROB,

@@ -17,7 +17,11 @@ from service.settings import REPO
 def test_dry_run_runs_every_part_and_says_what_it_skipped(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(
-        [str(REPO / "bench" / "gpu_check.sh"), str(out), "--dry-run"], capture_output=True, text=True, timeout=900, check=False
+        [str(REPO / "bench" / "gpu_check.sh"), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
-from service.finishing import finish_image
+from model.finishing import finish_image
 from tests.conftest import cpu_config, overfit
 from training.data import CocoInstanceDataset
 

@@ -21,11 +21,13 @@ import torch
 from export.metadata import GraphMetadata, build_metadata
 from export.onnx_export import export_onnx
 from export.parity import compare_outputs, mask_ious
+from export.runtimes import OnnxRuntime
+from model.checkpoint import load_detector
+from model.input_contract import resize_rgb
 from model.runtime import Precision, TorchRuntime
-from service.imaging import ResizeRule, decode_image, resize_to_rule
+from service.imaging import decode_image
 from service.launcher import ServiceProcess
 from service.models import load_model
-from service.runtimes import OnnxRuntime
 from service.settings import REPO, ModelSpec, Settings
 from tests.service_models import (
     CATEGORY_IDS,
@@ -34,7 +36,6 @@ from tests.service_models import (
     tiny_detector,
 )
 from tests.test_service import nucleus_tile, offline, post
-from training.checkpoint import load_detector
 
 CHECKPOINT_METADATA = {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}
 BUNDLED = {
@@ -55,9 +56,8 @@ def noise_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
 
 def tile_batch(nucleus_root: Path, count: int) -> np.ndarray:
     """``count`` HeLa validation tiles (128 pixels) at the bundled models' test size, 256x256."""
-    rule = ResizeRule(min_size=TILE_SIZE[0], max_size=2 * TILE_SIZE[0], divisibility=32, pad_value=(0, 0, 0))
     paths = sorted((nucleus_root / "val").glob("*.png"))[:count]
-    return np.stack([resize_to_rule(decode_image(p.read_bytes(), 10**8), rule) for p in paths])
+    return np.stack([resize_rgb(decode_image(p.read_bytes(), 10**8), TILE_SIZE[0], 2 * TILE_SIZE[0]) for p in paths])
 
 
 def confident_agreement(

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from model.config import Config, SolverConfig, load_config
 from model.meinst.codec import PCAMaskCodec
-from training import checkpoint as checkpoint_module
+from model import checkpoint as checkpoint_module
 from training import nucleus
-from training.checkpoint import load_checkpoint, load_detector, save_checkpoint
+from model.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from training.data import CocoInstanceDataset
 from training.fit_codec import fit_codec
 from training.solver import build_optimizer, lr_factor

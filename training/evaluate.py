@@ -5,7 +5,7 @@
 
 Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``, run through a
 ``Runtime`` (the eager model here; any runtime with the same ``infer`` contract plugs in via
-``make_runtime``) and finished by ``service.finishing.finish_image``, the function the service uses, so
+``make_runtime``) and finished by ``model.finishing.finish_image``, the function the service uses, so
 evaluation measures what users get. The COCO results file holds the dataset's category ids, xywh boxes
 in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
 APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
@@ -27,10 +27,15 @@ import torch
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from export.onnx_export import export_onnx
+from export.runtimes import OnnxRuntime
+from model.checkpoint import load_detector
 from model.config import Config
-from model.runtime import Runtime, TorchRuntime
-from service.finishing import MaskKind, finish_image
-from training.checkpoint import load_detector
+from model.finishing import finish_image
+from model.input_contract import InputContract
+from model.mask_contract import MaskKind
+from model.runtime import TorchRuntime
+from model.runtime_protocol import Runtime
 from training.data import CocoInstanceDataset, collate
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -38,7 +43,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What evaluation needs besides a runtime: input padding, the mask finishing rule and the dataset ids.
+    """What evaluation needs besides a runtime: the input contract, the mask finishing rule and the dataset ids.
 
     Built from a checkpoint's config here; a runtime that carries export metadata instead fills the same
     fields from that record.
@@ -48,10 +53,7 @@ class EvalSpec:
     mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
     mask_threshold: float | None
     box_padding: int
-    pad_value: tuple[int, ...]
-    size_divisibility: int
-    min_size: int
-    max_size: int
+    input: InputContract
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
@@ -66,17 +68,14 @@ class EvalSpec:
             mask_kind=kind,
             mask_threshold=threshold,
             box_padding=model.embedmask.box_padding,
-            pad_value=tuple(round(m) for m in model.pixel_mean),
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
+            input=InputContract.from_config(cfg),
         )
 
 
 def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
     """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
-        return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
+        return CocoInstanceDataset(annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False)
 
 
 def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1) -> list[dict[str, Any]]:
@@ -85,7 +84,7 @@ def predict(runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batc
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
+        collate_fn=partial(collate, size_divisibility=spec.input.size_divisibility, pad_value=tuple(spec.input.pad_value)),
     )
     results = []
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
@@ -159,9 +158,6 @@ def make_runtime(name: str, checkpoint: str, device: str) -> tuple[Runtime, Eval
         return TorchRuntime(model, device), spec, metadata
     if name == "onnxruntime":
         # The fused graph of this very checkpoint, exported next to it, so both runtimes see the same weights.
-        from export.onnx_export import export_onnx
-        from service.runtimes import OnnxRuntime
-
         graph = Path(f"{checkpoint}.onnx")
         if not graph.exists() or graph.stat().st_mtime < Path(checkpoint).stat().st_mtime:
             export_onnx(model, cfg, metadata, graph)

@@ -50,7 +50,7 @@ from model.config import Config, load_config
 from model.detector import OneStageDetector
 from model.fcos_outputs import InstanceTargets
 from model.runtime import TorchRuntime
-from training.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import EvalSpec, eval_dataset, evaluate
 from training.fit_codec import fit_codec

@@ -4,7 +4,7 @@ pixels and write the full-frame COCO RLE counts at once, with no mask array in b
 Every instance k reads source cells `source[index[k]]` ([y, x]) and covers image rows
 `row_start[k] + i` for i < `row_end[k] - row_begin[k]`, whose bilinear taps are `row_lo[row_begin[k] + i]`
 (first cell; the second is the next one, clamped to the map) with weight `row_w_hi[...]` on the second;
-columns likewise. `service.finishing` computes the taps with the index and weight rules of the torch
+columns likewise. `model.finishing` computes the taps with the index and weight rules of the torch
 reference ops, so the kernel only has to reproduce the arithmetic of each pixel's value:
 
 - fast: a pixel's value is a convex combination of its four cells, so a rectangle of pixels between the

@@ -1,22 +1,25 @@
-"""Graph runtimes behind the ``model.runtime.Runtime`` interface: onnxruntime and TensorRT.
+"""Graph runtimes behind the ``model.runtime_protocol.Runtime`` interface: onnxruntime and TensorRT.
 
 Both take uint8 RGB ``images [B, 3, H, W]`` (H, W multiples of 32) and return the graph contract as numpy
 arrays (``num_dets``, ``boxes``, ``scores``, ``classes`` and, for mask methods, ``masks``), and expose the
-exported ``metadata`` record, so the service never needs the checkpoint or the config.
+exported ``metadata`` record, so the service never needs the checkpoint or the config. The module does not
+import torch (only the TensorRT runtime's methods do), so a service running ONNX graphs never loads it.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from export.metadata import METADATA_KEY, GraphMetadata, read_engine_sidecar
 from export.tensorrt_build import import_tensorrt
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,13 @@ def default_providers() -> list[str]:
     onnxruntime-gpu lists its CUDA provider even on hosts that cannot load it, so the device is checked
     too; the TensorRT provider is left to explicit requests (it builds an engine per new input shape).
     """
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ["CPUExecutionProvider"]
+    # Only a GPU build of onnxruntime gets here; torch (installed beside it on GPU hosts) is imported this
+    # late so that CPU serving never loads it.
+    import torch
+
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if torch.cuda.is_available() else ["CPUExecutionProvider"]
 
 
 class OnnxRuntime:
@@ -88,10 +95,13 @@ class TensorRTRuntime:
     """A serialized TensorRT engine (from ``python -m export --format tensorrt``) on one CUDA device.
 
     Buffers are torch CUDA tensors; the engine's optimization profile bounds the accepted shapes. Integer
-    outputs come back as int64 whatever width the engine uses.
+    outputs come back as int64 whatever width the engine uses. torch is imported by its methods, not by this
+    module, so that a service running ONNX graphs never loads it (it is needed only where engines run).
     """
 
     def __init__(self, engine_path: str | Path, device: str = "cuda:0") -> None:
+        import torch  # lazy: see the class docstring
+
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise RuntimeError("the TensorRT runtime needs a CUDA device, and torch sees none")
@@ -109,6 +119,8 @@ class TensorRTRuntime:
         self._dtypes = {n: _torch_dtype(trt, self._engine.get_tensor_dtype(n)) for n in names}
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        import torch  # lazy: see the class docstring
+
         batch = check_images(images, self.metadata.input.size_divisibility)
         name = self.metadata.input_name
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
@@ -130,6 +142,8 @@ class TensorRTRuntime:
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    import torch  # lazy: see TensorRTRuntime
+
     table = {
         trt.float32: torch.float32,
         trt.float16: torch.float16,

@@ -13,7 +13,7 @@ paste into a full-frame canvas with torch:
 
 Nothing is computed outside an instance's reach: bilinear resampling is separable, so this module finds,
 per axis, the pixels each mask's source cells can touch and their taps (cell index and weight, by torch's
-rules), and the compiled kernel (`service.mask_kernel`) thresholds those pixels and writes the full-frame
+rules), and the compiled kernel (`model.mask_kernel`) thresholds those pixels and writes the full-frame
 column-major RLE counts directly; pycocotools writes the count strings.
 """
 
@@ -23,15 +23,13 @@ import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from service import mask_kernel
-
-MaskKind = Literal["box28", "logprob_s4"]
-MaskFormat = Literal["rle", "polygon", "none"]
+from model import mask_kernel
+from model.mask_contract import MaskFormat, MaskKind
 DEFAULT_MASK_THRESHOLDS: dict[str, float] = {"box28": 0.5, "logprob_s4": 0.53}
 # The EmbedMask graph's contract (model.embedmask.method): stride of the map, value outside each crop.
 LOGPROB_STRIDE = 4
