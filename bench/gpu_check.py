@@ -58,7 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "parity", "latency", "training", "serve", "graphs")
 # Seconds each part may take on the GPU (about 8 minutes in all with the install).
-BUDGETS = {"tests": 60, "parity": 45, "latency": 75, "training": 85, "serve": 110, "graphs": 85}
+BUDGETS = {"tests": 90, "parity": 45, "latency": 75, "training": 85, "serve": 100, "graphs": 70}
 DRY_BUDGETS = dict.fromkeys(PARTS, 300)  # caps only: on a loaded 2-core CPU a part took minutes
 KILL_GRACE_S = 10  # past its budget a part is killed (it stops itself between measurements before that)
 PARITY_BAR_AP = 0.2
@@ -250,8 +250,11 @@ def nucleus_val(work: Path, plan: Plan) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------- tests
 def run_tests(part: Part, plan: Plan, work: Path) -> None:
-    """The tests that need a GPU: the ``cuda``-marked ones, then test_tensorrt.py's (which skip without TensorRT)."""
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    """The tests that need a GPU: the ``cuda``-marked ones, then test_tensorrt.py's (which skip without TensorRT).
+
+    pytest runs verbose into a log, so that a run cut off at the part's cap still shows which tests passed.
+    """
+    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
     runs = (
         ("cuda-marked tests", [*pytest, "-m", "cuda", *CUDA_TEST_FILES[:2]], work / "junit_cuda.xml"),
         ("TensorRT tests", [*pytest, CUDA_TEST_FILES[2]], work / "junit_tensorrt.xml"),
@@ -260,18 +263,17 @@ def run_tests(part: Part, plan: Plan, work: Path) -> None:
         with part.attempt(what, needs_s=5) as go:
             if not go:
                 continue
-            try:
-                done = subprocess.run(
-                    [*command, f"--junitxml={xml}"],
-                    cwd=REPO,
-                    capture_output=True,
-                    text=True,
-                    timeout=max(part.left() - 2, 5),
-                    check=False,
-                )
-                part.record.setdefault("output_tail", {})[what] = (done.stdout + done.stderr)[-3000:]
-            except subprocess.TimeoutExpired:
-                part.skip(what, "pytest ran past the part's budget; the cases below are those it finished")
+            log = xml.with_suffix(".log")
+            with log.open("w") as output:
+                command += [f"--junitxml={xml}"]
+                process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+                try:
+                    process.wait(timeout=max(part.left() - 2, 5))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                    part.skip(what, "pytest ran past the part's cap: output_tail shows the tests it finished")
+            part.record.setdefault("output_tail", {})[what] = log.read_text()[-4000:]
             for case in junit_cases(xml):
                 part.add(case)
 
@@ -371,7 +373,7 @@ def run_latency(part: Part, plan: Plan, work: Path) -> None:
     target = device()
     rng = np.random.default_rng(0)
     height, width = plan.latency_size
-    for backbone in BACKBONES:
+    for backbone in ("r50", "mnv2"):  # the papers' backbone first
         for method in ("meinst", "embedmask"):
             with part.attempt(f"{backbone} {method}", needs_s=5) as go:
                 if not go:

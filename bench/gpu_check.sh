@@ -32,5 +32,5 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-# The parts' time caps add up to 460 s and each stops itself; this is the backstop.
+# The parts' time caps add up to 465 s and each stops itself; this is the backstop.
 timeout 530 python3 -m bench.gpu_check "$OUT" "$@"

@@ -104,9 +104,14 @@ class TorchRuntime:
         return sorted(self._captured)
 
     def _dense(self, images: torch.Tensor) -> DenseOutputs:
-        with torch.autocast(
-            self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.float32), enabled=self.precision != "fp32"
-        ):
+        autocast = torch.autocast(
+            self.device.type,
+            dtype=AUTOCAST_DTYPES.get(self.precision, torch.float32),
+            enabled=self.precision != "fp32",
+            # Autocast's cache of cast weights must stay out of CUDA graph captures (torch's graph docs).
+            cache_enabled=not self.cuda_graphs,
+        )
+        with autocast:
             _, head, method_outputs = self.model.dense_outputs(images)
         return _float32(head, method_outputs)
 
