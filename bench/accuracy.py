@@ -99,14 +99,16 @@ class SizedInputTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-def build_maskrcnn(cfg: Config, mask_head_channels: int) -> MaskRCNN:
+def build_maskrcnn(cfg: Config, mask_head_channels: int, imagenet: bool = True) -> MaskRCNN:
     """Mask R-CNN on our MobileNetV2 (ImageNet weights, frozen BN, frozen early blocks) with a C2-C5 FPN,
-    its four-conv mask head ``mask_head_channels`` wide (torchvision's default is 256)."""
+    its four-conv mask head ``mask_head_channels`` wide (torchvision's default is 256). ``imagenet=False``
+    keeps the random initialisation (speed measurements on hosts without the weights package)."""
     features = mobilenet_v2(norm_layer=FrozenBatchNorm2d).features
-    state = load_imagenet_state(cfg.model.backbone)
-    if state is None:
-        raise ValueError("the peer needs the config's ImageNet backbone weights (model.backbone.weights)")
-    features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")})
+    if imagenet:
+        state = load_imagenet_state(cfg.model.backbone)
+        if state is None:
+            raise ValueError("the peer needs the config's ImageNet backbone weights (model.backbone.weights)")
+        features.load_state_dict({k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")})
     for block in features[: FROZEN_BLOCKS[min(cfg.model.backbone.freeze_at, 3)]]:
         block.requires_grad_(False)
     backbone = BackboneWithFPN(features[:18], RETURN_LAYERS, IN_CHANNELS, cfg.model.fpn.out_channels)

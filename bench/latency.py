@@ -58,8 +58,9 @@ def bench_config(method: str) -> Config:
     return load_config(CONFIG, [f"model.method={method}"])
 
 
-def bench_detector(cfg: Config, seed: int = 0) -> OneStageDetector:
-    """The recipe's backbone with random heads that detect: see the module docstring."""
+def bench_detector(cfg: Config, seed: int = 0, calibration_size: tuple[int, int] = (512, 512)) -> OneStageDetector:
+    """The recipe's backbone with random heads that detect: see the module docstring (the class bias is set
+    on a noise image of ``calibration_size``)."""
     torch.manual_seed(seed)
     model = OneStageDetector(cfg.model).eval()
     head = model.head
@@ -74,7 +75,7 @@ def bench_detector(cfg: Config, seed: int = 0) -> OneStageDetector:
             yy, xx = np.mgrid[:28, :28]
             disk = 3.0 - 0.02 * ((yy - 13.5) ** 2 + (xx - 13.5) ** 2)
             model.mask_method.codec.load_arrays(components, np.linspace(4.0, 1.0, k), disk.ravel())
-        images = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, 3, 512, 512), dtype=np.uint8))
+        images = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, 3, *calibration_size), dtype=np.uint8))
         features = model.backbone((images.float() - model.pixel_mean) / model.pixel_std)
         logits = torch.cat([level.flatten() for level in head(features).logits])
         threshold = float(np.log(cfg.model.head.score_threshold / (1 - cfg.model.head.score_threshold)))

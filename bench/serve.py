@@ -12,7 +12,8 @@ Starts ``python -m service`` twice on a loopback port -- batching on (``--max-ba
 (``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
 request when the last one is answered) at each concurrency, one model at a time, with the same image
 (default: a 256x256 HeLa nucleus tile, the bundled models' domain). Reported per level: throughput,
-p50/p95/p99 latency and the mean batch size the server ran (from its /metrics).
+p50/p95/p99 latency, and from the server's /metrics the mean batch size it ran and where the time went
+(decode and resize, queue wait, one batch through the runtime, mask finishing; means in ms).
 
 With no server running, the same graph is timed in this process (onnxruntime, same image, padded into the
 same bucket): batch 1 and ``max_batch_size`` images per ``infer`` call, alone and followed by
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import threading
 import time
@@ -130,24 +132,40 @@ def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) ->
     }
 
 
-def batch_stats(url: str, model: str) -> tuple[float, float]:
-    """(images, batches) the server ran for ``model`` so far."""
+# Where a request's time goes, from the service's own histograms (per image, except inference: per batch).
+STAGES = ("preprocess_duration_seconds", "queue_wait_seconds", "inference_duration_seconds", "mask_finishing_seconds")
+
+
+def server_sums(url: str, model: str) -> dict[str, float]:
+    """``_sum`` and ``_count`` of the batch-size and stage histograms the server recorded for ``model`` so far."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {
+    names = {f"onestage_{h}_{part}" for h in ("batch_size", *STAGES) for part in ("sum", "count")}
+    return {
         sample.name: sample.value
         for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
         for sample in family.samples
-        if sample.labels.get("model") == model and sample.name in ("onestage_batch_size_sum", "onestage_batch_size_count")
+        if sample.labels.get("model") == model and sample.name in names
     }
-    return values["onestage_batch_size_sum"], values["onestage_batch_size_count"]
+
+
+def level_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean batch size and the mean milliseconds of each stage between two ``server_sums`` readings."""
+    def delta(name: str) -> float:
+        return after[name] - before[name]
+
+    stats = {"mean_batch_size": delta("onestage_batch_size_sum") / max(delta("onestage_batch_size_count"), 1)}
+    for stage in STAGES:
+        name = f"onestage_{stage}"
+        stats[f"{stage.removesuffix('_seconds').removesuffix('_duration')}_ms"] = 1e3 * delta(f"{name}_sum") / max(delta(f"{name}_count"), 1)
+    return stats
 
 
 def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, max_batch_size: int) -> list[dict[str, Any]]:
     models = json.dumps([spec.model_dump(mode="json") for spec in specs])
     server = ServiceProcess(
         ["--models", models, "--cache-dir", str(args.cache_dir), "--max-batch-size", str(max_batch_size),
-         "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256"],
+         "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256", *shlex.split(args.service_args)],
         WORK / f"serve_batch{max_batch_size}.log",
     )
     rows = []
@@ -156,14 +174,14 @@ def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, ma
         for spec in specs:
             drive(server.url, spec.name, data, 2, 8)  # warm the connection path
             for concurrency in args.concurrency:
-                images_before, batches_before = batch_stats(server.url, spec.name)
+                before = server_sums(server.url, spec.name)
                 row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
-                images, batches = batch_stats(server.url, spec.name)
-                row.update(model=spec.name, max_batch_size=max_batch_size, mean_batch_size=(images - images_before) / max(batches - batches_before, 1))
+                row.update(model=spec.name, max_batch_size=max_batch_size, **level_stats(before, server_sums(server.url, spec.name)))
                 rows.append(row)
                 print(f"  {spec.name:10s} batch<={max_batch_size:<2d} c={concurrency:<3d} {row['throughput_rps']:7.1f} req/s  "
                       f"p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
-                      f"mean batch {row['mean_batch_size']:.2f}  errors {row['errors']}", flush=True)
+                      f"mean batch {row['mean_batch_size']:.2f}  queue {row['queue_wait_ms']:.1f}  batch run {row['inference_ms']:.1f}  "
+                      f"finish {row['mask_finishing_ms']:.1f} ms  errors {row['errors']}", flush=True)
     finally:
         server.terminate()
     return rows
@@ -285,6 +303,7 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, default=Settings.model_fields["max_delay_ms"].default, help="the batcher's wait (default: the service's)")
     parser.add_argument("--raw-repeats", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
+    parser.add_argument("--service-args", default="", help='more flags for python -m service, e.g. "--runtime torch"')
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
 

@@ -41,14 +41,20 @@ class OneStageDetector(nn.Module):
     def forward(
         self, images: torch.Tensor, targets: list[InstanceTargets] | None = None
     ) -> dict[str, torch.Tensor] | Detections:
-        features = self.backbone((images.float() - self.pixel_mean) / self.pixel_std)
-        head = self.head(features)
-        method_outputs = self.mask_method(features, head) if self.mask_method is not None else None
+        features, head, method_outputs = self.dense_outputs(images)
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets")
             return self._losses(images, features, head, method_outputs, targets)
-        return self._inference(head, method_outputs)
+        return self.detect(head, method_outputs)
+
+    def dense_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], FCOSHeadOutputs, MethodOutputs | None]:
+        """The network part of ``forward``: normalisation, backbone + FPN, head and mask branch (every shape
+        fixed by the input's, so a serving runtime may autocast, compile or capture it as a CUDA graph)."""
+        features = self.backbone((images.float() - self.pixel_mean) / self.pixel_std)
+        head = self.head(features)
+        method_outputs = self.mask_method(features, head) if self.mask_method is not None else None
+        return features, head, method_outputs
 
     def _losses(
         self,
@@ -82,7 +88,8 @@ class OneStageDetector(nn.Module):
             losses.update(self.mask_method.losses(method_outputs, context))
         return losses
 
-    def _inference(self, head: FCOSHeadOutputs, method_outputs: MethodOutputs | None) -> Detections:
+    def detect(self, head: FCOSHeadOutputs, method_outputs: MethodOutputs | None) -> Detections:
+        """The graph contract from the dense outputs: selection, NMS, padding, mask decode (data-dependent shapes)."""
         levels = [
             LevelPredictions(
                 logits=head.logits[i],

@@ -36,8 +36,16 @@ from service.streams import RuntimeStreams
 log = logging.getLogger(__name__)
 
 ENGINE_SUFFIXES = (".plan", ".engine")
+CHECKPOINT_SUFFIX = ".pt"
+RuntimeName = Literal["onnxruntime", "openvino", "tensorrt", "torch"]
+# The platform name Triton's model metadata gives each runtime's models.
+TRITON_PLATFORMS: dict[str, str] = {
+    "onnxruntime": "onnxruntime_onnx",
+    "openvino": "openvino_onnx",
+    "tensorrt": "tensorrt_plan",
+    "torch": "pytorch_libtorch",
+}
 State = Literal["loading", "ready", "failed"]
-RuntimeName = Literal["onnxruntime", "openvino", "tensorrt"]
 
 
 @dataclass
@@ -175,6 +183,8 @@ def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
     path = spec.path
     if not path.is_file():
         raise FileNotFoundError(f"model {spec.name}: {path} not found")
+    if settings.runtime == "torch":
+        return _finish_loading(spec, settings, path, *open_torch_runtime(spec, settings))
     cache = settings.cache_dir
     if path.suffix in ENGINE_SUFFIXES:
         if settings.runtime in ("onnxruntime", "openvino"):
@@ -192,9 +202,14 @@ def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
     return graph_path
 
 
+
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Prepare the graph (export, engine build) if needed, open the runtime, and warm it up (blocking; run it
-    off the event loop)."""
+    off the event loop). ``runtime=torch`` serves the checkpoint itself, in PyTorch."""
+    if settings.runtime == "torch":
+        if not spec.path.is_file():
+            raise FileNotFoundError(f"model {spec.name}: {spec.path} not found")
+        return _finish_loading(spec, settings, spec.path, *open_torch_runtime(spec, settings), streams=1)
     graph_path = prepare_graph(spec, settings)
     cache = settings.cache_dir
     runtime: Runtime
@@ -221,7 +236,40 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         streams = 1 if first.accelerated else settings.inference_streams
         runtime = RuntimeStreams([first, *(session() for _ in range(streams - 1))])
         providers = list(first.providers)
-    metadata = runtime.metadata
+    return _finish_loading(spec, settings, graph_path, runtime, runtime.metadata, runtime_name, providers, streams)
+
+
+def open_torch_runtime(
+    spec: ModelSpec, settings: Settings
+) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
+    """The checkpoint's detector in PyTorch (``runtime=torch``; torch is imported only here) and the
+    metadata record its export would carry."""
+    if spec.path.suffix != CHECKPOINT_SUFFIX:
+        raise ValueError(f"model {spec.name}: runtime=torch serves training checkpoints (.pt), got {spec.path}")
+    from export.onnx_export import build_metadata
+    from model.checkpoint import load_detector
+    from model.runtime import TorchRuntime, default_device
+
+    device = default_device()
+    model, cfg, checkpoint_metadata = load_detector(spec.path)
+    runtime = TorchRuntime(
+        model, device, precision=settings.torch_precision,
+        channels_last=device.type == "cuda" if settings.torch_channels_last is None else settings.torch_channels_last,
+        cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda", compile=settings.torch_compile,
+    )
+    if settings.torch_cuda_graphs and device.type != "cuda":
+        log.warning("model %s: torch_cuda_graphs needs a CUDA device; running without", spec.name)
+    providers = [str(device), settings.torch_precision]
+    providers += [*(["cuda_graphs"] if runtime.cuda_graphs else []), *(["compile"] if settings.torch_compile else [])]
+    return runtime, build_metadata(cfg, checkpoint_metadata), "torch", providers
+
+
+def _finish_loading(
+    spec: ModelSpec, settings: Settings, graph_path: Path, runtime: Runtime, metadata: GraphMetadata,
+    runtime_name: RuntimeName, providers: list[str], streams: int,
+) -> LoadedModel:
+    """The loaded model around an open runtime (``graph_path``: the file served; ``streams``: batches it runs
+    at once), warmed up unless disabled."""
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
     loaded = LoadedModel(
@@ -238,16 +286,19 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     )
     check_overlap(loaded.buckets, settings.tile_overlap)
     if settings.warmup:
-        warm_up(loaded, settings.max_batch_size)
+        # A CUDA graph serves one exact shape: capture every batch size the batcher may form.
+        every_batch_size = settings.runtime == "torch" and settings.torch_cuda_graphs
+        warm_up(loaded, settings.max_batch_size, every_batch_size=every_batch_size)
     return loaded
 
 
-def warm_up(model: LoadedModel, max_batch_size: int) -> None:
-    """Run every bucket at batch 1 and at ``max_batch_size`` on a flat image of the padding value, once per
-    stream (the streams take turns in order, so each one sees every shape)."""
+def warm_up(model: LoadedModel, max_batch_size: int, every_batch_size: bool = False) -> None:
+    """Run every bucket at batch 1 and at ``max_batch_size`` (or at every batch size up to it) on a flat
+    image of the padding value, once per stream (the streams take turns in order, so each one sees every
+    shape)."""
     started = time.perf_counter()
     for bucket in model.buckets:
-        for batch in sorted({1, max_batch_size}):
+        for batch in range(1, max_batch_size + 1) if every_batch_size else sorted({1, max_batch_size}):
             flat = np.empty((batch, 3, *bucket), dtype=np.uint8)
             flat[...] = np.asarray(model.rule.pad_value, dtype=np.uint8)[None, :, None, None]
             for _ in range(model.streams):

@@ -44,7 +44,7 @@ from service.imaging import (
     prepare_image,
 )
 from service.metrics import UNKNOWN_MODEL, Metrics
-from service.models import LoadedModel, ModelEntry, ModelRegistry
+from service.models import TRITON_PLATFORMS, LoadedModel, ModelEntry, ModelRegistry
 from service.render import label_image, overlay_image, png_bytes
 from service.schemas import RLE, AnswerMaskFormat, Instance, ModelMetadata, Render, SegmentResponse, TensorInfo
 from service.settings import Settings
@@ -53,8 +53,6 @@ from service.tiled import TiledImage, prepare_tiles, run_tiles
 log = logging.getLogger(__name__)
 
 # KServe v2 platform names of the runtimes.
-PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino_onnx"}
-
 
 class ServiceError(Exception):
     """A request that ends with an error status; ``reason`` labels the failure metric."""
@@ -469,7 +467,7 @@ class SegmentService:
         return ModelMetadata(
             name=model.name,
             versions=[model.version],
-            platform=PLATFORMS[model.runtime_name],
+            platform=TRITON_PLATFORMS[model.runtime_name],
             state=entry.state,
             error=entry.error,
             runtime=model.runtime_name,

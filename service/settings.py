@@ -105,12 +105,23 @@ class Settings(BaseSettings):
         default_factory=default_cache_dir,
         description="where checkpoints are exported to ONNX, TensorRT engines built and OpenVINO's model cache kept",
     )
-    runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = Field(
+    runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "auto",
         description="auto: TensorRT for engine paths, onnxruntime on CUDA when usable (or when providers are given), "
         "else OpenVINO when installed, else onnxruntime on the CPU; onnxruntime; openvino (CPU); "
-        "tensorrt: build/load TensorRT engines (GPU hosts)",
+        "tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch (CUDA when available, "
+        "else CPU; .pt paths only)",
     )
+    torch_precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="runtime=torch: autocast of the network part (selection, NMS and mask decode stay float32)"
+    )
+    torch_channels_last: bool | None = Field(
+        None, description="runtime=torch: NHWC weights and inputs (default: on CUDA devices only; on the CPU it slowed the bundled models 2x)"
+    )
+    torch_cuda_graphs: bool = Field(
+        False, description="runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
+    )
+    torch_compile: bool = Field(False, description="runtime=torch: torch.compile the network part (compiles during warm-up)")
     providers: list[str] | None = Field(None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)")
     inference_streams: int = Field(
         default_factory=default_streams,

