@@ -273,7 +273,7 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     resources = rendered[variant]
     env = settings_env(resources)
     settings = parse_settings(env, monkeypatch)
-    assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "onnxruntime"}[variant]
+    assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "openvino"}[variant]
     pod = one(resources, "Deployment")["spec"]["template"]["spec"]
     server, prepare = container(pod, "onestage"), container(pod, "prepare", init=True)
     assert server["command"] == ["python", "-m", "service"] and prepare["command"] == [
@@ -308,7 +308,8 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     gpus = server["resources"]["limits"].get("nvidia.com/gpu")
     assert gpus == (1 if variant == "gpu" else None)
     if variant == "cpu":  # thread pools sized to the CPU request, not to the node
-        assert settings.ort_threads + settings.cpu_workers <= int(server["resources"]["requests"]["cpu"])
+        threads = settings.inference_streams * settings.inference_threads + settings.cpu_workers
+        assert threads <= int(server["resources"]["requests"]["cpu"])
 
 
 @pytest.mark.parametrize("variant", OVERLAYS)
