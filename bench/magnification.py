@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                 for scale in ("recipe", "auto"):
                     start = time.perf_counter()
                     with contextlib.redirect_stdout(sys.stderr):
-                        metrics = evaluate(runtime, dataset, spec, scale=None if scale == "recipe" else "auto")
+                        metrics = evaluate(runtime, dataset, spec, scale=1.0 if scale == "recipe" else "auto")
                     rows.append({
                         "checkpoint": checkpoint, "magnification": factor, "scale": scale,
                         "segm_AP": metrics["segm"]["AP"], "bbox_AP": metrics["bbox"]["AP"],
