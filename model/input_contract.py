@@ -23,6 +23,7 @@ those of graphs already exported, and a field added later needs a default so tha
 
 from __future__ import annotations
 
+import argparse
 from typing import Literal
 
 import numpy as np
@@ -72,6 +73,26 @@ def check_scale(scale: float) -> float:
     if not low <= scale <= high:  # also false for NaN
         raise ValueError(f"scale must be a number from {low:g} to {high:g} (a factor on the model's own size), got {scale}")
     return scale
+
+
+def parse_scale(text: str) -> float | Literal["auto"]:
+    """A caller's scale as written (query parameter, command line): "auto", or a number ``check_scale``
+    accepts; else a ValueError that says why."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"scale must be a number or 'auto', got {text!r}") from None
+    return check_scale(value)
+
+
+def scale_argument(text: str) -> float | Literal["auto"]:
+    """``--scale`` on a command line: ``parse_scale``, its reason shown as argparse's error."""
+    try:
+        return parse_scale(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class InputContract(BaseModel):

@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from model.input_contract import InputContract, check_scale
+from model.input_contract import InputContract, scale_argument
 from service.imaging import ImageRejected, decode_image
 from service.render import label_image, overlay_image, png_bytes
 from service.schemas import RLE, SegmentResponse
@@ -249,16 +249,6 @@ def coco_images(done: list[Done], categories: list[dict[str, Any]]) -> dict[str,
         if d.answer is not None
     ]
     return {"images": images, "annotations": [], "categories": categories}
-
-
-def scale_argument(text: str) -> float | str:
-    """--scale: "auto", or a number ``check_scale`` accepts."""
-    if text == "auto":
-        return text
-    try:
-        return check_scale(float(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.input_contract import check_scale
+from model.input_contract import parse_scale
 from service.models import ModelEntry
 from service.schemas import (
     AnswerMaskFormat,
@@ -95,15 +95,12 @@ def entry_or_404(service: Service, name: str) -> ModelEntry:
 Entry = Annotated[ModelEntry, Depends(entry_or_404)]
 
 
-def parse_scale(text: str) -> float | Literal["auto"]:
-    """The ``scale`` query parameter: "auto" or a number within ``SCALE_LIMITS``; else a 422 that says why."""
-    if text.strip().lower() == "auto":
-        return "auto"
+def scale_query(text: str) -> float | Literal["auto"]:
+    """The ``scale`` query parameter (``parse_scale``); a 422 that says why for anything else."""
     try:
-        return check_scale(float(text))
+        return parse_scale(text)
     except ValueError as error:
-        message = str(error) if "scale must" in str(error) else f"scale must be a number or 'auto', got {text!r}"
-        raise RequestValidationError([{"loc": ("query", "scale"), "msg": message, "type": "value_error"}]) from None
+        raise RequestValidationError([{"loc": ("query", "scale"), "msg": str(error), "type": "value_error"}]) from None
 
 
 @protected.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
@@ -144,7 +141,7 @@ async def segment(
     limit = service.settings.request_timeout_s
     timeout_s = limit if timeout_ms is None else min(timeout_ms / 1000, limit)
     options = SegmentOptions(
-        score_threshold, max_detections, mask_format, timeout_s, render, parse_scale(scale), channel
+        score_threshold, max_detections, mask_format, timeout_s, render, scale_query(scale), channel
     )
     return await service.segment(request, model, options)
 

@@ -37,7 +37,7 @@ from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
 from model.finishing import Instance, finish_image
-from model.input_contract import InputContract, check_scale
+from model.input_contract import InputContract, scale_argument
 from model.mask_contract import MaskKind
 from model.methods import mask_method_class
 from model.runtime import TorchRuntime
@@ -46,11 +46,11 @@ from model.tiling import (
     DEFAULT_TILE_OVERLAP,
     TilePlan,
     check_overlap,
+    contract_buckets,
     default_overlap,
     pad_batch,
     plan_tiles,
     segment_tiled,
-    contract_buckets,
 )
 from training.data import CocoInstanceDataset, collate
 
@@ -295,16 +295,6 @@ def tile_size(text: str) -> tuple[int, int]:
     if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
         raise argparse.ArgumentTypeError(f"tile size {text!r} is not of the form HxW (e.g. 512x512)")
     return int(height), int(width)
-
-
-def scale_argument(text: str) -> float | str:
-    """--scale: "auto", or a number accepted by ``check_scale``."""
-    if text == "auto":
-        return text
-    try:
-        return check_scale(float(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
