@@ -29,12 +29,21 @@ def test_fcos_learns_the_boxes_of_a_voc_photo(voc_dataset: CocoInstanceDataset) 
     assert detections.classes[0, best].tolist() == gt.labels.tolist()
 
 
+MIN_WHOLE_AREA = 100  # pixels; HeLa nuclei here cover 350-750
+
+
 def _mask_ious(method: str, nucleus_root: Path, codec: Path | None) -> np.ndarray:
     dataset = CocoInstanceDataset(
         str(nucleus_root / "val.json"), str(nucleus_root / "val"), min_sizes=[128], max_size=128, hflip_prob=0.0, train=False,
         intensity="percentile",
     )
-    index = max(range(len(dataset)), key=lambda i: len(dataset.coco.getAnnIds(imgIds=dataset.image_ids[i])))
+    # The tile with the most nuclei, none of them a sliver cut by the tile border (a few pixels that no detector
+    # learns in 80 iterations): the test is about learning masks, not about slivers.
+    def nuclei(i: int) -> list[dict]:
+        return dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=dataset.image_ids[i]))
+
+    whole = [i for i in range(len(dataset)) if all(a["area"] >= MIN_WHOLE_AREA for a in nuclei(i))]
+    index = max(whole, key=lambda i: len(nuclei(i)))
     overrides = [f"model.method={method}", "model.num_classes=1"]
     if codec is not None:
         overrides.append("model.meinst.num_components=16")

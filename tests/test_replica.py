@@ -56,7 +56,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         *CPU,
         "--max-batch-size",
         "1",
-        "--ort-threads",
+        "--inference-streams",
+        "1",
+        "--inference-threads",
         "1",
     ]
     processes = {}

@@ -19,14 +19,13 @@ import pytest
 import torch
 
 from export.metadata import GraphMetadata
-from export.onnx_export import build_metadata
-from export.onnx_export import export_onnx
+from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs, mask_ious
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.input_contract import resize_rgb
+from model.intensity import decode_rgb8
 from model.runtime import Precision, TorchRuntime
-from service.imaging import decode_image
 from service.launcher import ServiceProcess
 from service.models import load_model
 from service.settings import REPO, ModelSpec, Settings
@@ -58,7 +57,7 @@ def noise_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
 def tile_batch(nucleus_root: Path, count: int) -> np.ndarray:
     """``count`` HeLa validation tiles (128 pixels) at the bundled models' test size, 256x256."""
     paths = sorted((nucleus_root / "val").glob("*.png"))[:count]
-    return np.stack([resize_rgb(decode_image(p.read_bytes(), 10**8), TILE_SIZE[0], 2 * TILE_SIZE[0]) for p in paths])
+    return np.stack([resize_rgb(decode_rgb8(p.read_bytes(), "percentile"), TILE_SIZE) for p in paths])
 
 
 def confident_agreement(
