@@ -185,7 +185,7 @@ def open_torch_runtime(
     metadata record its export would carry."""
     if spec.path.suffix != CHECKPOINT_SUFFIX:
         raise ValueError(f"model {spec.name}: runtime=torch serves training checkpoints (.pt), got {spec.path}")
-    from export.metadata import build_metadata
+    from export.onnx_export import build_metadata
     from model.checkpoint import load_detector
     from model.runtime import TorchRuntime, default_device
 

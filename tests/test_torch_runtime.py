@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.metadata import GraphMetadata, build_metadata
-from export.onnx_export import export_onnx
+from export.metadata import GraphMetadata
+from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs, mask_ious
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
