@@ -156,7 +156,7 @@ class LocalPredictor:
 
     def __init__(
         self, checkpoint: Path, cache_dir: Path, score_threshold: float, max_detections: int | None,
-        scale: float | str = 1.0,
+        scale: float | str = 1.0, runtime: str = "auto",
     ) -> None:
         from service.models import load_model
         from training.evaluate import EvalSpec
@@ -166,7 +166,8 @@ class LocalPredictor:
         name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
         name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
         settings = Settings(
-            models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1
+            models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1,
+            runtime=runtime,
         )
         try:
             self.loaded = load_model(settings.models[0], settings)
@@ -285,6 +286,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"--url: sent as a Bearer token (default: ${API_KEY_ENV})",
     )
     parser.add_argument(
+        "--runtime",
+        choices=Settings.model_fields["runtime"].annotation.__args__,
+        default="auto",
+        help="--checkpoint: the runtime, as the service's --runtime (default auto: OpenVINO on a CPU host)",
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -314,7 +321,9 @@ def main(argv: list[str]) -> int:
             )
         else:
             cache_dir = args.cache_dir or default_cache_dir()
-            predict = LocalPredictor(args.checkpoint, cache_dir, args.score_threshold, args.max_detections, args.scale)
+            predict = LocalPredictor(
+                args.checkpoint, cache_dir, args.score_threshold, args.max_detections, args.scale, args.runtime
+            )
     except SetupFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -411,6 +411,8 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         str(local),
         "--score-threshold",
         PAGE_THRESHOLD,
+        "--runtime",
+        "onnxruntime",  # as the test server runs it
     )
     assert run.returncode == 0, run.stderr
     local_results = json.loads((local / "results.json").read_text())
