@@ -329,9 +329,10 @@ def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser:
 
 
 # ---------------------------------------------------------------- python -m service.predict
-def predict(*args: str) -> subprocess.CompletedProcess[str]:
+def predict(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.predict", *args],
+        env={**os.environ, **(env or {})},
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -393,7 +394,8 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         assert [a["segmentation"]["counts"] for a in anns] == [i.segmentation.counts for i in expected]
         assert [a["score"] for a in anns] == [i.score for i in expected] and len(anns) > 0
 
-    # In process from the checkpoint (its graph cached by the server), on a glob: the service's answers.
+    # In process from the checkpoint (its graph cached by the server), on a glob: the service's answers. The
+    # in-process model reads the service's ONESTAGE_* settings: the same runtime and providers as the server.
     local = workdir / "predict_local"
     run = predict(
         str(images / "t*.png"),
@@ -405,6 +407,7 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         str(local),
         "--score-threshold",
         PAGE_THRESHOLD,
+        env={"ONESTAGE_RUNTIME": "onnxruntime", "ONESTAGE_PROVIDERS": CPU[1]},
     )
     assert run.returncode == 0 and "1 of 1 images segmented" in run.stdout, run.stderr
     local_results = json.loads((local / "results.json").read_text())
