@@ -39,24 +39,29 @@ def instance_colours(count: int) -> np.ndarray:
     return np.round(np.asarray(rgb, dtype=np.float64).reshape(count, 3) * 255).astype(np.uint8)
 
 
-def _masks(answer: SegmentResponse) -> Iterator[tuple[int, np.ndarray]]:
-    """(instance index, [H, W] uint8 0/1 mask) of every instance with an RLE mask, in answer order."""
+def _masks(answer: SegmentResponse) -> Iterator[tuple[int, tuple[int, int], np.ndarray]]:
+    """(instance index, (x, y) of the crop, uint8 0/1 crop of the mask to its own bounding box) of every
+    instance with a non-empty RLE mask, in answer order; only the crops are worked on afterwards."""
     for index, instance in enumerate(answer.instances):
         if isinstance(instance.segmentation, RLE):
             rle = {"size": list(instance.segmentation.size), "counts": instance.segmentation.counts.encode("ascii")}
-            yield index, mask_utils.decode(rle)
+            x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))  # the mask's extent, read from the runs
+            if w > 0 and h > 0:
+                yield index, (x, y), np.ascontiguousarray(mask_utils.decode(rle)[y : y + h, x : x + w])
 
 
 def _paint(answer: SegmentResponse, trace: bool) -> tuple[np.ndarray, list[tuple[int, list[np.ndarray]]]]:
-    """The label image of `answer`'s RLE masks (decoded once each) and, if `trace`, each mask's outer contours."""
+    """The label image of `answer`'s RLE masks and, if `trace`, each mask's outer contours (image pixels)."""
     if len(answer.instances) > MAX_LABEL:
         raise ValueError(f"{len(answer.instances)} instances do not fit a 16-bit label image (at most {MAX_LABEL})")
     labels = np.zeros((answer.height, answer.width), dtype=np.uint16)
     contours: list[tuple[int, list[np.ndarray]]] = []
-    for index, mask in _masks(answer):
-        labels[(mask != 0) & (labels == 0)] = index + 1
+    for index, (x, y), mask in _masks(answer):
+        region = labels[y : y + mask.shape[0], x : x + mask.shape[1]]  # a view: painting it paints `labels`
+        region[(mask != 0) & (region == 0)] = index + 1
         if trace:
-            contours.append((index, list(cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0])))
+            traced = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x, y))[0]
+            contours.append((index, list(traced)))
     return labels, contours
 
 

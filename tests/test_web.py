@@ -335,9 +335,10 @@ def test_page_shows_the_instances_the_api_finds(server: ServiceProcess, browser:
 
 
 # ---------------------------------------------------------------- python -m service.predict
-def predict(*args: str) -> subprocess.CompletedProcess[str]:
+def predict(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.predict", *args],
+        env={**os.environ, **(env or {})},
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -399,10 +400,11 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         assert [a["segmentation"]["counts"] for a in anns] == [i.segmentation.counts for i in expected]
         assert [a["score"] for a in anns] == [i.score for i in expected] and len(anns) > 0
 
-    # In process from the checkpoint (its graph cached by the server): the service's answers.
+    # In process from the checkpoint (its graph cached by the server), on a glob: the service's answers. The
+    # in-process model reads the service's ONESTAGE_* settings: the same runtime and providers as the server.
     local = workdir / "predict_local"
     run = predict(
-        str(images / "tile.png"),
+        str(images / "t*.png"),
         "--checkpoint",
         str(checkpoints["embedmask"]),
         "--cache-dir",
@@ -414,7 +416,7 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
         "--runtime",
         "onnxruntime",  # as the test server runs it
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 0 and "1 of 1 images segmented" in run.stdout, run.stderr
     local_results = json.loads((local / "results.json").read_text())
     url_results = [
         {**r, "image_id": 1} for r in json.loads((out / "results.json").read_text()) if r["image_id"] == ids["tile"]
