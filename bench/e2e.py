@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks or downloads from Ultralytics
 
@@ -85,6 +85,7 @@ YOLO_IOU = 0.7  # the predictor's default `iou`
 # boxes at least as large on average (the table shows both), so our box-local finishing gets no
 # advantage from small boxes.
 BOX_SIDE_STRIDES = 16.0
+OPENVINO_PRECISIONS: dict[str, Literal["bf16", "fp32"]] = {"openvino-fp32": "fp32", "openvino-bf16": "bf16"}
 STAGES = ("decode", "preprocess", "graph", "postprocess", "rle", "json")
 
 
@@ -131,7 +132,7 @@ class OursPipeline:
         if engine == "onnxruntime":
             self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
         else:  # one engine for the bench's one SxS shape, at the precision the service would pick
-            self.runtime = OpenVinoRuntime(graph, precision=engine.removeprefix("openvino-"), threads=threads)  # type: ignore[arg-type]
+            self.runtime = OpenVinoRuntime(graph, precision=OPENVINO_PRECISIONS[engine], threads=threads)
         self.threads = threads
         self.metadata = self.runtime.metadata
         self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
@@ -183,8 +184,8 @@ class YoloGraph:
         else:
             import openvino as ov
 
-            precision = {"bf16": "bf16", "fp32": "f32"}[engine.removeprefix("openvino-")]
-            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads}
+            hint = {"bf16": "bf16", "fp32": "f32"}[OPENVINO_PRECISIONS[engine]]
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
             self.compiled = ov.Core().compile_model(str(graphs["openvino"]), "CPU", config)
             self.request = self.compiled.create_infer_request()
 
@@ -351,7 +352,8 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
             results["rows"].extend(rows)
             for method in ("meinst", "embedmask"):
                 ours_best = min(r["total_ms"] for r in rows if r["model"].startswith(f"ours-{method}"))
-                log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, ratio {yolo_best / ours_best:.2f}")
+                log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, "
+                    f"ratio {yolo_best / ours_best:.2f}")
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
 

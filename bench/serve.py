@@ -56,7 +56,8 @@ def machine() -> dict[str, Any]:
     try:
         import openvino
 
-        openvino_info = {"openvino": openvino.__version__, "openvino_cpu_capabilities": openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        openvino_info = {"openvino": openvino.__version__, "openvino_cpu_capabilities": capabilities}
     except ImportError:
         openvino_info = {}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
@@ -275,7 +276,8 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
             for concurrency in args.concurrency:
                 cell = {}
                 for name in configs:
-                    runs = [r for r in rows if (r["config"], r["image"], r["model"], r["concurrency"]) == (name, image, spec.name, concurrency)]
+                    key = (name, image, spec.name, concurrency)
+                    runs = [r for r in rows if (r["config"], r["image"], r["model"], r["concurrency"]) == key]
                     cell[name] = {"throughput_rps": statistics.median(r["throughput_rps"] for r in runs),
                                   "p50_ms": statistics.median(r["p50_ms"] for r in runs)}
                 for name in configs:

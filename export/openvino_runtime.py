@@ -57,8 +57,8 @@ def cpu_has_bf16(core: ov.Core | None = None, device: str = DEVICE) -> bool:
 def resolve_precision(
     precision: Precision, core: ov.Core | None = None, device: str = DEVICE
 ) -> Literal["bf16", "fp32"]:
-    """``auto`` -> bf16 where the device has it, else fp32; a forced bf16 on a device without it is an error
-    (OpenVINO would silently emulate it, slower than fp32)."""
+    """``auto`` -> bf16 where the device has it, else fp32; a forced bf16 on a device without it is an error,
+    so that a setting asking for bf16 never quietly runs something else."""
     has_bf16 = cpu_has_bf16(core, device)
     if precision == "auto":
         return "bf16" if has_bf16 else "fp32"
