@@ -176,7 +176,9 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         runtime = TensorRTRuntime(graph_path)
         runtime_name, providers = "tensorrt", ["TensorRT"]
     else:
-        runtime = OnnxRuntime(graph_path, providers=settings.providers, threads=settings.ort_threads)
+        runtime = OnnxRuntime(
+            graph_path, providers=settings.providers, threads=settings.ort_threads, cpu_arena=settings.ort_cpu_arena
+        )
         runtime_name, providers = "onnxruntime", list(runtime.providers)
     metadata = runtime.metadata
     if metadata.mask_kind is None:
