@@ -16,8 +16,7 @@ import onnx
 import pytest
 import torch
 
-from export.metadata import build_metadata
-from export.onnx_export import export_onnx
+from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs
 from export.tensorrt_build import Profile, default_profile, parse_shape, runs_in_fp16
 from export.runtimes import OnnxRuntime

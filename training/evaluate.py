@@ -34,6 +34,7 @@ from model.config import Config
 from model.finishing import finish_image
 from model.input_contract import InputContract
 from model.mask_contract import MaskKind
+from model.methods import mask_method_class
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 from training.data import CocoInstanceDataset, collate
@@ -57,17 +58,14 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
-        model = cfg.model
-        kind, threshold = {
-            "meinst": ("box28", model.meinst.mask_threshold),
-            "embedmask": ("logprob_s4", model.embedmask.mask_threshold),
-            "fcos": (None, None),
-        }[model.method]
+        """The spec of a checkpoint's config: the mask fields its method exports (``graph_fields``)."""
+        method = mask_method_class(cfg.model.method)
+        fields = method.graph_fields(cfg.model) if method is not None else {}
         return cls(
             category_ids=list(category_ids),
-            mask_kind=kind,
-            mask_threshold=threshold,
-            box_padding=model.embedmask.box_padding,
+            mask_kind=fields.get("mask_kind"),
+            mask_threshold=fields.get("mask_threshold"),
+            box_padding=fields.get("box_padding", 0),
             input=InputContract.from_config(cfg),
         )
 
