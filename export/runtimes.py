@@ -67,7 +67,11 @@ class OnnxRuntime:
     are checked: a requested accelerator that did not load is reported once and the session runs on CPU.
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None, cpu_arena: bool = True
+    ) -> None:
+        """``cpu_arena=False`` turns onnxruntime's CPU memory arena off: activations go back to the system
+        after each run instead of staying reserved for the largest shape seen (the service's lean default)."""
         requested = list(providers) if providers is not None else default_providers()
         if "CPUExecutionProvider" not in requested:
             requested.append("CPUExecutionProvider")
@@ -75,6 +79,7 @@ class OnnxRuntime:
             # cuBLAS and cuDNN from NVIDIA's wheels (installed with torch), loaded without importing torch
             ort.preload_dlls()
         options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = cpu_arena
         if threads is not None:
             options.intra_op_num_threads = threads
         try:

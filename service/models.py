@@ -229,7 +229,10 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         providers = list(runtime.providers)
     else:
         def session() -> OnnxRuntime:
-            return OnnxRuntime(graph_path, providers=settings.providers, threads=settings.inference_threads)
+            return OnnxRuntime(
+                graph_path, providers=settings.providers, threads=settings.inference_threads,
+                cpu_arena=settings.ort_cpu_arena,
+            )
 
         first = session()
         # Streams are for the CPU: one CUDA session already overlaps the host work of consecutive batches.

@@ -140,6 +140,11 @@ class Settings(BaseSettings):
         "auto",
         description="OpenVINO's inference precision: auto is bf16 where the CPU has it (AVX-512 BF16, AMX), else fp32",
     )
+    ort_cpu_arena: bool = Field(
+        False,
+        description="keep onnxruntime's CPU memory arena: activations stay reserved for the largest batch and bucket "
+        "seen (about 0.4 GB per bundled model once warm); off, they return to the system after each batch",
+    )
     tensorrt_fp16: bool = Field(False, description="build TensorRT engines with FP16 convolution trunks")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the batcher forms (1 turns batching off)")
     max_delay_ms: float = Field(
