@@ -153,6 +153,10 @@ def test_an_image_wider_than_every_bucket_is_tiled_and_answered_in_its_full_fram
     )
     capped = ok(post(server.url, wide_image, "image/png", model=method, max_detections=3))
     assert capped["instances"] == body["instances"][:3]  # the cap applies to the merged answer
+    polygons = ok(post(server.url, wide_image, "image/png", model=method, mask_format="polygon"))["instances"]
+    assert [i["bbox"] for i in polygons] == [i["bbox"] for i in body["instances"]]
+    for ring in (ring for i in polygons for ring in i["segmentation"]):
+        assert 0 <= min(ring[0::2]) and max(ring[0::2]) < 384 and 0 <= min(ring[1::2]) and max(ring[1::2]) < 128
 
 
 def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(
