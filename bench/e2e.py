@@ -65,7 +65,7 @@ from ultralytics.utils import nms, ops
 from bench.latency import bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
 from model.finishing import finish_image
-from service.imaging import PreparedImage, ResizeRule, decode_image, pad_batch, prepare_image
+from service.imaging import PreparedImage, decode_image, pad_batch, prepare_image
 from export.runtimes import OnnxRuntime
 from service.settings import Settings
 
@@ -125,8 +125,7 @@ class OursPipeline:
         self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
         self.threads = threads
         self.metadata = self.runtime.metadata
-        rules = self.metadata.input
-        self.rule = ResizeRule(min_size=size, max_size=size, divisibility=rules.size_divisibility, pad_value=tuple(rules.pad_value))
+        self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
         self.buckets = [(size, size)]
 
     def __call__(self, data: bytes) -> Run:

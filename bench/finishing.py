@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from model.finishing import LOGPROB_STRIDE, OUTSIDE_LOG_PROB, finish_image, scale_boxes
+from model.finishing import finish_image, scale_boxes
+from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 
 SIZES = [(512, 512), (800, 1333)]
 INSTANCES = 100

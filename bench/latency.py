@@ -40,12 +40,12 @@ from torch import nn
 from export.metadata import GraphMetadata
 from export.onnx_export import export_onnx
 from model.config import Config, load_config
+from model.input_contract import resized_shape
 from model.detector import OneStageDetector
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 from model.finishing import finish_image
 from export.runtimes import OnnxRuntime
-from training.data import resized_shape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_MNV2_FPN_cpu.yaml"

@@ -38,7 +38,6 @@ from model.finishing import compile_kernel, finish_image
 from model.tiling import DEFAULT_TILE_OVERLAP, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles, shape_buckets
 from service.models import cached_name, export_checkpoint
 from service.settings import bundled_models, default_cache_dir
-from training.data import resized_shape
 from training.nucleus import HELA_IMAGES, resource, to_uint8
 
 RESULTS = Path(__file__).parent / "results" / "tiling.json"
@@ -98,11 +97,11 @@ def shrunk_run(runtime: OnnxRuntime, image: Image.Image) -> dict[str, float]:
     meta = runtime.metadata
     width, height = image.size
     started = time.perf_counter()
-    h, w = resized_shape(height, width, meta.input.min_size, meta.input.max_size)
+    h, w = meta.input.resized_shape(height, width)
     pixels = np.asarray(image.resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
     divisor = meta.input.size_divisibility
     bucket = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
-    out = runtime.infer(pad_batch([pixels], bucket, tuple(meta.input.pad_value)))
+    out = runtime.infer(pad_batch([pixels], bucket, meta.input.pad_value))
     instances = finish_image(
         *(out[k][0] for k in ("num_dets", "boxes", "scores", "classes", "masks")),
         mask_kind=meta.mask_kind,

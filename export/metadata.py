@@ -1,8 +1,10 @@
 """The metadata record that travels with an exported graph (ONNX ``metadata_props``, engine sidecar, Triton).
 
 A runtime needs more than the graph to turn its outputs into instances: the method and mask kind (how to
-finish masks), the thresholds, the class names and dataset ids, and the input rules (uint8 RGB NCHW, H and
-W multiples of 32, the resize rule and the padding value). One JSON record carries all of it.
+finish masks), the thresholds, the class names and dataset ids, and the input contract
+(``model.input_contract.InputContract``: uint8 RGB NCHW, the resize rule, H and W multiples of 32 and the
+padding value). One JSON record carries all of it (docs/graph-contract.md, Metadata); it is built at export
+(``export.onnx_export.build_metadata``) and read here without torch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from model.config import Config
+from model.input_contract import InputContract
 from model.mask_contract import MaskKind
 
 METADATA_KEY = "onestage"
@@ -24,20 +26,6 @@ DETECTION_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
 MASK_OUTPUT = "masks"
 # Node names carry the module path under this attribute of ``export.onnx_export.GraphModule`` ("/model/backbone/...").
 WRAPPED_NAME = "model"
-
-
-class InputRules(BaseModel):
-    """How a client must prepare ``images`` (detectron2 ResizeShortestEdge, then pad bottom/right)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    layout: Literal["NCHW"] = "NCHW"
-    dtype: Literal["uint8"] = "uint8"
-    color: Literal["RGB"] = "RGB"
-    size_divisibility: int
-    min_size: int  # shorter side after resize
-    max_size: int  # longer side at most this
-    pad_value: list[int]  # the rounded pixel mean: padding normalises to about zero
 
 
 class GraphMetadata(BaseModel):
@@ -57,7 +45,7 @@ class GraphMetadata(BaseModel):
     mask_size: int | None = None  # MEInst box-relative mask side (28)
     mask_stride: int | None = None  # EmbedMask map stride (4)
     box_padding: int | None = None  # EmbedMask crop around each box, in stride-4 cells
-    input: InputRules
+    input: InputContract  # the field name of graphs already exported
     input_name: str = INPUT_NAME
     output_names: list[str]
 
@@ -67,50 +55,6 @@ class GraphMetadata(BaseModel):
     @classmethod
     def from_json(cls, text: str) -> GraphMetadata:
         return cls.model_validate_json(text)
-
-
-def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMetadata:
-    """The record for a model built from ``cfg``; class names and category ids come from the checkpoint.
-
-    Missing names fall back to the config's, then to ``class_<i>``; missing ids to ``1..C`` (COCO style).
-    """
-    model = cfg.model
-    num_classes = model.num_classes
-    class_names = list(checkpoint_metadata.get("class_names") or model.class_names or [f"class_{i}" for i in range(num_classes)])
-    category_ids = [int(c) for c in (checkpoint_metadata.get("category_ids") or range(1, num_classes + 1))]
-    if len(class_names) != num_classes or len(category_ids) != num_classes:
-        raise ValueError(
-            f"{len(class_names)} class names and {len(category_ids)} category ids for a model of {num_classes} classes"
-        )
-    mask_fields: dict[str, Any] = {"mask_kind": None, "mask_threshold": None}
-    if model.method == "meinst":
-        mask_fields = {"mask_kind": "box28", "mask_threshold": model.meinst.mask_threshold, "mask_size": model.meinst.mask_size}
-    elif model.method == "embedmask":
-        mask_fields = {
-            "mask_kind": "logprob_s4",
-            "mask_threshold": model.embedmask.mask_threshold,
-            "mask_stride": 4,
-            "box_padding": model.embedmask.box_padding,
-        }
-    outputs = [*DETECTION_OUTPUTS, *([MASK_OUTPUT] if model.method != "fcos" else [])]
-    return GraphMetadata(
-        method=model.method,
-        class_names=class_names,
-        category_ids=category_ids,
-        score_threshold=model.head.score_threshold,
-        nms_threshold=model.head.nms_threshold,
-        max_detections=model.head.max_detections,
-        pre_nms_topk=model.head.pre_nms_topk,
-        strides=list(model.head.strides),
-        input=InputRules(
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
-            pad_value=[round(m) for m in model.pixel_mean],
-        ),
-        output_names=outputs,
-        **mask_fields,
-    )
 
 
 def embed_onnx_metadata(model: onnx.ModelProto, metadata: GraphMetadata) -> None:

@@ -15,11 +15,44 @@ import onnx
 import torch
 from torch import nn
 
-from export.metadata import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT, GraphMetadata, build_metadata, embed_onnx_metadata
+from export.metadata import DETECTION_OUTPUTS, INPUT_NAME, MASK_OUTPUT, GraphMetadata, embed_onnx_metadata
 from model.config import Config
 from model.detector import OneStageDetector
+from model.input_contract import InputContract
+from model.methods import mask_method_class
 
 DEFAULT_OPSET = 17
+
+
+def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMetadata:
+    """The record for a model built from ``cfg``; class names and category ids come from the checkpoint.
+
+    Missing names fall back to the config's, then to ``class_<i>``; missing ids to ``1..C`` (COCO style).
+    """
+    model = cfg.model
+    num_classes = model.num_classes
+    class_names = list(checkpoint_metadata.get("class_names") or model.class_names or [f"class_{i}" for i in range(num_classes)])
+    category_ids = [int(c) for c in (checkpoint_metadata.get("category_ids") or range(1, num_classes + 1))]
+    if len(class_names) != num_classes or len(category_ids) != num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names and {len(category_ids)} category ids for a model of {num_classes} classes"
+        )
+    method = mask_method_class(model.method)
+    mask_fields = method.graph_fields(model) if method is not None else {"mask_kind": None, "mask_threshold": None}
+    outputs = [*DETECTION_OUTPUTS, *([MASK_OUTPUT] if method is not None else [])]
+    return GraphMetadata(
+        method=model.method,
+        class_names=class_names,
+        category_ids=category_ids,
+        score_threshold=model.head.score_threshold,
+        nms_threshold=model.head.nms_threshold,
+        max_detections=model.head.max_detections,
+        pre_nms_topk=model.head.pre_nms_topk,
+        strides=list(model.head.strides),
+        input=InputContract.from_config(cfg),
+        output_names=outputs,
+        **mask_fields,
+    )
 
 
 class GraphModule(nn.Module):
@@ -37,25 +70,20 @@ class GraphModule(nn.Module):
 
 
 def _dynamic_axes(model: OneStageDetector) -> dict[str, dict[int, str]]:
-    """B, H, W on the input; every output follows B, EmbedMask's masks also H/4 and W/4."""
+    """B, H, W on the input; every output follows B, and the masks whatever their method says."""
     axes: dict[str, dict[int, str]] = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
     axes.update({name: {0: "batch"} for name in DETECTION_OUTPUTS})
-    if model.cfg.method == "meinst":
-        axes[MASK_OUTPUT] = {0: "batch"}
-    elif model.cfg.method == "embedmask":
-        axes[MASK_OUTPUT] = {0: "batch", 2: "height_4", 3: "width_4"}
+    if model.mask_method is not None:
+        axes[MASK_OUTPUT] = model.mask_method.mask_axes(model.cfg).dynamic
     return axes
 
 
 def _set_static_dims(graph: onnx.GraphProto, model: OneStageDetector) -> None:
-    """Write the fixed output dims the tracer could not infer (boxes' 4, MEInst's mask size)."""
+    """Write the fixed output dims the tracer could not infer (K, boxes' 4, the masks' fixed axes)."""
     k = model.cfg.head.max_detections
     static = {"boxes": {1: k, 2: 4}, "scores": {1: k}, "classes": {1: k}}
-    if model.cfg.method == "meinst":
-        size = model.cfg.meinst.mask_size
-        static[MASK_OUTPUT] = {1: k, 2: size, 3: size}
-    elif model.cfg.method == "embedmask":
-        static[MASK_OUTPUT] = {1: k}
+    if model.mask_method is not None:
+        static[MASK_OUTPUT] = model.mask_method.mask_axes(model.cfg).static
     for output in graph.output:
         for axis, value in static.get(output.name, {}).items():
             output.type.tensor_type.shape.dim[axis].dim_value = value
@@ -75,8 +103,8 @@ def export_onnx(
     The model is moved to the CPU and put in eval mode (tracing runs there). ``sample_shape`` is only the
     tracing input: the graph takes any B and any H, W multiples of 32.
     """
-    if cfg.model.method == "meinst":
-        model.mask_method.codec.require_fitted()
+    if model.mask_method is not None:
+        model.mask_method.check_exportable()
     metadata = build_metadata(cfg, checkpoint_metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

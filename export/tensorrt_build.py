@@ -74,7 +74,7 @@ def default_profile(metadata: GraphMetadata, max_batch: int) -> Profile:
 def cuda_device() -> str:
     """The GPU an engine is built for (name and compute capability): an engine runs only on the GPU model
     and TensorRT version that built it."""
-    import torch
+    import torch  # lazy: the service imports this module to cache engines, and ONNX serving needs no torch
 
     if not torch.cuda.is_available():
         return "none"

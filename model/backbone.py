@@ -1,4 +1,4 @@
-"""Backbones (C3-C5 feature maps) and the FPN with P6/P7 from P5 (methods-reference 1.1).
+"""Backbones (C3-C5 feature maps) and the FPN with P6/P7 from P5 (docs/methods.md, FCOS: backbone and FPN).
 
 Weights are loaded from a file and checked by sha256; library code never downloads.
 """

@@ -31,7 +31,7 @@ class FPNConfig(_Section):
 
 
 class HeadConfig(_Section):
-    """FCOS head and its target/inference rules (methods-reference section 1)."""
+    """FCOS head and its target/inference rules (docs/methods.md, FCOS)."""
 
     channels: int = 256
     num_convs: int = 4

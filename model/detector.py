@@ -1,8 +1,6 @@
-"""The one-stage detector: backbone + FPN + FCOS head + an optional mask method (MEInst or EmbedMask)."""
+"""The one-stage detector: backbone + FPN + FCOS head + an optional mask method (``model.methods``)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,64 +12,14 @@ from model.fcos_outputs import (
     FCOSLossInputs,
     FCOSTargets,
     InstanceTargets,
-    Locations,
     assign_image,
     compute_locations,
     fcos_losses,
 )
 from model.inference import Detections, LevelPredictions, ScoreMode, select_detections
 from model.layers import flatten_levels
-
-
-@dataclass
-class MethodOutputs:
-    """What a mask method adds to the FCOS outputs."""
-
-    level_extras: list[torch.Tensor]  # per level [B, E, H, W], carried with each detection
-    dense: torch.Tensor | None = None  # image-level maps (EmbedMask pixel embeddings)
-
-
-@dataclass
-class LossContext:
-    """Everything a mask loss needs from the detector's training step."""
-
-    gts: list[InstanceTargets]
-    locations: Locations
-    targets: FCOSTargets
-    predictions: FCOSLossInputs
-    centerness_target: torch.Tensor  # of the positives, in flattened [B*N] order
-    image_shape: tuple[int, int]  # padded input (H, W)
-
-
-class MaskMethod(nn.Module):
-    """Interface of a mask branch. Its layers live in ``forward``; targets, losses and decoding in the rest."""
-
-    score_mode: ScoreMode = "sqrt"
-
-    def forward(self, features: list[torch.Tensor], head: FCOSHeadOutputs) -> MethodOutputs:
-        raise NotImplementedError
-
-    def candidate_filter(self, gt: InstanceTargets, locations: Locations, image_shape: tuple[int, int]) -> torch.Tensor | None:
-        """An extra [N, G] condition for a location to be positive for a GT (None: FCOS rules only)."""
-        return None
-
-    def losses(self, outputs: MethodOutputs, context: LossContext) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def masks(self, detections: Detections, outputs: MethodOutputs) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def build_mask_method(cfg: ModelConfig, in_channels: int) -> MaskMethod | None:
-    if cfg.method == "meinst":
-        from model.meinst.method import MEInst
-
-        return MEInst(cfg, in_channels)
-    if cfg.method == "embedmask":
-        from model.embedmask.method import EmbedMask
-
-        return EmbedMask(cfg, in_channels)
-    return None
+from model.mask_method import LossContext, MethodOutputs
+from model.methods import build_mask_method
 
 
 class OneStageDetector(nn.Module):

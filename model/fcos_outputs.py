@@ -1,4 +1,4 @@
-"""FCOS locations, target assignment and losses (methods-reference 1.3 and 1.4)."""
+"""FCOS locations, target assignment and losses (docs/methods.md, FCOS: targets and losses)."""
 
 from __future__ import annotations
 

@@ -29,11 +29,15 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from model import mask_kernel
-from model.mask_contract import MaskFormat, MaskKind
-DEFAULT_MASK_THRESHOLDS: dict[str, float] = {"box28": 0.5, "logprob_s4": 0.53}
-# The EmbedMask graph's contract (model.embedmask.method): stride of the map, value outside each crop.
-LOGPROB_STRIDE = 4
-OUTSIDE_LOG_PROB = -10.0
+from model.config import EmbedMaskConfig, MEInstConfig
+from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB, MaskFormat, MaskKind
+
+# A graph carries its own threshold in its metadata; without one, the configs' default of its mask kind.
+DEFAULT_MASK_THRESHOLDS: dict[str, float] = {
+    "box28": MEInstConfig().mask_threshold,
+    "logprob_s4": EmbedMaskConfig().mask_threshold,
+}
+DEFAULT_BOX_PADDING = EmbedMaskConfig().box_padding  # stride-4 cells around each box of a logprob_s4 map
 # Fewer instances than this per thread are not worth a thread hand-off (tens of microseconds).
 MIN_INSTANCES_PER_WORKER = 8
 MAX_FINISHING_THREADS = 64  # the shared helper pool's size; each call uses at most its `workers` - 1 of them
@@ -184,7 +188,11 @@ def _helpers() -> ThreadPoolExecutor:
 
 
 def paste_box28_rles(
-    masks: np.ndarray, boxes: np.ndarray, image_size: tuple[int, int], threshold: float = 0.5, workers: int = 1,
+    masks: np.ndarray,
+    boxes: np.ndarray,
+    image_size: tuple[int, int],
+    threshold: float = DEFAULT_MASK_THRESHOLDS["box28"],
+    workers: int = 1,
     frame: Frame | None = None,
 ) -> RunLengths:
     """MEInst: paste box-relative probabilities [N, s, s] into their boxes [N, 4] (original pixels of the
@@ -206,8 +214,8 @@ def upsample_logprob_rles(
     boxes: np.ndarray,
     input_size: tuple[int, int],
     image_size: tuple[int, int],
-    threshold: float = 0.53,
-    box_padding: int = 2,
+    threshold: float = DEFAULT_MASK_THRESHOLDS["logprob_s4"],
+    box_padding: int = DEFAULT_BOX_PADDING,
     index: np.ndarray | None = None,
     workers: int = 1,
     frame: Frame | None = None,
@@ -285,7 +293,7 @@ def finish_image(
     score_threshold: float = 0.0,
     max_detections: int | None = None,
     mask_format: MaskFormat = "rle",
-    box_padding: int = 2,
+    box_padding: int = DEFAULT_BOX_PADDING,
     workers: int = 1,
     origin: tuple[int, int] = (0, 0),
     frame_size: tuple[int, int] | None = None,

@@ -1,4 +1,4 @@
-"""Batched FCOS detection selection (methods-reference 1.5), written to trace into one ONNX graph.
+"""Batched FCOS detection selection (docs/methods.md, FCOS: inference), written to trace into one ONNX graph.
 
 Every step is a dense tensor op over the whole batch: per-level top-k, one class-aware NMS over all
 images (image index folded into the NMS class index), and a scatter into outputs padded to

@@ -13,3 +13,6 @@ from typing import Literal
 
 MaskKind = Literal["box28", "logprob_s4"]
 MaskFormat = Literal["rle", "polygon", "none"]
+# "logprob_s4" maps: their stride in input pixels, and the value outside each detection's padded box.
+LOGPROB_STRIDE = 4
+OUTSIDE_LOG_PROB = -10.0

@@ -26,7 +26,7 @@ numpy, PIL and pycocotools only (no torch), so the service, evaluation and the b
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,7 +178,7 @@ def cut_tile(image: Image.Image, tile: Tile) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(region).transpose(2, 0, 1))
 
 
-def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: tuple[int, ...]) -> np.ndarray:
+def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: Sequence[int]) -> np.ndarray:
     """[B, 3, H, W] uint8: each [3, h, w] image at the top left, the rest ``pad_value``."""
     batch = np.empty((len(images), 3, *bucket), dtype=np.uint8)
     batch[...] = np.asarray(pad_value, dtype=np.uint8)[None, :, None, None]
@@ -263,7 +263,7 @@ def segment_tiled(
     image: Image.Image,
     plan: TilePlan,
     infer: Callable[[np.ndarray], Outputs],
-    pad_value: tuple[int, ...],
+    pad_value: Sequence[int],
     batch_size: int,
     limit: int | None,
     **options: object,

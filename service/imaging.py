@@ -2,8 +2,8 @@
 
 Decoding checks the pixel count from the header before any pixel data is decoded (decompression bombs)
 and applies EXIF orientation, then converts exactly as training and evaluation do
-(``training.data.load_rgb``); the resize is the same detectron2 ResizeShortestEdge with PIL bilinear, so
-the service feeds a graph what evaluation feeds it. Resized images are padded (bottom/right, with the
+(``model.input_contract.load_rgb``); the resize is the graph's ``InputContract.resize``, the one evaluation
+uses, so the service feeds a graph what evaluation feeds it. Resized images are padded (bottom/right, with the
 graph's padding value) into the smallest of a few fixed shapes, so that images of different sizes can
 share a batch and every image is always run at the same padded shape, whatever it is batched with.
 """
@@ -13,14 +13,15 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from model.input_contract import InputContract, load_rgb
 from model.tiling import pad_batch as pad_batch  # the batch layout, shared with tiled evaluation
 from model.tiling import shape_buckets
-from training.data import load_rgb, resized_shape
 
 # PIL format names accepted, and the raw-body content types that may carry them.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -36,16 +37,6 @@ class ImageRejected(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class ResizeRule:
-    """How one graph wants its input (from the export metadata)."""
-
-    min_size: int  # shorter side after resize
-    max_size: int  # longer side at most
-    divisibility: int  # padded H and W are multiples of it
-    pad_value: tuple[int, int, int]  # RGB
 
 
 @dataclass(frozen=True)
@@ -92,17 +83,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(400, f"could not decode image: {error}") from None
 
 
-def resize_to_rule(image: Image.Image, rule: ResizeRule) -> np.ndarray:
-    """The model's test-size resize (as ``training.data.CocoInstanceDataset``) -> [3, h, w] uint8."""
-    width, height = image.size
-    new_h, new_w = resized_shape(height, width, rule.min_size, rule.max_size)
-    resized = image.resize((new_w, new_h), Image.BILINEAR)
-    return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))
-
-
-def auto_buckets(rule: ResizeRule) -> list[tuple[int, int]]:
+def auto_buckets(rule: InputContract) -> list[tuple[int, int]]:
     """Landscape and portrait buckets: the short test side by ratio x short (and the longest side), padded."""
-    return shape_buckets(rule.min_size, rule.max_size, rule.divisibility)
+    return shape_buckets(rule.min_size, rule.max_size, rule.size_divisibility)
 
 
 def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisibility: int) -> tuple[int, int]:
@@ -115,7 +98,7 @@ def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisib
     return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
 
 
-def prepare_image(image: Image.Image, rule: ResizeRule, buckets: list[tuple[int, int]]) -> PreparedImage:
-    pixels = resize_to_rule(image, rule)
-    bucket = choose_bucket(buckets, (pixels.shape[1], pixels.shape[2]), rule.divisibility)
+def prepare_image(image: Image.Image, rule: InputContract, buckets: list[tuple[int, int]]) -> PreparedImage:
+    pixels = rule.resize(image)
+    bucket = choose_bucket(buckets, (pixels.shape[1], pixels.shape[2]), rule.size_divisibility)
     return PreparedImage(pixels=pixels, original_size=(image.size[1], image.size[0]), bucket=bucket)

@@ -1,48 +1,64 @@
 """Prometheus metrics of the service: one ``onestage_`` prefix, base units (seconds), ``_total`` counters.
 
-``METRICS`` lists every family with its type and labels, so that dashboards and alerts (docker/,
-Grafana) can be checked against what the service exports. Each app owns a ``CollectorRegistry`` (its
-batch-size buckets depend on the settings), exposed at ``GET /metrics``.
+``METRICS`` is the one table of every family (type, labels, help, buckets); ``Metrics`` builds its
+collectors from it, so dashboards and alerts (docker/, Grafana) can be checked against what the service
+exports. Each app owns a ``CollectorRegistry`` (its batch-size buckets depend on the settings), exposed at
+``GET /metrics``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-PREFIX = "onestage"
 # Latency buckets (seconds): 1 ms to 60 s, dense where CPU and GPU requests land.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 FAILURE_REASONS = ("rejected", "timeout", "bad_input", "backend")
 UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured model
+MODEL_INFO_KEYS = ("version", "method", "runtime", "providers")
+
+Kind = Literal["histogram", "gauge", "counter", "info"]
+Buckets = Literal["latency", "batch_size", "tile_count"]
+# Tiles per request: 1 (whole image) to a 40-megapixel image in 256x512 tiles at scale 1.
+TILE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class MetricSpec(NamedTuple):
+    attribute: str  # the ``Metrics`` attribute holding the collector
     name: str  # the family name as exposed (counters with _total; histograms add _bucket/_sum/_count)
-    kind: str
-    labels: tuple[str, ...]
+    kind: Kind
+    labels: tuple[str, ...]  # as exposed (an info family's keys included)
     help: str
+    buckets: Buckets | None = None  # histograms only
 
 
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("onestage_request_duration_seconds", "histogram", ("model", "status"), "POST /segment latency, from arrival to response, by HTTP status"),
-    MetricSpec("onestage_requests_in_flight", "gauge", ("model",), "POST /segment requests being handled"),
-    MetricSpec("onestage_preprocess_duration_seconds", "histogram", ("model",), "decode, EXIF orientation and resize of one image"),
-    MetricSpec("onestage_queue_wait_seconds", "histogram", ("model",), "wait in the batcher queue until the request's batch starts"),
-    MetricSpec("onestage_inference_duration_seconds", "histogram", ("model",), "one batch through the runtime (padding included)"),
-    MetricSpec("onestage_batch_size", "histogram", ("model",), "images per executed batch (exponential buckets up to max_batch_size)"),
-    MetricSpec("onestage_queue_depth", "gauge", ("model",), "requests waiting in the batcher queue"),
-    MetricSpec("onestage_mask_finishing_seconds", "histogram", ("model",), "paste, threshold and RLE/polygon encoding of one image's masks"),
-    MetricSpec("onestage_tiles_per_request", "histogram", ("model",), "tiles an image was cut into (1: it fit a shape bucket whole)"),
-    MetricSpec("onestage_failures_total", "counter", ("model", "reason"), "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
-    MetricSpec("onestage_model_info", "info", ("model", "version", "method", "runtime", "providers"), "served models (value 1)"),
-)
-_HELP = {spec.name: spec.help for spec in METRICS}
-
-
-# Tiles per request: 1 (whole image) to a 40-megapixel image in 256-pixel tiles.
-TILE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+    MetricSpec("request_duration", "onestage_request_duration_seconds", "histogram", ("model", "status"),
+               "POST /segment latency, from arrival to response, by HTTP status", "latency"),
+    MetricSpec("in_flight", "onestage_requests_in_flight", "gauge", ("model",),
+               "POST /segment requests being handled"),
+    MetricSpec("preprocess", "onestage_preprocess_duration_seconds", "histogram", ("model",),
+               "decode, EXIF orientation and resize of one image", "latency"),
+    MetricSpec("queue_wait", "onestage_queue_wait_seconds", "histogram", ("model",),
+               "wait in the batcher queue until the request's batch starts", "latency"),
+    MetricSpec("inference", "onestage_inference_duration_seconds", "histogram", ("model",),
+               "one batch through the runtime (padding included)", "latency"),
+    MetricSpec("batch_size", "onestage_batch_size", "histogram", ("model",),
+               "images per executed batch (exponential buckets up to max_batch_size)", "batch_size"),
+    MetricSpec("queue_depth", "onestage_queue_depth", "gauge", ("model",),
+               "requests waiting in the batcher queue"),
+    MetricSpec("mask_finishing", "onestage_mask_finishing_seconds", "histogram", ("model",),
+               "paste, threshold and RLE/polygon encoding of one image's masks", "latency"),
+    MetricSpec("tiles", "onestage_tiles_per_request", "histogram", ("model",),
+               "tiles an image was cut into (1: it fit a shape bucket whole)", "tile_count"),
+    MetricSpec("failures", "onestage_failures_total", "counter", ("model", "reason"),
+               "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
+    MetricSpec("model_info", "onestage_model_info", "info", ("model", *MODEL_INFO_KEYS),
+               "served models (value 1)"),
+)  # fmt: skip
 
 
 def batch_size_buckets(max_batch_size: int) -> list[float]:
@@ -55,29 +71,32 @@ def batch_size_buckets(max_batch_size: int) -> list[float]:
 
 
 class Metrics:
-    """The metric objects of one app, registered in its own registry."""
+    """The collectors of one app, built from ``METRICS`` in its own registry."""
+
+    request_duration: Histogram
+    in_flight: Gauge
+    preprocess: Histogram
+    queue_wait: Histogram
+    inference: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    mask_finishing: Histogram
+    tiles: Histogram
+    failures: Counter
+    model_info: Info
 
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.request_duration = Histogram(
-            "onestage_request_duration_seconds", _HELP["onestage_request_duration_seconds"], ("model", "status"), buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.in_flight = Gauge("onestage_requests_in_flight", _HELP["onestage_requests_in_flight"], ("model",), registry=r)
-        self.preprocess = Histogram("onestage_preprocess_duration_seconds", _HELP["onestage_preprocess_duration_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("onestage_queue_wait_seconds", _HELP["onestage_queue_wait_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("onestage_inference_duration_seconds", _HELP["onestage_inference_duration_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("onestage_batch_size", _HELP["onestage_batch_size"], ("model",), buckets=batch_size_buckets(max_batch_size), registry=r)
-        self.queue_depth = Gauge("onestage_queue_depth", _HELP["onestage_queue_depth"], ("model",), registry=r)
-        self.mask_finishing = Histogram("onestage_mask_finishing_seconds", _HELP["onestage_mask_finishing_seconds"], ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.tiles = Histogram("onestage_tiles_per_request", _HELP["onestage_tiles_per_request"], ("model",), buckets=TILE_COUNT_BUCKETS, registry=r)
-        self.failures = Counter("onestage_failures", _HELP["onestage_failures_total"], ("model", "reason"), registry=r)
-        self.model_info = Info("onestage_model", _HELP["onestage_model_info"], ("model",), registry=r)
+        buckets = {"latency": LATENCY_BUCKETS, "batch_size": batch_size_buckets(max_batch_size), "tile_count": TILE_COUNT_BUCKETS}
+        for spec in METRICS:
+            setattr(self, spec.attribute, _collector(spec, buckets, self.registry))
 
     def register_model(self, name: str) -> None:
         """Create a model's label sets, so that every series exists (at zero) from the start."""
-        for metric in (self.in_flight, self.preprocess, self.queue_wait, self.inference, self.batch_size, self.queue_depth, self.mask_finishing, self.tiles):
-            metric.labels(name)
+        for spec in METRICS:
+            collector = getattr(self, spec.attribute)
+            if spec.labels == ("model",):
+                collector.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)
 
@@ -86,3 +105,20 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _collector(
+    spec: MetricSpec, buckets: dict[str, tuple[float, ...] | list[float]], registry: CollectorRegistry
+) -> Histogram | Gauge | Counter | Info:
+    """The collector of one table row. prometheus_client adds the ``_total`` (counter) and ``_info`` (info)
+    suffixes itself, and an info family's keys are the values passed to ``info``, not constructor labels."""
+    if spec.kind == "histogram":
+        if spec.buckets is None:
+            raise ValueError(f"histogram {spec.name} needs buckets")
+        return Histogram(spec.name, spec.help, spec.labels, buckets=buckets[spec.buckets], registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+    if spec.kind == "counter":
+        return Counter(spec.name.removesuffix("_total"), spec.help, spec.labels, registry=registry)
+    labels = tuple(label for label in spec.labels if label not in MODEL_INFO_KEYS)
+    return Info(spec.name.removesuffix("_info"), spec.help, labels, registry=registry)

@@ -15,20 +15,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
-from export.runtimes import OnnxRuntime
 from export import tensorrt_build
+from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
+from export.runtimes import OnnxRuntime, TensorRTRuntime
+from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
 from model.tiling import check_overlap
-from service.imaging import ResizeRule, auto_buckets
+from service.imaging import auto_buckets
 from service.settings import ModelSpec, Settings, parse_bucket
-
-if TYPE_CHECKING:  # imported where an engine is opened: it needs torch, which ONNX serving does without
-    from export.tensorrt_runtime import TensorRTRuntime
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ class LoadedModel:
     runtime_name: Literal["onnxruntime", "tensorrt"]
     providers: list[str]
     metadata: GraphMetadata
-    rule: ResizeRule
+    rule: InputContract  # metadata.input
     buckets: list[tuple[int, int]]
 
 
@@ -131,12 +129,12 @@ def file_version(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def model_buckets(spec: ModelSpec, settings: Settings, rule: ResizeRule) -> list[tuple[int, int]]:
+def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> list[tuple[int, int]]:
     texts = spec.buckets if spec.buckets is not None else settings.buckets
     buckets = sorted({parse_bucket(t) for t in texts}) if texts else auto_buckets(rule)
-    bad = [b for b in buckets if b[0] % rule.divisibility or b[1] % rule.divisibility]
+    bad = [b for b in buckets if b[0] % rule.size_divisibility or b[1] % rule.size_divisibility]
     if bad:
-        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.divisibility}")
+        raise ValueError(f"model {spec.name}: buckets {bad} are not multiples of {rule.size_divisibility}")
     return buckets
 
 
@@ -157,16 +155,12 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 
     if graph_path.suffix == ".onnx" and settings.runtime == "tensorrt":
         metadata = read_onnx_metadata(graph_path)
-        rule = _rule(metadata)
-        buckets = model_buckets(spec, settings, rule)
+        buckets = model_buckets(spec, settings, metadata.input)
         graph_path = build_engine_cached(graph_path, cache / cached_name(spec, ".plan"), metadata, buckets, settings)
 
     runtime: OnnxRuntime | TensorRTRuntime
     runtime_name: Literal["onnxruntime", "tensorrt"]
     if graph_path.suffix in ENGINE_SUFFIXES:
-        # Lazy: the TensorRT runtime's buffers are torch CUDA tensors; ONNX serving never imports torch.
-        from export.tensorrt_runtime import TensorRTRuntime
-
         runtime = TensorRTRuntime(graph_path)
         runtime_name, providers = "tensorrt", ["TensorRT"]
     else:
@@ -175,7 +169,6 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     metadata = runtime.metadata
     if metadata.mask_kind is None:
         raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
-    rule = _rule(metadata)
     loaded = LoadedModel(
         name=spec.name,
         version=file_version(graph_path),
@@ -184,19 +177,13 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         runtime_name=runtime_name,
         providers=providers,
         metadata=metadata,
-        rule=rule,
-        buckets=model_buckets(spec, settings, rule),
+        rule=metadata.input,
+        buckets=model_buckets(spec, settings, metadata.input),
     )
     check_overlap(loaded.buckets, settings.tile_overlap)
     if settings.warmup:
         warm_up(loaded, settings.max_batch_size)
     return loaded
-
-
-def _rule(metadata: GraphMetadata) -> ResizeRule:
-    rules = metadata.input
-    pad = tuple(rules.pad_value)
-    return ResizeRule(min_size=rules.min_size, max_size=rules.max_size, divisibility=rules.size_divisibility, pad_value=(pad[0], pad[1], pad[2]))
 
 
 def warm_up(model: LoadedModel, max_batch_size: int) -> None:

@@ -19,10 +19,9 @@ import numpy as np
 from PIL import Image
 
 from model.finishing import Instance
+from model.input_contract import InputContract
 from model.tiling import Tile, TilePlan, cut_tile, plan_tiles
 from service.batcher import DynamicBatcher, Outputs, QueueFull
-from service.imaging import ResizeRule
-from training.data import resized_shape
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,11 @@ class TiledImage:
 
 
 def prepare_tiles(
-    image: Image.Image, rule: ResizeRule, buckets: list[tuple[int, int]], overlap: int
+    image: Image.Image, contract: InputContract, buckets: list[tuple[int, int]], overlap: int
 ) -> TiledImage | None:
-    """The tiles of an RGB image at the model's resize rule, or None when it runs whole (`prepare_image`)."""
+    """The tiles of an RGB image at the model's input contract, or None when it runs whole (`prepare_image`)."""
     width, height = image.size
-    plan = plan_tiles((height, width), resized_shape(height, width, rule.min_size, rule.max_size), buckets, overlap)
+    plan = plan_tiles((height, width), contract.resized_shape(height, width), buckets, overlap)
     if plan is None:
         return None
     return TiledImage(plan, [cut_tile(image, tile) for tile in plan.tiles])

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from model.input_contract import resized_shape
 from training import nucleus
 from training.data import (
     CocoInstanceDataset,
     SampleKey,
     TrainingSampler,
     collate,
-    resized_shape,
 )
 
 # pycocotools 2.0.x calls np.array(copy=False) under numpy 2; harmless, and not ours to fix.

@@ -8,9 +8,11 @@ import torch
 
 from model.config import load_config
 from model.detector import OneStageDetector
-from model.embedmask.method import OUTSIDE_LOG_PROB, best_proposal_per_gt, masks_at_stride4
+from model.embedmask.method import best_proposal_per_gt, masks_at_stride4
 from model.fcos_outputs import InstanceTargets, compute_locations
 from model.inference import Detections
+from model.mask_contract import OUTSIDE_LOG_PROB
+from model.mask_method import MethodOutputs
 
 
 def _tiny(*overrides: str) -> OneStageDetector:
@@ -83,7 +85,6 @@ def test_inference_keeps_log_probabilities_inside_the_box_plus_two_cells_only() 
     extras = torch.cat([torch.zeros(1, 1, 16), torch.full((1, 1, 16), 0.1)], dim=2)
     detections = Detections(torch.tensor([1]), torch.tensor([[[17.0, 21.0, 30.0, 33.0]]]), torch.ones(1, 1),
                             torch.zeros(1, 1, dtype=torch.long), extras)
-    from model.detector import MethodOutputs
 
     log_prob = method.masks(detections, MethodOutputs([], dense=pixel))[0, 0]
     inside = log_prob > OUTSIDE_LOG_PROB

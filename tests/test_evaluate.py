@@ -16,8 +16,8 @@ from pycocotools.coco import COCO
 
 from model.config import load_config
 from model.detector import OneStageDetector
+from model.input_contract import InputContract, resized_shape
 from model.checkpoint import save_checkpoint
-from training.data import resized_shape
 from training.evaluate import EvalSpec, eval_dataset, evaluate, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -56,7 +56,7 @@ def dataset_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def spec(mask_kind: str | None) -> EvalSpec:
     return EvalSpec(
         category_ids=[3, 7], mask_kind=mask_kind, mask_threshold=0.5 if mask_kind else None, box_padding=2,
-        pad_value=(124, 116, 104), size_divisibility=32, min_size=MIN_SIZE, max_size=MAX_SIZE,
+        input=InputContract(pad_value=[124, 116, 104], size_divisibility=32, min_size=MIN_SIZE, max_size=MAX_SIZE),
     )
 
 

@@ -11,7 +11,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export.__main__ import main as export_main
-from export.metadata import GraphMetadata, build_metadata, read_onnx_metadata
+from export.metadata import GraphMetadata, read_onnx_metadata
+from export.onnx_export import build_metadata
 from export.triton_repo import TensorSpec, render_config, write_repository
 from export.runtimes import OnnxRuntime
 from tests.test_export_onnx import CHECKPOINT_METADATA, noise_images, tiny_detector

@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
 from model import mask_kernel
+from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 from model.finishing import (
-    LOGPROB_STRIDE,
     MIN_INSTANCES_PER_WORKER,
-    OUTSIDE_LOG_PROB,
     RunLengths,
     encode_rles,
     finish_image,
@@ -272,12 +271,6 @@ def test_exact_ties_resolve_as_torch(shape: tuple[int, int]) -> None:
     logprob = np.where(rng.random((8, 12)) < 0.5, np.float32(LOG_053), np.float32(0)).astype(np.float32)
     expected = reference_upsample(logprob, (32, 48), shape, 0.53)
     assert_same_masks(upsample_logprob_rles(logprob[None], np.array([0, 0, 48, 32], np.float32), (32, 48), shape), [expected])
-
-
-def test_constants_match_the_embedmask_graph() -> None:
-    from model.embedmask.method import MASK_STRIDE, OUTSIDE_LOG_PROB as GRAPH_OUTSIDE
-
-    assert (LOGPROB_STRIDE, OUTSIDE_LOG_PROB) == (MASK_STRIDE, GRAPH_OUTSIDE)
 
 
 def test_thresholds_that_would_light_pixels_outside_the_region_are_refused() -> None:

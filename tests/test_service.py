@@ -26,14 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
 from model.finishing import finish_image
-from service.imaging import ResizeRule, auto_buckets, choose_bucket
+from model.input_contract import InputContract, load_rgb, resized_shape
+from service.imaging import auto_buckets, choose_bucket
 from service.launcher import ServiceProcess
 from service.metrics import METRICS
 from service.models import cached_name
 from export.runtimes import OnnxRuntime
 from service.settings import ModelSpec, load_settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
-from training.data import load_rgb, resized_shape
 
 VOC = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
 PHOTO = VOC / "2011_000003.jpg"
@@ -206,12 +206,12 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_buckets_hold_every_resized_image_in_the_smallest_fit() -> None:
-    rule = ResizeRule(min_size=256, max_size=512, divisibility=32, pad_value=(124, 116, 104))
+    rule = InputContract(min_size=256, max_size=512, size_divisibility=32, pad_value=[124, 116, 104])
     buckets = auto_buckets(rule)
     assert buckets == [(256, 256), (256, 352), (352, 256), (256, 480), (480, 256), (256, 512), (512, 256)]
     for height, width in [(256, 256), (338, 500), (500, 338), (100, 1000), (700, 1100), (2000, 30)]:
         h, w = resized_shape(height, width, rule.min_size, rule.max_size)
-        bucket = choose_bucket(buckets, (h, w), rule.divisibility)
+        bucket = choose_bucket(buckets, (h, w), rule.size_divisibility)
         assert bucket in buckets and bucket[0] >= h and bucket[1] >= w
         assert all(b[0] * b[1] >= bucket[0] * bucket[1] for b in buckets if b[0] >= h and b[1] >= w)
     assert choose_bucket([(64, 64)], (100, 70), 32) == (128, 96)  # no bucket fits: its own padded size

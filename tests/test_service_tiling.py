@@ -19,13 +19,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from export.runtimes import OnnxRuntime
+from model.input_contract import load_rgb
 from model.tiling import plan_tiles, segment_tiled
 from service.launcher import ServiceProcess
 from service.models import cached_name
 from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
 from tests.test_service import CPU, METHODS, metrics, ok, png_header_only, post, value
-from training.data import load_rgb, resized_shape
 
 BUCKET = (128, 128)
 OVERLAP = 32
@@ -100,7 +100,7 @@ def offline_tiled(runtime: OnnxRuntime, data: bytes) -> tuple[list[dict[str, Any
     meta = runtime.metadata
     image = load_rgb(io.BytesIO(data))
     size = (image.size[1], image.size[0])
-    plan = plan_tiles(size, resized_shape(*size, meta.input.min_size, meta.input.max_size), [BUCKET], OVERLAP)
+    plan = plan_tiles(size, meta.input.resized_shape(*size), [BUCKET], OVERLAP)
     instances = segment_tiled(
         image,
         plan,

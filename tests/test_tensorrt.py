@@ -16,8 +16,7 @@ import onnx
 import pytest
 import torch
 
-from export.metadata import build_metadata
-from export.onnx_export import export_onnx
+from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs
 from export.tensorrt_build import Profile, default_profile, parse_shape, runs_in_fp16
 from export.runtimes import OnnxRuntime
@@ -141,7 +140,7 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @needs_gpu
 @pytest.mark.parametrize("batch, height, width", [(1, 96, 128), (3, 128, 192)])
 def test_engine_matches_onnxruntime(engines: tuple[Path, Path], batch: int, height: int, width: int) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     onnx_path, folder = engines
     reference_runtime = OnnxRuntime(onnx_path, providers=["CPUExecutionProvider"])
@@ -160,7 +159,7 @@ def test_engine_matches_onnxruntime(engines: tuple[Path, Path], batch: int, heig
 
 @needs_gpu
 def test_fp16_engine_runs_and_keeps_the_contract(engines: tuple[Path, Path]) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     _, folder = engines
     engine = TensorRTRuntime(folder / "fp16.plan")
@@ -174,7 +173,7 @@ def test_fp16_engine_runs_and_keeps_the_contract(engines: tuple[Path, Path]) -> 
 
 @needs_gpu
 def test_engine_rejects_shapes_outside_its_profile(engines: tuple[Path, Path]) -> None:
-    from export.tensorrt_runtime import TensorRTRuntime
+    from export.runtimes import TensorRTRuntime
 
     engine = TensorRTRuntime(engines[1] / "fp32.plan")
     with pytest.raises(ValueError, match="outside the engine's profile"):

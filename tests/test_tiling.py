@@ -22,7 +22,7 @@ from model.runtime import TorchRuntime
 from model.tiling import check_overlap, merge_tiles, pad_batch, plan_tiles, segment_tiled, shape_buckets
 from tests.service_models import CATEGORY_IDS, tiny_detector
 from tests.test_finishing import box28_cases, coco_string, logprob_cases
-from training.data import resized_shape
+from model.input_contract import InputContract, resized_shape
 from training.evaluate import EvalSpec, eval_dataset, evaluate, main
 
 SOME = settings(max_examples=60, deadline=None, derandomize=True)
@@ -282,10 +282,7 @@ RECTANGLES_SPEC = EvalSpec(
     mask_kind="box28",
     mask_threshold=0.5,
     box_padding=2,
-    pad_value=(124, 116, 104),
-    size_divisibility=32,
-    min_size=64,
-    max_size=200,
+    input=InputContract(pad_value=[124, 116, 104], size_divisibility=32, min_size=64, max_size=200),
 )
 # 200 wide in 64-pixel tiles overlapping by 20: 5 tiles; 64x64: whole; 180 wide: 4 tiles.
 TILED_ELEMENTS = 5 + 1 + 4
@@ -363,7 +360,7 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     bucket = (-(-height // 32) * 32, -(-width // 32) * 32)
     options = {"mask_kind": spec.mask_kind, "mask_threshold": spec.mask_threshold, "box_padding": spec.box_padding}
 
-    out = runtime.infer(pad_batch([tile.transpose(2, 0, 1)], bucket, spec.pad_value))
+    out = runtime.infer(pad_batch([tile.transpose(2, 0, 1)], bucket, spec.input.pad_value))
     single = finish_image(
         *(out[k][0] for k in ("num_dets", "boxes", "scores", "classes", "masks")),
         input_size=(height, width),
@@ -375,7 +372,7 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     mosaic = np.tile(tile, (2, 2, 1))  # the copies meet edge to edge: no overlap keeps each tile on one copy
     plan = plan_tiles(mosaic.shape[:2], mosaic.shape[:2], [bucket], 0)  # the native scale, s = 1
     assert [t.origin for t in plan.tiles] == [(0, 0), (0, width), (height, 0), (height, width)]
-    merged = segment_tiled(Image.fromarray(mosaic), plan, runtime.infer, spec.pad_value, 1, None, **options)
+    merged = segment_tiled(Image.fromarray(mosaic), plan, runtime.infer, spec.input.pad_value, 1, None, **options)
     assert len(merged) == 4 * len(single)
     for dy, dx in ((0, 0), (0, width), (height, 0), (height, width)):
         copy = [

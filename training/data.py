@@ -14,10 +14,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from model.fcos_outputs import InstanceTargets
+from model.input_contract import load_rgb, resize_rgb
 
 
 class SampleKey(NamedTuple):
@@ -43,30 +43,6 @@ class Batch:
     image_ids: list[int]
     original_sizes: list[tuple[int, int]]
     input_sizes: list[tuple[int, int]]
-
-
-def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """detectron2 ResizeShortestEdge: shorter side to ``short_edge``, longer side at most ``max_size``."""
-    scale = short_edge / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode any still image to 8-bit RGB in its displayed orientation.
-
-    PIL's own conversion clips 16-bit grey to 255, so integer grey ("I;16", or "I" as some decoders
-    report 16-bit files) is rescaled from the 16-bit range to 8 bits first.
-    """
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        if image.mode == "I" or image.mode.startswith("I;16"):
-            values = np.asarray(image, dtype=np.float64)
-            image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))
-        return image.convert("RGB")
 
 
 class CocoInstanceDataset(torch.utils.data.Dataset):
@@ -112,9 +88,8 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         boxes, labels, masks = self._instances(image_id, height, width)
 
         short_edge = int(rng.choice(self.min_sizes)) if self.train else self.min_sizes[0]
-        new_h, new_w = resized_shape(height, width, short_edge, self.max_size)
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+        pixels = torch.from_numpy(resize_rgb(image, short_edge, self.max_size))
+        new_h, new_w = pixels.shape[1:]
         boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
         masks = (
             F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]

@@ -34,7 +34,9 @@ from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
 from model.finishing import Instance, finish_image
+from model.input_contract import InputContract, load_rgb
 from model.mask_contract import MaskKind
+from model.methods import mask_method_class
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 from model.tiling import (
@@ -46,14 +48,14 @@ from model.tiling import (
     segment_tiled,
     shape_buckets,
 )
-from training.data import CocoInstanceDataset, collate, load_rgb, resized_shape
+from training.data import CocoInstanceDataset, collate
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What evaluation needs besides a runtime: input padding, the mask finishing rule and the dataset ids.
+    """What evaluation needs besides a runtime: the input contract, the mask finishing rule and the dataset ids.
 
     Built from a checkpoint's config here; a runtime that carries export metadata instead fills the same
     fields from that record.
@@ -63,35 +65,26 @@ class EvalSpec:
     mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
     mask_threshold: float | None
     box_padding: int
-    pad_value: tuple[int, ...]
-    size_divisibility: int
-    min_size: int
-    max_size: int
+    input: InputContract
 
     @classmethod
     def from_config(cls, cfg: Config, category_ids: list[int]) -> EvalSpec:
-        model = cfg.model
-        kind, threshold = {
-            "meinst": ("box28", model.meinst.mask_threshold),
-            "embedmask": ("logprob_s4", model.embedmask.mask_threshold),
-            "fcos": (None, None),
-        }[model.method]
+        """The spec of a checkpoint's config: the mask fields its method exports (``graph_fields``)."""
+        method = mask_method_class(cfg.model.method)
+        fields = method.graph_fields(cfg.model) if method is not None else {}
         return cls(
             category_ids=list(category_ids),
-            mask_kind=kind,
-            mask_threshold=threshold,
-            box_padding=model.embedmask.box_padding,
-            pad_value=tuple(round(m) for m in model.pixel_mean),
-            size_divisibility=cfg.data.size_divisibility,
-            min_size=cfg.data.min_size_test,
-            max_size=cfg.data.max_size_test,
+            mask_kind=fields.get("mask_kind"),
+            mask_threshold=fields.get("mask_threshold"),
+            box_padding=fields.get("box_padding", 0),
+            input=InputContract.from_config(cfg),
         )
 
 
 def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceDataset:
     """The evaluation images at the model's test size (pycocotools' loading chatter goes to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
-        return CocoInstanceDataset(annotations, images, [spec.min_size], spec.max_size, 0.0, train=False)
+        return CocoInstanceDataset(annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False)
 
 
 def tile_plans(dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int) -> dict[int, TilePlan]:
@@ -100,7 +93,7 @@ def tile_plans(dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple
     for index, image_id in enumerate(dataset.image_ids):
         info = dataset.coco.imgs[image_id]
         size = (info["height"], info["width"])
-        plan = plan_tiles(size, resized_shape(*size, spec.min_size, spec.max_size), buckets, overlap)
+        plan = plan_tiles(size, spec.input.resized_shape(*size), buckets, overlap)
         if plan is not None:
             plans[index] = plan
     return plans
@@ -117,7 +110,7 @@ def predict(
     whole, `batch_size` at a time; larger ones are cut into tiles overlapping by `overlap` input pixels
     (default: ``model.tiling.default_overlap``), run `batch_size` tiles at a time padded to their bucket, and
     merged (``model.tiling``)."""
-    buckets = buckets or shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
+    buckets = buckets or shape_buckets(spec.input.min_size, spec.input.max_size, spec.input.size_divisibility)
     overlap = default_overlap(buckets) if overlap is None else overlap
     check_overlap(buckets, overlap)
     plans = tile_plans(dataset, spec, buckets, overlap)
@@ -125,7 +118,7 @@ def predict(
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, whole) if plans else dataset,
         batch_size=batch_size,
-        collate_fn=partial(collate, size_divisibility=spec.size_divisibility, pad_value=spec.pad_value),
+        collate_fn=partial(collate, size_divisibility=spec.input.size_divisibility, pad_value=tuple(spec.input.pad_value)),
     )
     options: dict[str, Any] = {
         "mask_kind": spec.mask_kind or "box28",
@@ -150,7 +143,7 @@ def predict(
         image = load_rgb(str(Path(dataset.images) / dataset.coco.imgs[image_id]["file_name"]))
         if (image.size[1], image.size[0]) != plan.image_size:
             raise ValueError(f"image {image_id}: decoded size {image.size[::-1]} differs from annotated {plan.image_size}")
-        results += coco_records(image_id, segment_tiled(image, plan, runtime.infer, spec.pad_value, batch_size, None, **options), spec)
+        results += coco_records(image_id, segment_tiled(image, plan, runtime.infer, spec.input.pad_value, batch_size, None, **options), spec)
     return results
 
 
@@ -249,9 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
-    buckets = [args.tile_size] if args.tile_size else shape_buckets(spec.min_size, spec.max_size, spec.size_divisibility)
-    if any(side % spec.size_divisibility for side in buckets[0]):
-        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {spec.size_divisibility}")
+    contract = spec.input
+    buckets = [args.tile_size] if args.tile_size else shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
+    if any(side % contract.size_divisibility for side in buckets[0]):
+        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}")
     overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap
     try:
         check_overlap(buckets, overlap)

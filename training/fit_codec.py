@@ -4,7 +4,7 @@
         [--mask-size 28] [--batch-size 1024] [--seed 0]
 
 Every non-crowd instance with a segmentation is cropped to its COCO box (polygons or RLE), turned into
-eps-smoothed logits (eps in [0.01, 0.05], methods-reference 2.2) and fed to ``IncrementalPCA.partial_fit``
+eps-smoothed logits (eps in [0.01, 0.05], docs/methods.md, MEInst: codec) and fed to ``IncrementalPCA.partial_fit``
 batch by batch, so memory is one batch, whatever the dataset size. A second streaming pass measures the
 reconstruction (encode -> decode -> sigmoid -> >= 0.5) with the saved codec itself, eps drawn at random as
 in the reference ``LME/mask_evaluation.py`` (seeded, so the numbers are reproducible). Reported:

@@ -1,4 +1,6 @@
-"""Box-relative mask crops of COCO annotations, as MEInst's codec fit and targets see them (methods-reference 2.2)."""
+"""Box-relative mask crops of COCO annotations, as MEInst's codec fit and targets see them.
+
+See docs/methods.md, MEInst: codec."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """SGD with per-parameter-group bias settings and the warmup + step-decay learning-rate schedule.
 
-Follows maskrcnn-benchmark / detectron2 (methods-reference 2.6, 3.4): biases may get their own learning
+Follows maskrcnn-benchmark / detectron2 (docs/methods.md, Solver and recipes): biases may get their own learning
 rate factor (EmbedMask: x2) and weight decay (EmbedMask: 0); every other trainable parameter gets
 ``base_lr`` and ``weight_decay``. The schedule is a pure function of the iteration, so a resumed run only
 needs the iteration count to be on the same schedule.

@@ -46,11 +46,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
 from model.fcos_outputs import InstanceTargets
+from model.input_contract import InputContract
 from model.runtime import TorchRuntime
-from model.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import EvalSpec, eval_dataset, evaluate
 from training.fit_codec import fit_codec
@@ -161,7 +162,7 @@ def _batches(cfg: Config, dataset: CocoInstanceDataset, env: Distributed, start:
         collate_fn=partial(
             collate,
             size_divisibility=cfg.data.size_divisibility,
-            pad_value=tuple(round(m) for m in cfg.model.pixel_mean),
+            pad_value=tuple(InputContract.from_config(cfg).pad_value),
         ),
         num_workers=cfg.data.num_workers,
         pin_memory=env.device.type == "cuda",
@@ -242,108 +243,210 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, resume: bool, env: Distributed) -> TrainResult:
-    solver = cfg.solver
-    if solver.ims_per_batch % env.world_size:
-        raise ValueError(f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the {env.world_size} ranks")
-    output_dir = Path(cfg.output_dir)
-    last_path, metrics_path = output_dir / "last.pt", output_dir / "metrics.jsonl"
-    if last_path.exists() and not resume:
-        raise FileExistsError(f"{last_path} exists: pass --resume to continue that run, or choose another output_dir")
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+def last_checkpoint_path(cfg: Config) -> Path:
+    """The resumable checkpoint of the run ``cfg`` describes."""
+    return Path(cfg.output_dir) / "last.pt"
 
-    train_set, val_set = _datasets(cfg, env)
-    check_classes(cfg, train_set)
-    checkpoint = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if resume and checkpoint is None:
-        logger.info("--resume: no %s yet, starting from scratch", last_path)
-    model = _build_model(cfg, env, checkpoint)
-    ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.world_size > 1 else model
-    optimizer = build_optimizer(model, solver)
-    scheduler = build_scheduler(optimizer, solver)
-    use_amp = solver.amp and env.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    state = RunState()
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["grad_scaler"])
-        state = RunState(checkpoint["iteration"], checkpoint["samples_consumed"], checkpoint["best_metric"], checkpoint["metrics"])
-        logger.info("resumed from %s at iteration %d", last_path, state.iteration)
 
-    def save(path: Path, resumable: bool) -> None:
+@dataclass
+class Run:
+    """One training run's objects: what ``_build`` makes and ``_resume`` restores, what ``_step`` and the
+    periodic hooks use."""
+
+    cfg: Config
+    env: Distributed
+    train_set: CocoInstanceDataset
+    val_set: CocoInstanceDataset | None  # only on rank 0, which validates
+    model: OneStageDetector  # the unwrapped network (what checkpoints hold)
+    trained: nn.Module  # the module that runs the step: ``model``, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    eval_spec: EvalSpec
+    state: RunState = field(default_factory=RunState)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def last_path(self) -> Path:
+        return last_checkpoint_path(self.cfg)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def save(self, path: Path, resumable: bool) -> None:
+        """A checkpoint (``model.checkpoint``): weights, config, classes, run state, and for a resumable one
+        the optimizer, scheduler and grad scaler."""
         payload = {
-            "model": model.state_dict(),
-            "config": cfg.model_dump(mode="json"),
-            "class_names": list(cfg.model.class_names),
-            "category_ids": list(train_set.category_ids),
-            **asdict(state),
+            "model": self.model.state_dict(),
+            "config": self.cfg.model_dump(mode="json"),
+            "class_names": list(self.cfg.model.class_names),
+            "category_ids": list(self.train_set.category_ids),
+            **asdict(self.state),
         }
         if resumable:
-            payload.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), grad_scaler=scaler.state_dict())
+            payload.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                grad_scaler=self.scaler.state_dict(),
+            )
         save_checkpoint(payload, path)
 
-    eval_spec = EvalSpec.from_config(cfg, train_set.category_ids)
-    batches = _batches(cfg, train_set, env, state.samples_consumed)
-    start_iter = state.iteration
-    progress = tqdm(total=solver.max_iter, initial=start_iter, desc="train", disable=not env.is_main, file=sys.stderr, dynamic_ncols=True)
-    window_start, window_iters = time.perf_counter(), 0
-    for iteration in range(start_iter, solver.max_iter):
-        torch.manual_seed(iteration_seed(cfg.seed, iteration, env.rank))
-        batch = next(batches)
-        with torch.autocast(device_type=env.device.type, dtype=torch.float16, enabled=use_amp):
-            losses = ddp(batch.images.to(env.device, non_blocking=True), _to_device(batch.targets, env.device))
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at iteration {iteration + 1}: { {k: v.item() for k, v in losses.items()} }")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if solver.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), solver.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        state.iteration, state.samples_consumed = iteration + 1, state.samples_consumed + solver.ims_per_batch
-        done, final = state.iteration, state.iteration == solver.max_iter
-        window_iters += 1
+
+@dataclass
+class ThroughputWindow:
+    """Iterations since the last log line and the time they took (validation pauses excluded)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    iterations: int = 0
+
+    def seconds_per_iteration(self) -> float:
+        """The window's mean, then a new window starts."""
+        seconds = (time.perf_counter() - self.started) / self.iterations
+        self.started, self.iterations = time.perf_counter(), 0
+        return seconds
+
+    def exclude_pause(self) -> None:
+        self.started = time.perf_counter()
+
+
+def _train(cfg: Config, resume: bool, env: Distributed) -> TrainResult:
+    """Build (and resume), then step to ``solver.max_iter`` with the periodic hooks: log, evaluate, checkpoint."""
+    solver = cfg.solver
+    last_path = last_checkpoint_path(cfg)
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{last_path} exists: pass --resume to continue that run, or choose another output_dir")
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(last_path) if last_path.exists() else None
+        if checkpoint is None:
+            logger.info("--resume: no %s yet, starting from scratch", last_path)
+    run = _build(cfg, env, checkpoint)
+    if checkpoint is not None:
+        _resume(run, checkpoint)
+    batches = _batches(cfg, run.train_set, env, run.state.samples_consumed)
+    start = run.state.iteration
+    progress = tqdm(
+        total=solver.max_iter, initial=start, desc="train", disable=not env.is_main, file=sys.stderr, dynamic_ncols=True
+    )
+    window = ThroughputWindow()
+    for iteration in range(start, solver.max_iter):
+        losses = _step(run, iteration, batches)
+        window.iterations += 1
         progress.update(1)
-
-        if done % LOG_PERIOD == 0 or final or done == start_iter + 1:
-            logged = _reduce_losses(losses, env)
-            seconds = (time.perf_counter() - window_start) / window_iters
-            window_start, window_iters = time.perf_counter(), 0
-            record = {
-                "iteration": done,
-                "lr": optimizer.param_groups[0]["lr"],
-                "loss": sum(logged.values()),
-                **logged,
-                "seconds_per_iter": seconds,
-                "images_per_s": solver.ims_per_batch / seconds,
-                "eta_s": seconds * (solver.max_iter - done),
-            }
-            if env.is_main:
-                _append_jsonl(metrics_path, record)
-                losses_shown = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in logged.items()}
-                progress.set_postfix(loss=f"{record['loss']:.3f}", **losses_shown, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
-
+        done, final = run.state.iteration, run.state.iteration == solver.max_iter
+        if done % LOG_PERIOD == 0 or final or done == start + 1:
+            _log(run, losses, window.seconds_per_iteration(), progress)
         evaluation_due = final or (solver.eval_period > 0 and done % solver.eval_period == 0)
-        if evaluation_due and val_set is not None:
-            state.metrics = evaluate(TorchRuntime(model, env.device), val_set, eval_spec)
-            _append_jsonl(metrics_path, {"iteration": done, "eval": state.metrics})
-            logger.info("iteration %d: validation %s", done, json.dumps(state.metrics))
-            score = validation_score(state.metrics, cfg.model.method)
-            if state.best_metric is None or score > state.best_metric:
-                state.best_metric = score
-                save(output_dir / "model_best.pt", resumable=False)
-            window_start = time.perf_counter()
+        if evaluation_due and run.val_set is not None:
+            _evaluate(run, run.val_set)
+            window.exclude_pause()
         if env.is_main and (final or done % solver.checkpoint_period == 0):
-            save(last_path, resumable=True)
+            run.save(run.last_path, resumable=True)
         if evaluation_due:  # the other ranks wait for rank 0's validation and checkpoint
             env.barrier()
     progress.close()
-    return TrainResult(model=model, iteration=state.iteration, metrics=state.metrics)
+    return TrainResult(model=run.model, iteration=run.state.iteration, metrics=run.state.metrics)
+
+
+def _build(cfg: Config, env: Distributed, checkpoint: dict[str, Any] | None) -> Run:
+    """Datasets, network (with the checkpoint's weights, if any), optimizer, schedule and grad scaler."""
+    solver = cfg.solver
+    if solver.ims_per_batch % env.world_size:
+        raise ValueError(f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the {env.world_size} ranks")
+    if env.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    train_set, val_set = _datasets(cfg, env)
+    check_classes(cfg, train_set)
+    model = _build_model(cfg, env, checkpoint)
+    devices = [env.device.index] if env.device.type == "cuda" else None
+    trained = DistributedDataParallel(model, device_ids=devices) if env.world_size > 1 else model
+    optimizer = build_optimizer(model, solver)
+    use_amp = solver.amp and env.device.type == "cuda"
+    return Run(
+        cfg=cfg,
+        env=env,
+        train_set=train_set,
+        val_set=val_set,
+        model=model,
+        trained=trained,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, solver),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+        use_amp=use_amp,
+        eval_spec=EvalSpec.from_config(cfg, train_set.category_ids),
+    )
+
+
+def _resume(run: Run, checkpoint: dict[str, Any]) -> None:
+    """Optimizer, schedule, grad scaler and run state as a resumable checkpoint saved them."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scaler.load_state_dict(checkpoint["grad_scaler"])
+    run.state = RunState(
+        checkpoint["iteration"], checkpoint["samples_consumed"], checkpoint["best_metric"], checkpoint["metrics"]
+    )
+    logger.info("resumed from %s at iteration %d", run.last_path, run.state.iteration)
+
+
+def _step(run: Run, iteration: int, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
+    """One optimizer step on the next batch; returns its losses. The iteration's seed is set first, so a
+    resumed run draws exactly what an uninterrupted one does."""
+    solver, device = run.cfg.solver, run.env.device
+    torch.manual_seed(iteration_seed(run.cfg.seed, iteration, run.env.rank))
+    batch = next(batches)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=run.use_amp):
+        losses = run.trained(batch.images.to(device, non_blocking=True), _to_device(batch.targets, device))
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        values = {k: v.item() for k, v in losses.items()}
+        raise FloatingPointError(f"loss is {total.item()} at iteration {iteration + 1}: {values}")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(total).backward()
+    if solver.clip_grad_norm is not None:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), solver.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.state.iteration, run.state.samples_consumed = iteration + 1, run.state.samples_consumed + solver.ims_per_batch
+    return losses
+
+
+def _log(run: Run, losses: dict[str, torch.Tensor], seconds_per_iteration: float, progress: tqdm) -> None:
+    """Losses (mean over ranks), learning rate, speed and ETA: a ``metrics.jsonl`` line and the progress bar."""
+    solver, done = run.cfg.solver, run.state.iteration
+    logged = _reduce_losses(losses, run.env)
+    record = {
+        "iteration": done,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "loss": sum(logged.values()),
+        **logged,
+        "seconds_per_iter": seconds_per_iteration,
+        "images_per_s": solver.ims_per_batch / seconds_per_iteration,
+        "eta_s": seconds_per_iteration * (solver.max_iter - done),
+    }
+    if run.env.is_main:
+        _append_jsonl(run.metrics_path, record)
+        shown = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in logged.items()}
+        progress.set_postfix(
+            loss=f"{record['loss']:.3f}", **shown, lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}"
+        )
+
+
+def _evaluate(run: Run, val_set: CocoInstanceDataset) -> None:
+    """Validate (rank 0), log the metrics, and keep ``model_best.pt`` when the score improves."""
+    run.state.metrics = evaluate(TorchRuntime(run.model, run.env.device), val_set, run.eval_spec)
+    _append_jsonl(run.metrics_path, {"iteration": run.state.iteration, "eval": run.state.metrics})
+    logger.info("iteration %d: validation %s", run.state.iteration, json.dumps(run.state.metrics))
+    score = validation_score(run.state.metrics, run.cfg.model.method)
+    if run.state.best_metric is None or score > run.state.best_metric:
+        run.state.best_metric = score
+        run.save(run.output_dir / "model_best.pt", resumable=False)
 
 
 def main(argv: list[str] | None = None) -> None:

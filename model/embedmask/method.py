@@ -1,4 +1,4 @@
-"""EmbedMask, the official (maskrcnn-benchmark) variant of methods-reference section 3.
+"""EmbedMask, the official (maskrcnn-benchmark) variant (docs/methods.md, EmbedMask).
 
 Each location predicts a proposal embedding (2 spatial-aware + D-2 free dims) and per-dimension margins
 sigma on the box tower; a pixel tower on P3 predicts pixel embeddings, upsampled x2 to stride 4. A pixel
@@ -8,6 +8,7 @@ belongs to a proposal with p = exp(-sum_d sigma_d (e_pix - e_prop)^2) (model.emb
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +16,14 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from model.config import ModelConfig
-from model.detector import LossContext, MaskMethod, MethodOutputs
 from model.embedmask.coupling import coupling_energy, coupling_logit
 from model.embedmask.lovasz import lovasz_hinge_per_instance
 from model.fcos_head import FCOSHeadOutputs
 from model.fcos_outputs import InstanceTargets, Locations, level_points
 from model.inference import Detections
 from model.layers import Scale, conv_tower, flatten_levels, init_normal
-
-MASK_STRIDE = 4
-OUTSIDE_LOG_PROB = -10.0
+from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
+from model.mask_method import LossContext, MaskAxes, MaskMethod, MethodOutputs
 
 
 def best_proposal_per_gt(
@@ -51,12 +50,29 @@ def masks_at_stride4(masks: torch.Tensor, padded_shape: tuple[int, int]) -> torc
     """GT bitmasks [G, h, w] -> [G, H/4, W/4] bool: zero-pad to the padded input, bilinear resize, > 0."""
     height, width = padded_shape
     padded = F.pad(masks.float(), (0, width - masks.shape[2], 0, height - masks.shape[1]))
-    resized = F.interpolate(padded[:, None], size=(height // MASK_STRIDE, width // MASK_STRIDE), mode="bilinear", align_corners=False)
+    size = (height // LOGPROB_STRIDE, width // LOGPROB_STRIDE)
+    resized = F.interpolate(padded[:, None], size=size, mode="bilinear", align_corners=False)
     return resized[:, 0] > 0
 
 
 class EmbedMask(MaskMethod):
+    name = "embedmask"
+    mask_kind = "logprob_s4"
     score_mode = "product"
+
+    @classmethod
+    def graph_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
+        return {
+            "mask_kind": cls.mask_kind,
+            "mask_threshold": cfg.embedmask.mask_threshold,
+            "mask_stride": LOGPROB_STRIDE,
+            "box_padding": cfg.embedmask.box_padding,
+        }
+
+    @classmethod
+    def mask_axes(cls, cfg: ModelConfig) -> MaskAxes:
+        """[B, K, H/4, W/4]: the map follows the input's height and width."""
+        return MaskAxes(dynamic={0: "batch", 2: "height_4", 3: "width_4"}, static={1: cfg.head.max_detections})
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
         super().__init__()
@@ -142,7 +158,7 @@ class EmbedMask(MaskMethod):
         log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[1], height, width)
 
         pad = self.cfg.embedmask.box_padding
-        cells = torch.floor(detections.boxes.clamp(min=0.0) / MASK_STRIDE)  # [B, K, 4]
+        cells = torch.floor(detections.boxes.clamp(min=0.0) / LOGPROB_STRIDE)  # [B, K, 4]
         cols = torch.arange(width, device=cells.device, dtype=cells.dtype)
         rows = torch.arange(height, device=cells.device, dtype=cells.dtype)
         in_cols = (cols >= cells[..., 0:1] - pad) & (cols <= cells[..., 2:3] + pad)  # [B, K, W]

@@ -1,6 +1,6 @@
 """MEInst's PCA mask codec: 28x28 box-relative binary masks <-> whitened coefficient vectors.
 
-Faithful to AdelaiDet ``PCAMaskEncoding`` (methods-reference 2.2, 2.3): class-agnostic, whitened, with the
+Faithful to AdelaiDet ``PCAMaskEncoding`` (docs/methods.md, MEInst: codec): class-agnostic, whitened, with the
 "sigmoid" preprocessing (stochastically label-smoothed logits). The PCA lives in persistent buffers so that a
 checkpoint alone carries the codec; the ``.npz`` format is the reference one, so AdelaiDet's COCO file loads.
 """

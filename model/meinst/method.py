@@ -1,4 +1,4 @@
-"""MEInst (methods-reference section 2): a parallel GN mask tower regressing whitened PCA coefficients.
+"""MEInst (docs/methods.md, MEInst): a parallel GN mask tower regressing whitened PCA coefficients.
 
 Training target: per positive location, its matched GT's 28x28 box-cropped mask (cropped once per GT),
 encoded with freshly drawn label-smoothing eps; loss = centerness-weighted MSE / (centerness sum x K).
@@ -7,15 +7,17 @@ Inference: only the kept detections are decoded, with one matmul and a sigmoid.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.detector import LossContext, MaskMethod, MethodOutputs
 from model.fcos_head import FCOSHeadOutputs
 from model.fcos_outputs import mean_over_ranks
 from model.inference import Detections
 from model.layers import conv_tower, flatten_levels, init_normal
+from model.mask_method import LossContext, MaskAxes, MaskMethod, MethodOutputs
 from model.meinst.codec import PCAMaskCodec, crop_bitmasks
 
 
@@ -26,7 +28,23 @@ def centerness_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: to
 
 
 class MEInst(MaskMethod):
+    name = "meinst"
+    mask_kind = "box28"
     score_mode = "sqrt"
+
+    @classmethod
+    def graph_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
+        meinst = cfg.meinst
+        return {"mask_kind": cls.mask_kind, "mask_threshold": meinst.mask_threshold, "mask_size": meinst.mask_size}
+
+    @classmethod
+    def mask_axes(cls, cfg: ModelConfig) -> MaskAxes:
+        """[B, K, mask_size, mask_size]: only the batch is dynamic."""
+        size = cfg.meinst.mask_size
+        return MaskAxes(dynamic={0: "batch"}, static={1: cfg.head.max_detections, 2: size, 3: size})
+
+    def check_exportable(self) -> None:
+        self.codec.require_fitted()
 
     def __init__(self, cfg: ModelConfig, in_channels: int) -> None:
         super().__init__()
