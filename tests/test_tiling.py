@@ -18,11 +18,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.finishing import Instance, finish_image
+from model.input_contract import InputContract, resized_shape
 from model.runtime import TorchRuntime
 from model.tiling import check_overlap, merge_tiles, pad_batch, plan_tiles, segment_tiled, shape_buckets
 from tests.service_models import CATEGORY_IDS, tiny_detector
 from tests.test_finishing import box28_cases, coco_string, logprob_cases
-from model.input_contract import InputContract, resized_shape
 from training.evaluate import EvalSpec, eval_dataset, evaluate, main
 
 SOME = settings(max_examples=60, deadline=None, derandomize=True)
