@@ -274,11 +274,13 @@ class SegmentService:
 
         window = 2 * self.settings.max_batch_size  # one batch running, the next one queued
         try:
-            per_tile, finishing_s = await run_tiles(tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline)
+            batcher = self.batchers[model.name]
+            per_tile, finishing_s = await run_tiles(tiled, batcher, finish, self.cpu_pool, window, deadline)
         except QueueFull:
             raise self._queue_full(model) from None
         except TimeoutError:
-            raise ServiceError(504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout") from None
+            message = f"no result within the request deadline ({len(plan.tiles)} tiles)"
+            raise ServiceError(504, message, "timeout") from None
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
         started = time.perf_counter()

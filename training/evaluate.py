@@ -87,7 +87,9 @@ def eval_dataset(annotations: str, images: str, spec: EvalSpec) -> CocoInstanceD
         return CocoInstanceDataset(annotations, images, [spec.input.min_size], spec.input.max_size, 0.0, train=False)
 
 
-def tile_plans(dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int) -> dict[int, TilePlan]:
+def tile_plans(
+    dataset: CocoInstanceDataset, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int
+) -> dict[int, TilePlan]:
     """The tile plans of the dataset's images larger than every bucket at the model's size, by dataset index."""
     plans = {}
     for index, image_id in enumerate(dataset.image_ids):
@@ -142,8 +144,9 @@ def predict(
         image_id = dataset.image_ids[index]
         image = load_rgb(str(Path(dataset.images) / dataset.coco.imgs[image_id]["file_name"]))
         if (image.size[1], image.size[0]) != plan.image_size:
-            raise ValueError(f"image {image_id}: decoded size {image.size[::-1]} differs from annotated {plan.image_size}")
-        results += coco_records(image_id, segment_tiled(image, plan, runtime.infer, spec.input.pad_value, batch_size, None, **options), spec)
+            raise ValueError(f"image {image_id}: decoded size {image.size[::-1]} differs from {plan.image_size}")
+        instances = segment_tiled(image, plan, runtime.infer, spec.input.pad_value, batch_size, None, **options)
+        results += coco_records(image_id, instances, spec)
     return results
 
 
@@ -237,15 +240,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="input shape of the tiles of images larger than it (default: the service's default shape "
                         "buckets for the checkpoint's test size)")
     parser.add_argument("--tile-overlap", type=int, default=None, metavar="N",
-                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default, "
-                        "or half the shortest tile side when that is less)")
+                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's "
+                        "default, or half the shortest tile side when that is less)")
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device)
     contract = spec.input
-    buckets = [args.tile_size] if args.tile_size else shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
-    if any(side % contract.size_divisibility for side in buckets[0]):
-        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}")
+    divisibility = contract.size_divisibility
+    buckets = [args.tile_size] if args.tile_size else shape_buckets(contract.min_size, contract.max_size, divisibility)
+    if any(side % divisibility for side in buckets[0]):
+        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {divisibility}")
     overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap
     try:
         check_overlap(buckets, overlap)
