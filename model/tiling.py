@@ -17,8 +17,8 @@ Merging keeps each object once:
   With an overlap at least as large as the largest object, an object cut by one tile's edge lies whole in
   a neighbour, and the cut copy's box centre lies in that neighbour's core too, so it is dropped;
 - duplicates: what the core rule lets through twice (a box that shifts its centre across a core boundary)
-  is removed by mask IoU (pycocotools) between instances of the same class from neighbouring tiles whose
-  boxes intersect, keeping the higher score.
+  is removed by mask IoU between instances of the same class from neighbouring tiles, keeping the higher
+  score (pycocotools' RLE IoU, which skips pairs whose mask bounding boxes do not intersect).
 
 numpy, PIL and pycocotools only (no torch), so the service, evaluation and the benchmarks share it.
 """
@@ -209,7 +209,8 @@ def _overlap_shapes(instances: list[Instance], frame_size: tuple[int, int]) -> l
     """What pycocotools compares: compressed RLEs, RLEs of the polygons, or xywh boxes when masks were skipped."""
     height, width = frame_size
     if instances and instances[0].rle is not None:
-        return [{"size": i.rle["size"], "counts": i.rle["counts"].encode("ascii")} for i in instances]  # type: ignore[index]
+        rles = [i.rle for i in instances]
+        return [{"size": rle["size"], "counts": rle["counts"].encode("ascii")} for rle in rles]  # type: ignore[index]
     if instances and instances[0].polygons is not None:
         empty = {"size": [height, width], "counts": [height * width]}  # a mask too small for a contour
         return [mask_utils.merge(mask_utils.frPyObjects(i.polygons or [empty], height, width)) for i in instances]
