@@ -177,10 +177,14 @@ def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(
         assert run < 6, (method, run)  # 3 requests x 2 tiles in fewer, larger batches
 
 
-def test_a_one_pixel_and_a_40_megapixel_image_are_answered_one_pixel_more_is_413(server: ServiceProcess) -> None:
+def test_a_one_pixel_a_thin_strip_and_a_40_megapixel_image_are_answered_one_pixel_more_is_413(
+    server: ServiceProcess,
+) -> None:
     tiny = ok(post(server.url, png(np.full((1, 1, 3), 200, np.uint8)), "image/png", model="meinst"))
     assert (tiny["width"], tiny["height"]) == (1, 1)
     assert all(i["segmentation"]["size"] == [1, 1] for i in tiny["instances"])
+    strip = ok(post(server.url, png(np.full((2, 3000, 3), 200, np.uint8)), "image/png", model="embedmask"))
+    assert (strip["width"], strip["height"]) == (3000, 2)  # 1 x 192 pixels at the photo rule, in two tiles
     width, height = 8000, 5000  # exactly the limit; a flat colour keeps the PNG small
     big = png(np.full((height, width, 3), 90, np.uint8))
     for method in METHODS:
