@@ -8,8 +8,8 @@ Images are resized to the checkpoint's ``data.min_size_test``/``max_size_test``,
 ``make_runtime``) and finished by ``model.finishing.finish_image``, the function the service uses, so
 evaluation measures what users get. An image larger than every tile shape at that size (by default the
 service's default shape buckets; ``--tile-size`` gives one) is tiled and merged as the service does
-(``model.tiling``), so AP is measured on whole images. The COCO results file holds the dataset's category ids, xywh boxes
-in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
+(``model.tiling``), so AP is measured on whole images. The COCO results file holds the dataset's category
+ids, xywh boxes in original pixels and compressed RLE masks. stdout gets exactly one JSON line with AP, AP50, AP75, APs,
 APm, APl (in percent) for bbox and segm; pycocotools' own printout goes to stderr.
 """
 
