@@ -75,9 +75,7 @@ class Frame(NamedTuple):
     size: tuple[int, int]
 
     @classmethod
-    def of(
-        cls, image_size: tuple[int, int], origin: tuple[int, int] = (0, 0), frame_size: tuple[int, int] | None = None
-    ) -> Frame:
+    def of(cls, image_size: tuple[int, int], origin: tuple[int, int] = (0, 0), frame_size: tuple[int, int] | None = None) -> Frame:
         return cls(origin, image_size if frame_size is None else frame_size)
 
 
@@ -208,9 +206,7 @@ def paste_box28_rles(
     cells = np.zeros((len(boxes), masks.shape[1] + 2, masks.shape[2] + 2), dtype=np.float32)  # grid_sample's zero padding
     cells[:, 1:-1, 1:-1] = masks
     frame = frame or Frame.of(image_size)
-    return _threshold_rle(
-        cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, frame, workers
-    )
+    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, frame, workers)
 
 
 def upsample_logprob_rles(

@@ -21,9 +21,7 @@ UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured m
 MODEL_INFO_KEYS = ("version", "method", "runtime", "providers")
 
 Kind = Literal["histogram", "gauge", "counter", "info"]
-Buckets = Literal["latency", "batch_size", "tile_count"]
-# Tiles per request: 1 (whole image) to a 40-megapixel image in 256x512 tiles at scale 1.
-TILE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+Buckets = Literal["latency", "batch_size", "tiles"]
 
 
 class MetricSpec(NamedTuple):
@@ -53,12 +51,16 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("mask_finishing", "onestage_mask_finishing_seconds", "histogram", ("model",),
                "paste, threshold and RLE/polygon encoding of one image's masks", "latency"),
     MetricSpec("tiles", "onestage_tiles_per_request", "histogram", ("model",),
-               "tiles an image was cut into (1: it fit a shape bucket whole)", "tile_count"),
+               "tiles an image was cut into (1: it fit a shape bucket whole)", "tiles"),
     MetricSpec("failures", "onestage_failures_total", "counter", ("model", "reason"),
                "failed requests by reason: " + ", ".join(FAILURE_REASONS)),
     MetricSpec("model_info", "onestage_model_info", "info", ("model", *MODEL_INFO_KEYS),
                "served models (value 1)"),
 )  # fmt: skip
+
+
+# Tiles per request: 1 (whole image) to a 40-megapixel image in 256-pixel tiles.
+TILE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def batch_size_buckets(max_batch_size: int) -> list[float]:
@@ -87,11 +89,7 @@ class Metrics:
 
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
-        buckets = {
-            "latency": LATENCY_BUCKETS,
-            "batch_size": batch_size_buckets(max_batch_size),
-            "tile_count": TILE_COUNT_BUCKETS,
-        }
+        buckets = {"latency": LATENCY_BUCKETS, "batch_size": batch_size_buckets(max_batch_size), "tiles": TILE_COUNT_BUCKETS}
         for spec in METRICS:
             setattr(self, spec.attribute, _collector(spec, buckets, self.registry))
 

@@ -206,7 +206,8 @@ class SegmentService:
         started = time.perf_counter()
         try:
             image = decode_image(data, self.settings.max_image_pixels)
-            tiled = prepare_tiles(image, model.rule, model.buckets, self.settings.tile_overlap)
+            input_size = model.rule.resized_shape(image.size[1], image.size[0])
+            tiled = prepare_tiles(image, input_size, model.buckets, self.settings.tile_overlap)
             return tiled if tiled is not None else prepare_image(image, model.rule, model.buckets)
         except ImageRejected as error:
             raise ServiceError(error.status, error.message, "bad_input") from None
@@ -231,6 +232,18 @@ class SegmentService:
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
 
+    def finishing_options(self, model: LoadedModel, options: SegmentOptions) -> dict[str, Any]:
+        """``finish_image``'s keyword arguments for this model and request, but for sizes and the cap."""
+        metadata = model.metadata
+        return {
+            "mask_kind": metadata.mask_kind,
+            "mask_threshold": metadata.mask_threshold,
+            "score_threshold": options.score_threshold,
+            "mask_format": options.mask_format,
+            "box_padding": metadata.box_padding or 0,
+            "workers": self.settings.finishing_threads,
+        }
+
     def finish(
         self, outputs: Outputs, prepared: PreparedImage, model: LoadedModel, options: SegmentOptions
     ) -> list[finishing.Instance]:
@@ -250,18 +263,6 @@ class SegmentService:
         self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
         return instances
 
-    def finishing_options(self, model: LoadedModel, options: SegmentOptions) -> dict[str, Any]:
-        """``finish_image``'s keyword arguments for this model and request, but for the sizes and the cap."""
-        metadata = model.metadata
-        return {
-            "mask_kind": metadata.mask_kind,
-            "mask_threshold": metadata.mask_threshold,
-            "score_threshold": options.score_threshold,
-            "mask_format": options.mask_format,
-            "box_padding": metadata.box_padding or 0,
-            "workers": self.settings.finishing_threads,
-        }
-
     async def segment_tiles(
         self, tiled: TiledImage, model: LoadedModel, options: SegmentOptions, deadline: float
     ) -> list[finishing.Instance]:
@@ -274,13 +275,11 @@ class SegmentService:
 
         window = 2 * self.settings.max_batch_size  # one batch running, the next one queued
         try:
-            batcher = self.batchers[model.name]
-            per_tile, finishing_s = await run_tiles(tiled, batcher, finish, self.cpu_pool, window, deadline)
+            per_tile, finishing_s = await run_tiles(tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline)
         except QueueFull:
             raise self._queue_full(model) from None
         except TimeoutError:
-            message = f"no result within the request deadline ({len(plan.tiles)} tiles)"
-            raise ServiceError(504, message, "timeout") from None
+            raise ServiceError(504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout") from None
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
         started = time.perf_counter()

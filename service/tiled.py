@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from model.finishing import Instance
-from model.input_contract import InputContract
 from model.tiling import Tile, TilePlan, cut_tile, plan_tiles
 from service.batcher import DynamicBatcher, Outputs, QueueFull
 
@@ -37,11 +36,12 @@ class TiledImage:
 
 
 def prepare_tiles(
-    image: Image.Image, contract: InputContract, buckets: list[tuple[int, int]], overlap: int
+    image: Image.Image, input_size: tuple[int, int], buckets: list[tuple[int, int]], overlap: int
 ) -> TiledImage | None:
-    """The tiles of an RGB image at the model's input contract, or None when it runs whole (`prepare_image`)."""
+    """The tiles of an RGB image whose model input size is `input_size` (the contract's size rule times the
+    caller's scale), or None when it runs whole (`prepare_image`)."""
     width, height = image.size
-    plan = plan_tiles((height, width), contract.resized_shape(height, width), buckets, overlap)
+    plan = plan_tiles((height, width), input_size, buckets, overlap)
     if plan is None:
         return None
     return TiledImage(plan, [cut_tile(image, tile) for tile in plan.tiles])
