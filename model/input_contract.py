@@ -35,13 +35,14 @@ from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
 
 
 def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """detectron2 ResizeShortestEdge: shorter side to ``short_edge``, longer side at most ``max_size``."""
+    """detectron2 ResizeShortestEdge: shorter side to ``short_edge``, longer side at most ``max_size``; at
+    least one pixel a side (an image thinner than 1 : max_size would otherwise lose its short side)."""
     scale = short_edge / min(height, width)
     new_h, new_w = height * scale, width * scale
     if max(new_h, new_w) > max_size:
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
 
 
 def scaled_shape(height: int, width: int, factor: float) -> tuple[int, int]:

@@ -17,8 +17,8 @@ Merging keeps each object once:
   With an overlap at least as large as the largest object, an object cut by one tile's edge lies whole in
   a neighbour, and the cut copy's box centre lies in that neighbour's core too, so it is dropped;
 - duplicates: what the core rule lets through twice (a box that shifts its centre across a core boundary)
-  is removed by mask IoU (pycocotools) between instances of the same class from neighbouring tiles whose
-  boxes intersect, keeping the higher score.
+  is removed by mask IoU between instances of the same class from neighbouring tiles, keeping the higher
+  score (pycocotools' RLE IoU, which skips pairs whose mask bounding boxes do not intersect).
 
 numpy, PIL and pycocotools only (no torch), so the service, evaluation and the benchmarks share it.
 """
@@ -26,7 +26,7 @@ numpy, PIL and pycocotools only (no torch), so the service, evaluation and the b
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,7 +189,7 @@ def cut_tile(image: Image.Image, tile: Tile) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(region).transpose(2, 0, 1))
 
 
-def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: tuple[int, ...]) -> np.ndarray:
+def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: Sequence[int]) -> np.ndarray:
     """[B, 3, H, W] uint8: each [3, h, w] image at the top left, the rest ``pad_value``."""
     batch = np.empty((len(images), 3, *bucket), dtype=np.uint8)
     batch[...] = np.asarray(pad_value, dtype=np.uint8)[None, :, None, None]
@@ -220,7 +220,8 @@ def _overlap_shapes(instances: list[Instance], frame_size: tuple[int, int]) -> l
     """What pycocotools compares: compressed RLEs, RLEs of the polygons, or xywh boxes when masks were skipped."""
     height, width = frame_size
     if instances and instances[0].rle is not None:
-        return [{"size": i.rle["size"], "counts": i.rle["counts"].encode("ascii")} for i in instances]  # type: ignore[index]
+        rles = [i.rle for i in instances]
+        return [{"size": rle["size"], "counts": rle["counts"].encode("ascii")} for rle in rles]  # type: ignore[index]
     if instances and instances[0].polygons is not None:
         empty = {"size": [height, width], "counts": [height * width]}  # a mask too small for a contour
         return [mask_utils.merge(mask_utils.frPyObjects(i.polygons or [empty], height, width)) for i in instances]
@@ -274,7 +275,7 @@ def segment_tiled(
     image: Image.Image,
     plan: TilePlan,
     infer: Callable[[np.ndarray], Outputs],
-    pad_value: tuple[int, ...],
+    pad_value: Sequence[int],
     batch_size: int,
     limit: int | None,
     **options: object,

@@ -95,13 +95,15 @@ def wide_image(nucleus_root: Path) -> bytes:
     return png(np.concatenate(tiles, axis=1))
 
 
-def offline_tiled(runtime: OnnxRuntime, data: bytes) -> tuple[list[dict[str, Any]], int]:
+def offline_tiled(
+    runtime: OnnxRuntime, data: bytes, bucket: tuple[int, int] = BUCKET, overlap: int = OVERLAP
+) -> tuple[list[dict[str, Any]], int]:
     """The instances computed without the service (plan, cut, graph, finish in the frame, merge), as the
     response encodes them, and the number of tiles."""
     meta = runtime.metadata
     image = load_rgb(io.BytesIO(data))
     size = (image.size[1], image.size[0])
-    plan = plan_tiles(size, resized_shape(*size, meta.input.min_size, meta.input.max_size), [BUCKET], OVERLAP)
+    plan = plan_tiles(size, meta.input.resized_shape(*size), [bucket], overlap)
     instances = segment_tiled(
         image,
         plan,
@@ -154,6 +156,10 @@ def test_an_image_wider_than_every_bucket_is_tiled_and_answered_in_its_full_fram
     )
     capped = ok(post(server.url, wide_image, "image/png", model=method, max_detections=3))
     assert capped["instances"] == body["instances"][:3]  # the cap applies to the merged answer
+    polygons = ok(post(server.url, wide_image, "image/png", model=method, mask_format="polygon"))["instances"]
+    assert [i["bbox"] for i in polygons] == [i["bbox"] for i in body["instances"]]
+    for ring in (ring for i in polygons for ring in i["segmentation"]):
+        assert 0 <= min(ring[0::2]) and max(ring[0::2]) < 384 and 0 <= min(ring[1::2]) and max(ring[1::2]) < 128
 
 
 def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(
@@ -174,10 +180,14 @@ def test_concurrent_tiled_requests_share_batches_with_unchanged_answers(
         assert run < 6, (method, run)  # 3 requests x 2 tiles in fewer, larger batches
 
 
-def test_a_one_pixel_and_a_40_megapixel_image_are_answered_one_pixel_more_is_413(server: ServiceProcess) -> None:
+def test_a_one_pixel_a_thin_strip_and_a_40_megapixel_image_are_answered_one_pixel_more_is_413(
+    server: ServiceProcess,
+) -> None:
     tiny = ok(post(server.url, png(np.full((1, 1, 3), 200, np.uint8)), "image/png", model="meinst"))
     assert (tiny["width"], tiny["height"]) == (1, 1)
     assert all(i["segmentation"]["size"] == [1, 1] for i in tiny["instances"])
+    strip = ok(post(server.url, png(np.full((2, 3000, 3), 200, np.uint8)), "image/png", model="embedmask"))
+    assert (strip["width"], strip["height"]) == (3000, 2)  # 1 x 192 pixels at the photo rule, in two tiles
     width, height = 8000, 5000  # exactly the limit; a flat colour keeps the PNG small
     big = png(np.full((height, width, 3), 90, np.uint8))
     for method in METHODS:
@@ -187,3 +197,40 @@ def test_a_one_pixel_and_a_40_megapixel_image_are_answered_one_pixel_more_is_413
     over = post(server.url, png_header_only(width + 1, height), "image/png", model="meinst")
     assert over.status_code == 413 and "limit" in over.json()["error"]
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def crowded(server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProcess]:
+    """MEInst alone from the cached graph with one 64x64 bucket (tiles overlapping by 16), batches of up to
+    2 and a queue of 3: fewer places than one image's tiles."""
+    graph = workdir / "cache" / cached_name(ModelSpec(name="meinst", path=checkpoints["meinst"]), ".onnx")
+    models = json.dumps([{"name": "meinst", "path": str(graph), "buckets": ["64x64"]}])
+    process = ServiceProcess(
+        ["--models", models, *CPU, "--max-batch-size", "2", "--max-queue-size", "3", "--tile-overlap", "16"],
+        workdir / "crowded.log",
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.terminate()
+
+
+def test_an_image_with_more_tiles_than_queue_places_waits_for_its_own_tiles(
+    crowded: ServiceProcess, runtimes: dict[str, OnnxRuntime], nucleus_root: Path
+) -> None:
+    """200x300 at the photo rule is 128x192: twelve 64x64 tiles through a queue of 3, two per batch."""
+    pixels = np.asarray(Image.open(min((nucleus_root / "val").glob("*.png"))).convert("RGB").resize((300, 200)))
+    data = png(pixels)
+    before = metrics(crowded.url)
+    body = ok(post(crowded.url, data, "image/png", model="meinst"))
+    after = metrics(crowded.url)
+    expected, tiles = offline_tiled(runtimes["meinst"], data, (64, 64), 16)
+    assert tiles == 12 and body["instances"] == expected
+    batches = value(after, "onestage_batch_size_count", model="meinst") - value(
+        before, "onestage_batch_size_count", model="meinst"
+    )
+    elements = value(after, "onestage_batch_size_sum", model="meinst") - value(
+        before, "onestage_batch_size_sum", model="meinst"
+    )
+    assert elements == 12 and batches < 12  # the request filled batches of two
