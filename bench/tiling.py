@@ -35,7 +35,6 @@ from PIL import Image
 
 from export.runtimes import OnnxRuntime
 from model.finishing import compile_kernel, finish_image
-from model.input_contract import resized_shape
 from model.intensity import stretch_to_uint8
 from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles
 from service.models import cached_name, export_checkpoint

@@ -25,7 +25,6 @@ from service.models import cached_name
 from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
 from tests.test_service import CPU, METHODS, metrics, ok, png_header_only, post, value
-from model.input_contract import resized_shape
 from model.intensity import decode_rgb8, load_rgb
 
 BUCKET = (128, 128)
