@@ -57,17 +57,17 @@ import torchvision
 from pycocotools import mask as mask_util
 from torchvision.models import mobilenet_v2
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 from model.backbone import load_imagenet_state
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from model.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import EvalSpec, coco_metrics, eval_dataset
 from training.solver import build_optimizer, build_scheduler
@@ -122,8 +122,10 @@ def build_maskrcnn(cfg: Config, mask_head_channels: int, imagenet: bool = True) 
         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
     model.transform = SizedInputTransform(
-        min_size=cfg.data.min_size_test, max_size=cfg.data.max_size_test,
-        image_mean=cfg.model.pixel_mean, image_std=cfg.model.pixel_std,
+        min_size=cfg.data.min_size_test,
+        max_size=cfg.data.max_size_test,
+        image_mean=cfg.model.pixel_mean,
+        image_std=cfg.model.pixel_std,
         size_divisible=cfg.data.size_divisibility,
     )
     return model
@@ -178,13 +180,18 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
             print(
                 f"iter {done}/{iterations} loss={total.item():.3f} {parts} lr={optimizer.param_groups[0]['lr']:.2e} "
                 f"s/iter={recent:.2f} eta={recent * (iterations - done) / 60:.1f}min",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         if done % CHECKPOINT_PERIOD == 0 or done == iterations:
             save_checkpoint(
                 {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "iteration": done, "seconds_per_iter": seconds, "config": cfg.model_dump(mode="json"),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "iteration": done,
+                    "seconds_per_iter": seconds,
+                    "config": cfg.model_dump(mode="json"),
                 },
                 checkpoint_path,
             )
@@ -195,14 +202,23 @@ def train_loader(cfg: Config, start_iter: int = 0) -> torch.utils.data.DataLoade
     """Our training data stream (dataset, sampler, collate) from the config, from ``start_iter`` on."""
     with contextlib.redirect_stdout(sys.stderr):
         dataset = CocoInstanceDataset(
-            cfg.data.train_annotations, cfg.data.train_images, cfg.data.min_size_train, cfg.data.max_size_train,
-            cfg.data.hflip_prob, train=True, seed=cfg.seed,
+            cfg.data.train_annotations,
+            cfg.data.train_images,
+            cfg.data.min_size_train,
+            cfg.data.max_size_train,
+            cfg.data.hflip_prob,
+            train=True,
+            seed=cfg.seed,
         )
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.solver.ims_per_batch,
         sampler=TrainingSampler(len(dataset), cfg.seed, start=start_iter * cfg.solver.ims_per_batch),
-        collate_fn=partial(collate, size_divisibility=cfg.data.size_divisibility, pad_value=tuple(round(m) for m in cfg.model.pixel_mean)),
+        collate_fn=partial(
+            collate,
+            size_divisibility=cfg.data.size_divisibility,
+            pad_value=tuple(round(m) for m in cfg.model.pixel_mean),
+        ),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
@@ -221,7 +237,11 @@ def speed_race(cfg: Config, mask_head_channels: int, rounds: int, overrides: lis
         model = OneStageDetector(ours_cfg.model)
         if ours_cfg.model.method == "meinst":
             model.mask_method.codec.load_npz(str(REPO / RACE_CODEC))
-        steppers[name] = (model.train(), build_optimizer(model, ours_cfg.solver), lambda model, batch: model(batch.images, batch.targets))
+        steppers[name] = (
+            model.train(),
+            build_optimizer(model, ours_cfg.solver),
+            lambda model, batch: model(batch.images, batch.targets),
+        )
     batches = iter(train_loader(cfg))
     times: dict[str, list[float]] = {name: [] for name in steppers}
     names = list(steppers)
@@ -256,17 +276,21 @@ def predict_maskrcnn(model: MaskRCNN, dataset: CocoInstanceDataset) -> list[dict
         detections, _ = model.roi_heads(features, proposals, images.image_sizes)
         (detection,) = model.transform.postprocess(detections, images.image_sizes, [sample.original_size])
         binary = (detection["masks"][:, 0] > MASK_THRESHOLD).numpy().astype(np.uint8)
-        for box, score, label, mask in zip(detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist(), binary):
+        for box, score, label, mask in zip(
+            detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist(), binary
+        ):
             rle = mask_util.encode(np.asfortranarray(mask))
             rle["counts"] = rle["counts"].decode("ascii")
             x0, y0, x1, y1 = box
-            results.append({
-                "image_id": sample.image_id,
-                "category_id": dataset.category_ids[label - 1],
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": score,
-                "segmentation": rle,
-            })
+            results.append(
+                {
+                    "image_id": sample.image_id,
+                    "category_id": dataset.category_ids[label - 1],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": score,
+                    "segmentation": rle,
+                }
+            )
     return results
 
 
@@ -287,7 +311,9 @@ def ours_row(run_dir: Path) -> dict[str, Any]:
     return metrics_row(run_dir.name, last_eval["eval"], seconds, round(batch), iterations, last_eval["iteration"])
 
 
-def metrics_row(method: str, metrics: dict[str, Any], seconds: float, batch: int, iterations: int, eval_iteration: int) -> dict[str, Any]:
+def metrics_row(
+    method: str, metrics: dict[str, Any], seconds: float, batch: int, iterations: int, eval_iteration: int
+) -> dict[str, Any]:
     return {
         "method": method,
         "bbox_AP": metrics["bbox"]["AP"],
@@ -306,7 +332,9 @@ def metrics_row(method: str, metrics: dict[str, Any], seconds: float, batch: int
 def machine() -> dict[str, Any]:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     return {
-        "cpu": next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()),
+        "cpu": next(
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+        ),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -333,17 +361,36 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="our run's config (data, solver, backbone)")
-    parser.add_argument("overrides", nargs="*", default=DEFAULT_OVERRIDES, help=f"config overrides (default: {' '.join(DEFAULT_OVERRIDES)})")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=DEFAULT_OVERRIDES,
+        help=f"config overrides (default: {' '.join(DEFAULT_OVERRIDES)})",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="iterations to train (default: solver.max_iter)")
-    parser.add_argument("--output-dir", default="runs/maskrcnn_nucleus", help="where the peer's checkpoint and results go")
+    parser.add_argument(
+        "--output-dir", default="runs/maskrcnn_nucleus", help="where the peer's checkpoint and results go"
+    )
     parser.add_argument("--skip-train", action="store_true", help="evaluate <output-dir>/model.pt instead of training")
     parser.add_argument("--resume", action="store_true", help="continue training from <output-dir>/model.pt")
     parser.add_argument(
-        "--mask-head-channels", type=int, default=None,
-        help="width of the mask head's convs (default: our head.channels, as our CPU recipe narrows its heads; 256 = torchvision's)",
+        "--mask-head-channels",
+        type=int,
+        default=None,
+        help=(
+            "width of the mask head's convs (default: our head.channels, as our CPU recipe narrows its heads; "
+            "256 = torchvision's)"
+        ),
     )
-    parser.add_argument("--ours", nargs="*", default=DEFAULT_OURS, help="our run directories (metrics.jsonl or train_log.jsonl)")
-    parser.add_argument("--race-rounds", type=int, default=8, help="timed rounds of the interleaved speed race (0: report logged speeds)")
+    parser.add_argument(
+        "--ours", nargs="*", default=DEFAULT_OURS, help="our run directories (metrics.jsonl or train_log.jsonl)"
+    )
+    parser.add_argument(
+        "--race-rounds",
+        type=int,
+        default=8,
+        help="timed rounds of the interleaved speed race (0: report logged speeds)",
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
 

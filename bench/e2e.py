@@ -48,10 +48,11 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no update checks or downloads from Ultralytics
 
@@ -100,11 +101,20 @@ class Run:
     body: bytes
 
 
-def response_json(model: str, size: tuple[int, int], rows: list[tuple[list[float], float, int, str, int, dict[str, Any]]]) -> bytes:
+def response_json(
+    model: str, size: tuple[int, int], rows: list[tuple[list[float], float, int, str, int, dict[str, Any]]]
+) -> bytes:
     """The service's response shape ({model, width, height, instances}), one code path for every model."""
     height, width = size
     instances = [
-        {"bbox": [x0, y0, x1 - x0, y1 - y0], "score": score, "category_id": category, "category_name": name, "area": area, "segmentation": rle}
+        {
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": score,
+            "category_id": category,
+            "category_name": name,
+            "area": area,
+            "segmentation": rle,
+        }
         for (x0, y0, x1, y1), score, category, name, area, rle in rows
     ]
     return json.dumps({"model": model, "width": width, "height": height, "instances": instances}).encode()
@@ -149,9 +159,17 @@ class OursPipeline:
         clock.lap("graph")
         meta = self.metadata
         instances = finish_image(
-            outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs["masks"],
-            mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
-            mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0, workers=self.threads,
+            outputs["num_dets"],
+            outputs["boxes"],
+            outputs["scores"],
+            outputs["classes"],
+            outputs["masks"],
+            mask_kind=meta.mask_kind,
+            input_size=prepared.input_size,
+            image_size=prepared.original_size,
+            mask_threshold=meta.mask_threshold,
+            box_padding=meta.box_padding or 0,
+            workers=self.threads,
         )
         clock.lap("postprocess")  # finish_image pastes, thresholds and writes the RLE in one pass
         rows = [
@@ -163,8 +181,11 @@ class OursPipeline:
         height, width = prepared.original_size
         boxes = np.array([i.box for i in instances]).reshape(-1, 4)
         return Run(
-            clock.times, len(instances),
-            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width) if instances else 0.0,
+            clock.times,
+            len(instances),
+            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width)
+            if instances
+            else 0.0,
             float(np.mean([i.area for i in instances])) / (height * width) if instances else 0.0,
             body,
         )
@@ -237,15 +258,20 @@ class YoloPipeline:
         clock.lap("rle")
         rows = [
             (box, score, int(c) + 1, self.names[int(c)], area, rle)
-            for box, score, c, area, rle in zip(pred[:, :4].tolist(), pred[:, 4].tolist(), pred[:, 5].tolist(), areas, rles)
+            for box, score, c, area, rle in zip(
+                pred[:, :4].tolist(), pred[:, 4].tolist(), pred[:, 5].tolist(), areas, rles
+            )
         ]
         body = response_json(self.name, frame, rows)
         clock.lap("json")
         height, width = frame
         boxes = pred[:, :4].numpy()
         return Run(
-            clock.times, len(rows),
-            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width) if rows else 0.0,
+            clock.times,
+            len(rows),
+            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width)
+            if rows
+            else 0.0,
             float(np.mean(areas)) / (height * width) if rows else 0.0,
             body,
         )
@@ -290,13 +316,18 @@ def export_yolo(size: int, directory: Path) -> tuple[dict[str, Path], dict[int, 
 
 
 def summarise(runs: list[Run]) -> dict[str, Any]:
-    summary: dict[str, Any] = {f"{stage}_ms": statistics.median(r.times.get(stage, 0.0) for r in runs) for stage in STAGES}
+    summary: dict[str, Any] = {
+        f"{stage}_ms": statistics.median(r.times.get(stage, 0.0) for r in runs) for stage in STAGES
+    }
     summary["total_ms"] = statistics.median(sum(r.times.values()) for r in runs)
     summary["total_ms_p90"] = float(np.percentile([sum(r.times.values()) for r in runs], 90))
     counts = [r.instances for r in runs]
     summary.update(
-        runs=len(runs), instances_min=min(counts), instances_median=statistics.median(counts),
-        box_area_mean=statistics.fmean(r.box_area for r in runs), mask_area_mean=statistics.fmean(r.mask_area for r in runs),
+        runs=len(runs),
+        instances_min=min(counts),
+        instances_median=statistics.median(counts),
+        box_area_mean=statistics.fmean(r.box_area for r in runs),
+        mask_area_mean=statistics.fmean(r.mask_area for r in runs),
         json_bytes_median=statistics.median(len(r.body) for r in runs),
     )
     return summary
@@ -312,16 +343,26 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
     photos = sorted(IMAGES.glob("*.jpg"))
     encoded = [p.read_bytes() for p in photos]
     info = machine_info(threads)
-    info.update(ultralytics=ultralytics.__version__, opencv=cv2.__version__, pycocotools=version("pycocotools"), onnxslim=version("onnxslim"))
+    info.update(
+        ultralytics=ultralytics.__version__,
+        opencv=cv2.__version__,
+        pycocotools=version("pycocotools"),
+        onnxslim=version("onnxslim"),
+    )
     results: dict[str, Any] = {
         "machine": info,
         "repeats": repeats,
-        "images": [{"file": p.name, "height_width": decode_image(d, MAX_PIXELS).size[::-1], "bytes": len(d)} for p, d in zip(photos, encoded)],
-        "detections": f"ours: bench.latency.bench_detector heads, box regression bias {BOX_SIDE_STRIDES} strides, graph "
-                      f"max_detections={MAX_DETECTIONS}; YOLO: conf=0.0, iou={YOLO_IOU}, max_det={MAX_DETECTIONS}, masks made non-empty "
-                      f"(yolo_with_masks); every timed run asserted >= {MIN_DETECTIONS} instances",
+        "images": [
+            {"file": p.name, "height_width": decode_image(d, MAX_PIXELS).size[::-1], "bytes": len(d)}
+            for p, d in zip(photos, encoded)
+        ],
+        "detections": (
+            f"ours: bench.latency.bench_detector heads, box regression bias {BOX_SIDE_STRIDES} strides, graph "
+            f"max_detections={MAX_DETECTIONS}; YOLO: conf=0.0, iou={YOLO_IOU}, max_det={MAX_DETECTIONS}, "
+            f"masks made non-empty (yolo_with_masks); every timed run asserted >= {MIN_DETECTIONS} instances"
+        ),
         "json": "json.dumps of {model, width, height, instances: [{bbox xywh, score, category_id, category_name, area, "
-                "segmentation: COCO compressed RLE}]} for every model",
+        "segmentation: COCO compressed RLE}]} for every model",
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,7 +384,9 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
                     for pipeline in pipelines:
                         run = pipeline(data)
                         if attempt:
-                            assert run.instances >= MIN_DETECTIONS, f"{pipeline.name} at {size}: only {run.instances} instances"
+                            assert run.instances >= MIN_DETECTIONS, (
+                                f"{pipeline.name} at {size}: only {run.instances} instances"
+                            )
                             runs[pipeline.name].append(run)
             rows = [{"model": name, "size": size, **summarise(r)} for name, r in runs.items()]
             yolo_best = min(r["total_ms"] for r in rows if r["model"].startswith("yolo"))
@@ -352,22 +395,28 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
             results["rows"].extend(rows)
             for method in ("meinst", "embedmask"):
                 ours_best = min(r["total_ms"] for r in rows if r["model"].startswith(f"ours-{method}"))
-                log(f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, "
-                    f"ratio {yolo_best / ours_best:.2f}")
+                log(
+                    f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, "
+                    f"ratio {yolo_best / ours_best:.2f}"
+                )
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| input | model | decode | preprocess | graph | postprocess | RLE | JSON | **end to end** (p90) | fastest YOLO / this | instances (min) | box area | mask area |",
+        (
+            "| input | model | decode | preprocess | graph | postprocess | RLE | JSON | **end to end** (p90) "
+            "| fastest YOLO / this | instances (min) | box area | mask area |"
+        ),
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         rle = f"{r['rle_ms']:.1f}" if r["model"].startswith("yolo") else "(in post)"
         lines.append(
-            f"| {r['size']}x{r['size']} | {r['model']} | {r['decode_ms']:.1f} | {r['preprocess_ms']:.1f} | {r['graph_ms']:.1f} | "
-            f"{r['postprocess_ms']:.1f} | {rle} | {r['json_ms']:.1f} | **{r['total_ms']:.1f}** ({r['total_ms_p90']:.1f}) | "
+            f"| {r['size']}x{r['size']} | {r['model']} | {r['decode_ms']:.1f} | {r['preprocess_ms']:.1f} | "
+            f"{r['graph_ms']:.1f} | {r['postprocess_ms']:.1f} | {rle} | {r['json_ms']:.1f} | "
+            f"**{r['total_ms']:.1f}** ({r['total_ms_p90']:.1f}) | "
             f"{r['yolo_best_over_this']:.2f}x | {r['instances_median']:.0f} ({r['instances_min']}) | "
             f"{100 * r['box_area_mean']:.1f}% | {100 * r['mask_area_mean']:.1f}% |"
         )
@@ -376,8 +425,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds over all images (after one warm-up round)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for onnxruntime and torch")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="timed rounds over all images (after one warm-up round)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for onnxruntime and torch"
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[640, 512])
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "e2e.json"))
     args = parser.parse_args(argv)

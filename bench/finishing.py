@@ -21,8 +21,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -78,12 +78,16 @@ def full_frame(kind: str, outputs: dict[str, np.ndarray], size: tuple[int, int])
             gy = ((torch.arange(height, dtype=torch.float32) + 0.5) - y0) / (y1 - y0) * 2 - 1
             gx = ((torch.arange(width, dtype=torch.float32) + 0.5) - x0) / (x1 - x0) * 2 - 1
             grid = torch.stack([gx[None, :].expand(height, width), gy[:, None].expand(height, width)], dim=2)[None]
-            mask = F.grid_sample(torch.from_numpy(outputs["masks"][k])[None, None], grid, align_corners=False)[0, 0] >= 0.5
+            mask = (
+                F.grid_sample(torch.from_numpy(outputs["masks"][k])[None, None], grid, align_corners=False)[0, 0] >= 0.5
+            )
         else:
             h4, w4 = outputs["masks"].shape[1:]
             h_in, w_in = size  # the bench feeds the image at its own size
             canvas = (math.ceil(h4 * LOGPROB_STRIDE * height / h_in), math.ceil(w4 * LOGPROB_STRIDE * width / w_in))
-            up = F.interpolate(torch.from_numpy(outputs["masks"][k])[None, None], size=canvas, mode="bilinear", align_corners=False)
+            up = F.interpolate(
+                torch.from_numpy(outputs["masks"][k])[None, None], size=canvas, mode="bilinear", align_corners=False
+            )
             mask = up[0, 0, :height, :width] > math.log(0.53)
         rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
         strings.append(rle["counts"].decode("ascii"))
@@ -127,7 +131,9 @@ def timed_pair(first: Callable[[], object], second: Callable[[], object], runs: 
 
 def machine() -> dict[str, object]:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
     return {
         "cpu_model": model,
         "cpu_cores": os.cpu_count(),
@@ -148,13 +154,18 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     results: dict[str, object] = {"machine": machine(), "instances": INSTANCES, "cases": []}
-    print(f"{'size':>9} {'kind':>11} {'ours 1 thread ms (cpu)':>23} {'ours 2 threads ms':>18} {'full-frame ms (cpu)':>21} {'speed-up':>9}  identical")
+    print(
+        f"{'size':>9} {'kind':>11} {'ours 1 thread ms (cpu)':>23} {'ours 2 threads ms':>18} "
+        f"{'full-frame ms (cpu)':>21} {'speed-up':>9}  identical"
+    )
     for size in SIZES:
         for kind in ("box28", "logprob_s4"):
             outputs = synthetic_outputs(kind, size, rng)
             reference = full_frame(kind, outputs, size)
             identical = ours(kind, outputs, size) == reference == ours(kind, outputs, size, workers=2)
-            one, two = timed_pair(lambda: ours(kind, outputs, size), lambda: ours(kind, outputs, size, workers=2), args.runs)
+            one, two = timed_pair(
+                lambda: ours(kind, outputs, size), lambda: ours(kind, outputs, size, workers=2), args.runs
+            )
             full = timed(lambda: full_frame(kind, outputs, size), args.full_runs)
             boxes = outputs["boxes"]
             results["cases"].append(
@@ -162,7 +173,9 @@ def main() -> None:
                     "image_size": list(size),
                     "mask_kind": kind,
                     "identical_rle": identical,
-                    "mean_box_area_px": round(float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))),
+                    "mean_box_area_px": round(
+                        float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+                    ),
                     "speedup_wall": round(full["wall_ms_median"] / one["wall_ms_median"], 1),
                     "ours": one,
                     "ours_2_threads": two,

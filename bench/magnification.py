@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 from pycocotools import mask as mask_utils
 
-from training.evaluate import evaluate, eval_dataset, make_runtime
+from training.evaluate import eval_dataset, evaluate, make_runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,7 +65,9 @@ def rescaled_fields(annotations: str, factor: float, out: Path) -> tuple[str, st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", nargs="+", default=["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"])
+    parser.add_argument(
+        "--checkpoints", nargs="+", default=["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"]
+    )
     parser.add_argument("--fields", default="data/nucleus/test_fields.json")
     parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.5, 2.0])
     parser.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime"])
@@ -83,23 +85,38 @@ def main(argv: list[str] | None = None) -> None:
                     start = time.perf_counter()
                     with contextlib.redirect_stdout(sys.stderr):
                         metrics = evaluate(runtime, dataset, spec, scale=1.0 if scale == "recipe" else "auto")
-                    rows.append({
-                        "checkpoint": checkpoint, "magnification": factor, "scale": scale,
-                        "segm_AP": metrics["segm"]["AP"], "bbox_AP": metrics["bbox"]["AP"],
-                        "seconds": round(time.perf_counter() - start, 2),
-                    })
+                    rows.append(
+                        {
+                            "checkpoint": checkpoint,
+                            "magnification": factor,
+                            "scale": scale,
+                            "segm_AP": metrics["segm"]["AP"],
+                            "bbox_AP": metrics["bbox"]["AP"],
+                            "seconds": round(time.perf_counter() - start, 2),
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     print("\n| model | magnification | segm AP, recipe scale | segm AP, scale=auto | bbox AP, recipe / auto |")
     print("|---|---|---|---|---|")
     for checkpoint in args.checkpoints:
         for factor in args.factors:
-            fixed, auto = (next(r for r in rows if r["checkpoint"] == checkpoint and r["magnification"] == factor
-                                and r["scale"] == s) for s in ("recipe", "auto"))
-            print(f"| {Path(checkpoint).parent.name} | {factor:g}x | {fixed['segm_AP']:.1f} | {auto['segm_AP']:.1f} "
-                  f"| {fixed['bbox_AP']:.1f} / {auto['bbox_AP']:.1f} |")
+            fixed, auto = (
+                next(
+                    r
+                    for r in rows
+                    if r["checkpoint"] == checkpoint and r["magnification"] == factor and r["scale"] == s
+                )
+                for s in ("recipe", "auto")
+            )
+            print(
+                f"| {Path(checkpoint).parent.name} | {factor:g}x | {fixed['segm_AP']:.1f} | {auto['segm_AP']:.1f} "
+                f"| {fixed['bbox_AP']:.1f} / {auto['bbox_AP']:.1f} |"
+            )
     os.makedirs(Path(args.output).parent, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
-    Path(args.output).write_text(json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    Path(args.output).write_text(
+        json.dumps({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, indent=1)
+    )
     print(f"saved {args.output}")
 
 

@@ -60,7 +60,14 @@ def machine() -> dict[str, Any]:
         openvino_info = {"openvino": openvino.__version__, "openvino_cpu_capabilities": capabilities}
     except ImportError:
         openvino_info = {}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
         "cpu_model": cpu,
         "cpu_cores": os.cpu_count(),
@@ -88,7 +95,10 @@ def tiny_models() -> list[ModelSpec]:
     from tests.service_models import tiny_checkpoint
 
     return [
-        ModelSpec(name=method, path=tiny_checkpoint(method, WORK / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100))
+        ModelSpec(
+            name=method,
+            path=tiny_checkpoint(method, WORK / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100),
+        )
         for method in ("meinst", "embedmask")
     ]
 
@@ -107,7 +117,9 @@ def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) ->
                     if next(counter, None) is None:
                         return
                 started = time.perf_counter()
-                response = http.post(f"{url}/segment", params={"model": model}, content=data, headers={"Content-Type": "image/png"})
+                response = http.post(
+                    f"{url}/segment", params={"model": model}, content=data, headers={"Content-Type": "image/png"}
+                )
                 elapsed = time.perf_counter() - started
                 with lock:
                     latencies.append(elapsed)
@@ -152,21 +164,37 @@ def server_sums(url: str, model: str) -> dict[str, float]:
 
 def level_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Mean batch size and the mean milliseconds of each stage between two ``server_sums`` readings."""
+
     def delta(name: str) -> float:
         return after[name] - before[name]
 
     stats = {"mean_batch_size": delta("onestage_batch_size_sum") / max(delta("onestage_batch_size_count"), 1)}
     for stage in STAGES:
         name = f"onestage_{stage}"
-        stats[f"{stage.removesuffix('_seconds').removesuffix('_duration')}_ms"] = 1e3 * delta(f"{name}_sum") / max(delta(f"{name}_count"), 1)
+        stats[f"{stage.removesuffix('_seconds').removesuffix('_duration')}_ms"] = (
+            1e3 * delta(f"{name}_sum") / max(delta(f"{name}_count"), 1)
+        )
     return stats
 
 
-def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, max_batch_size: int) -> list[dict[str, Any]]:
+def serve_runs(
+    args: argparse.Namespace, specs: list[ModelSpec], data: bytes, max_batch_size: int
+) -> list[dict[str, Any]]:
     models = json.dumps([spec.model_dump(mode="json") for spec in specs])
     server = ServiceProcess(
-        ["--models", models, "--cache-dir", str(args.cache_dir), "--max-batch-size", str(max_batch_size),
-         "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256", *shlex.split(args.service_args)],
+        [
+            "--models",
+            models,
+            "--cache-dir",
+            str(args.cache_dir),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--max-delay-ms",
+            str(args.max_delay_ms),
+            "--max-queue-size",
+            "256",
+            *shlex.split(args.service_args),
+        ],
         WORK / f"serve_batch{max_batch_size}.log",
     )
     rows = []
@@ -177,12 +205,21 @@ def serve_runs(args: argparse.Namespace, specs: list[ModelSpec], data: bytes, ma
             for concurrency in args.concurrency:
                 before = server_sums(server.url, spec.name)
                 row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
-                row.update(model=spec.name, max_batch_size=max_batch_size, **level_stats(before, server_sums(server.url, spec.name)))
+                row.update(
+                    model=spec.name,
+                    max_batch_size=max_batch_size,
+                    **level_stats(before, server_sums(server.url, spec.name)),
+                )
                 rows.append(row)
-                print(f"  {spec.name:10s} batch<={max_batch_size:<2d} c={concurrency:<3d} {row['throughput_rps']:7.1f} req/s  "
-                      f"p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
-                      f"mean batch {row['mean_batch_size']:.2f}  queue {row['queue_wait_ms']:.1f}  batch run {row['inference_ms']:.1f}  "
-                      f"finish {row['mask_finishing_ms']:.1f} ms  errors {row['errors']}", flush=True)
+                print(
+                    f"  {spec.name:10s} batch<={max_batch_size:<2d} c={concurrency:<3d} "
+                    f"{row['throughput_rps']:7.1f} req/s  "
+                    f"p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
+                    f"mean batch {row['mean_batch_size']:.2f}  queue {row['queue_wait_ms']:.1f}  "
+                    f"batch run {row['inference_ms']:.1f}  "
+                    f"finish {row['mask_finishing_ms']:.1f} ms  errors {row['errors']}",
+                    flush=True,
+                )
     finally:
         server.terminate()
     return rows
@@ -197,16 +234,30 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
     model = load_model(spec, settings)
     prepared = prepare_image(decode_image(data, settings.max_image_pixels), model.rule, model.buckets)
     meta = model.metadata
-    result: dict[str, Any] = {"model": spec.name, "bucket": list(prepared.bucket), "graph": str(model.graph_path), "runs": []}
+    result: dict[str, Any] = {
+        "model": spec.name,
+        "bucket": list(prepared.bucket),
+        "graph": str(model.graph_path),
+        "runs": [],
+    }
 
     def finish(outputs: dict[str, np.ndarray], batch: int) -> int:
         count = 0
         for i in range(batch):
-            count += len(finish_image(
-                outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i], outputs["masks"][i],
-                mask_kind=meta.mask_kind, input_size=prepared.input_size, image_size=prepared.original_size,
-                mask_threshold=meta.mask_threshold, box_padding=meta.box_padding or 0,
-            ))
+            count += len(
+                finish_image(
+                    outputs["num_dets"][i],
+                    outputs["boxes"][i],
+                    outputs["scores"][i],
+                    outputs["classes"][i],
+                    outputs["masks"][i],
+                    mask_kind=meta.mask_kind,
+                    input_size=prepared.input_size,
+                    image_size=prepared.original_size,
+                    mask_threshold=meta.mask_threshold,
+                    box_padding=meta.box_padding or 0,
+                )
+            )
         return count
 
     for threads in (settings.inference_threads, None):
@@ -229,8 +280,13 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
                 "instances_per_image": instances / batch,
             }
             result["runs"].append(run)
-            print(f"  {spec.name:10s} raw threads {str(run['threads']):8s} batch {batch:<2d} infer {run['infer_images_per_s']:7.1f} img/s   "
-                  f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  ({run['instances_per_image']:.0f} instances/img)", flush=True)
+            print(
+                f"  {spec.name:10s} raw threads {str(run['threads']):8s} batch {batch:<2d} "
+                f"infer {run['infer_images_per_s']:7.1f} img/s   "
+                f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  "
+                f"({run['instances_per_image']:.0f} instances/img)",
+                flush=True,
+            )
     return result
 
 
@@ -244,15 +300,25 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
         if spec.path.suffix == ".pt":
             export_checkpoint(spec.path, args.cache_dir / cached_name(spec, ".onnx"))
     models = json.dumps([spec.model_dump(mode="json") for spec in specs])
-    common = ["--models", models, "--cache-dir", str(args.cache_dir), "--max-batch-size", str(args.max_batch_size),
-              "--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256"]
+    common = [
+        "--models",
+        models,
+        "--cache-dir",
+        str(args.cache_dir),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
+        "--max-queue-size",
+        "256",
+    ]
     servers = {name: ServiceProcess([*common, *extra], WORK / f"serve_{name}.log") for name, extra in configs.items()}
     rows: list[dict[str, Any]] = []
     try:
         for server in servers.values():
             server.wait_ready(timeout=1800)  # OpenVINO compiles an engine per bucket and batch size on a first start
         payloads = {image.name: image.read_bytes() for image in images}
-        for name, server in servers.items():
+        for _name, server in servers.items():
             for spec in specs:
                 for data in payloads.values():
                     drive(server.url, spec.name, data, 2, 8)  # warm the connection path
@@ -261,11 +327,17 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
                 for spec in specs:
                     for concurrency in args.concurrency:
                         for name, server in servers.items():
-                            row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
+                            row = drive(
+                                server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency)
+                            )
                             row.update(config=name, image=image, model=spec.name, round=round_index)
                             rows.append(row)
-                            print(f"  round {round_index} {image[:24]:24s} {spec.name:10s} c={concurrency:<3d} {name:14s} "
-                                  f"{row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  errors {row['errors']}", flush=True)
+                            print(
+                                f"  round {round_index} {image[:24]:24s} {spec.name:10s} c={concurrency:<3d} "
+                                f"{name:14s} {row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                                f"errors {row['errors']}",
+                                flush=True,
+                            )
     finally:
         for server in servers.values():
             server.terminate()
@@ -278,15 +350,22 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
                 for name in configs:
                     key = (name, image, spec.name, concurrency)
                     runs = [r for r in rows if (r["config"], r["image"], r["model"], r["concurrency"]) == key]
-                    cell[name] = {"throughput_rps": statistics.median(r["throughput_rps"] for r in runs),
-                                  "p50_ms": statistics.median(r["p50_ms"] for r in runs)}
+                    cell[name] = {
+                        "throughput_rps": statistics.median(r["throughput_rps"] for r in runs),
+                        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                    }
                 for name in configs:
-                    cell[name]["throughput_vs_" + baseline] = cell[name]["throughput_rps"] / cell[baseline]["throughput_rps"]
+                    cell[name]["throughput_vs_" + baseline] = (
+                        cell[name]["throughput_rps"] / cell[baseline]["throughput_rps"]
+                    )
                     cell[name]["p50_vs_" + baseline] = cell[name]["p50_ms"] / cell[baseline]["p50_ms"]
                 table.append({"image": image, "model": spec.name, "concurrency": concurrency, "configs": cell})
     print(f"{'image':24s} {'model':10s} {'c':>3s} " + " ".join(f"{name:>28s}" for name in configs))
     for entry in table:
-        cells = " ".join(f"{c['throughput_rps']:6.1f} rps {c['p50_ms']:6.1f} ms x{c['throughput_vs_' + baseline]:4.2f}" for c in entry["configs"].values())
+        cells = " ".join(
+            f"{c['throughput_rps']:6.1f} rps {c['p50_ms']:6.1f} ms x{c['throughput_vs_' + baseline]:4.2f}"
+            for c in entry["configs"].values()
+        )
         print(f"{entry['image'][:24]:24s} {entry['model']:10s} {entry['concurrency']:3d} {cells}")
     return {"configs": configs, "rounds": args.rounds, "runs": rows, "table": table}
 
@@ -296,13 +375,21 @@ def main() -> None:
     parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
     parser.add_argument("--tiny", action="store_true", help="random-weight tiny models instead of the bundled ones")
     parser.add_argument("--image", type=Path, nargs="+", help="request image(s) (default: a HeLa nucleus tile)")
-    parser.add_argument("--configs", help='JSON {"name": [extra service flags]}: compare these configurations instead '
-                        "(interleaved rounds, ratios to the first); batching-off and raw runs are skipped")
+    parser.add_argument(
+        "--configs",
+        help='JSON {"name": [extra service flags]}: compare these configurations instead '
+        "(interleaved rounds, ratios to the first); batching-off and raw runs are skipped",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --configs")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, help="requests per level (default: max(40, 10 x concurrency))")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-delay-ms", type=float, default=Settings.model_fields["max_delay_ms"].default, help="the batcher's wait (default: the service's)")
+    parser.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=Settings.model_fields["max_delay_ms"].default,
+        help="the batcher's wait (default: the service's)",
+    )
     parser.add_argument("--raw-repeats", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
     parser.add_argument("--service-args", default="", help='more flags for python -m service, e.g. "--runtime torch"')
@@ -321,8 +408,16 @@ def main() -> None:
         raise SystemExit(f"model files not found: {missing} (train the bundled models, or use --tiny / --models)")
     images = args.image or [default_image()]
     data = images[0].read_bytes()
-    report: dict[str, Any] = {"machine": machine(), "image": [str(i) for i in images], "models": [s.model_dump(mode="json") for s in specs], "settings": {
-        "max_batch_size": args.max_batch_size, "max_delay_ms": args.max_delay_ms, "concurrency": args.concurrency}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "image": [str(i) for i in images],
+        "models": [s.model_dump(mode="json") for s in specs],
+        "settings": {
+            "max_batch_size": args.max_batch_size,
+            "max_delay_ms": args.max_delay_ms,
+            "concurrency": args.concurrency,
+        },
+    }
     if args.configs:
         report["compare"] = compare_configs(args, specs, images)
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +435,16 @@ def main() -> None:
     summary = {}
     for spec, raw in zip(specs, report["raw"]):
         top = max(args.concurrency)
-        on = next(r for r in report["serve"] if r["model"] == spec.name and r["max_batch_size"] == args.max_batch_size and r["concurrency"] == top)
-        off = next(r for r in report["serve"] if r["model"] == spec.name and r["max_batch_size"] == 1 and r["concurrency"] == top)
+        on = next(
+            r
+            for r in report["serve"]
+            if r["model"] == spec.name and r["max_batch_size"] == args.max_batch_size and r["concurrency"] == top
+        )
+        off = next(
+            r
+            for r in report["serve"]
+            if r["model"] == spec.name and r["max_batch_size"] == 1 and r["concurrency"] == top
+        )
         batched = [run for run in raw["runs"] if run["batch"] == args.max_batch_size]
         best_infer = max(run["infer_images_per_s"] for run in batched)
         best_pipeline = max(run["infer_and_finish_images_per_s"] for run in batched)

@@ -36,7 +36,15 @@ from PIL import Image
 from export.runtimes import OnnxRuntime
 from model.finishing import compile_kernel, finish_image
 from model.intensity import stretch_to_uint8
-from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets, cut_tile, finish_tile, merge_tiles, pad_batch, plan_tiles
+from model.tiling import (
+    DEFAULT_TILE_OVERLAP,
+    contract_buckets,
+    cut_tile,
+    finish_tile,
+    merge_tiles,
+    pad_batch,
+    plan_tiles,
+)
 from service.models import cached_name, export_checkpoint
 from service.settings import bundled_models, default_cache_dir
 from training.nucleus import HELA_IMAGES, resource

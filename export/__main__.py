@@ -21,41 +21,62 @@ from pathlib import Path
 from export.metadata import GraphMetadata
 from export.onnx_export import DEFAULT_OPSET, export_onnx
 from export.parity import verify_onnx
-from export.tensorrt_build import Profile, build_engine, default_profile, engine_tensor_specs, import_tensorrt, parse_shape
+from export.tensorrt_build import (
+    Profile,
+    build_engine,
+    default_profile,
+    engine_tensor_specs,
+    import_tensorrt,
+    parse_shape,
+)
 from export.triton_repo import onnx_tensor_specs, write_repository
+from model.checkpoint import load_detector
 from model.config import Config
 from model.detector import OneStageDetector
-from model.checkpoint import load_detector
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--format", required=True, choices=["onnx", "tensorrt", "triton"])
-    parser.add_argument("--output", required=True, help="the .onnx file, the engine file, or the Triton repository folder")
+    parser.add_argument(
+        "--output", required=True, help="the .onnx file, the engine file, or the Triton repository folder"
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--skip-check", action="store_true", help="do not compare the ONNX graph with eager PyTorch")
     parser.add_argument("--max-batch", type=int, default=8, help="largest batch of the TensorRT profile and of Triton")
-    parser.add_argument("--fp16", action="store_true", help="TensorRT: convolution trunks in FP16, post-processing in FP32")
+    parser.add_argument(
+        "--fp16", action="store_true", help="TensorRT: convolution trunks in FP16, post-processing in FP32"
+    )
     parser.add_argument("--min-shape", type=parse_shape, help="TensorRT profile, e.g. 1x3x64x64")
     parser.add_argument("--opt-shape", type=parse_shape, help="TensorRT profile, e.g. 4x3x800x1344")
     parser.add_argument("--max-shape", type=parse_shape, help="TensorRT profile, e.g. 8x3x1344x1344")
     parser.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace limit")
-    parser.add_argument("--no-tf32", action="store_true", help="TensorRT: plain FP32 arithmetic (TF32 is on by default)")
+    parser.add_argument(
+        "--no-tf32", action="store_true", help="TensorRT: plain FP32 arithmetic (TF32 is on by default)"
+    )
     parser.add_argument("--name", help="Triton model name (default: the checkpoint's file stem)")
     parser.add_argument("--triton-backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="Triton dynamic batching delay")
-    parser.add_argument("--max-queue-size", type=int, default=64, help="Triton queue bound (requests beyond it are rejected)")
+    parser.add_argument(
+        "--max-queue-size", type=int, default=64, help="Triton queue bound (requests beyond it are rejected)"
+    )
     return parser
 
 
 def _profile(args: argparse.Namespace, metadata: GraphMetadata) -> Profile:
     """The default profile with any of min/opt/max replaced by the flags."""
     default = default_profile(metadata, args.max_batch)
-    return Profile(min=args.min_shape or default.min, opt=args.opt_shape or default.opt, max=args.max_shape or default.max)
+    return Profile(
+        min=args.min_shape or default.min, opt=args.opt_shape or default.opt, max=args.max_shape or default.max
+    )
 
 
-def _export_checked(model: OneStageDetector, args: argparse.Namespace, cfg: Config, checkpoint_metadata: dict, path: Path) -> GraphMetadata:
+def _export_checked(
+    model: OneStageDetector, args: argparse.Namespace, cfg: Config, checkpoint_metadata: dict, path: Path
+) -> GraphMetadata:
     """Export, then (unless --skip-check) compare the graph with eager PyTorch; a disagreement is fatal."""
     metadata = export_onnx(model, cfg, checkpoint_metadata, path, opset=args.opset)
     print(f"wrote {path} ({metadata.method}, outputs {', '.join(metadata.output_names)})")
@@ -84,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         if onnx_path == output:
             raise SystemExit("error: the engine's --output needs another suffix than .onnx (e.g. model.plan)")
         metadata = _export_checked(model, args, cfg, checkpoint_metadata, onnx_path)
-        build_engine(onnx_path, output, _profile(args, metadata), fp16=args.fp16, tf32=not args.no_tf32, workspace_gib=args.workspace_gib)
+        build_engine(
+            onnx_path,
+            output,
+            _profile(args, metadata),
+            fp16=args.fp16,
+            tf32=not args.no_tf32,
+            workspace_gib=args.workspace_gib,
+        )
         print(f"wrote {output} and {output}.json")
         return
 
@@ -96,14 +124,29 @@ def main(argv: list[str] | None = None) -> None:
             profile = _profile(args, metadata)
             if profile.max[0] < args.max_batch:
                 raise SystemExit(f"--max-batch {args.max_batch} exceeds the profile's largest batch {profile.max[0]}")
-            model_file = build_engine(onnx_path, Path(tmp) / "model.plan", profile, fp16=args.fp16, tf32=not args.no_tf32, workspace_gib=args.workspace_gib)
+            model_file = build_engine(
+                onnx_path,
+                Path(tmp) / "model.plan",
+                profile,
+                fp16=args.fp16,
+                tf32=not args.no_tf32,
+                workspace_gib=args.workspace_gib,
+            )
             inputs, outputs = engine_tensor_specs(model_file)
         else:
             model_file = onnx_path
             inputs, outputs = onnx_tensor_specs(onnx_path)
         folder = write_repository(
-            output, name, model_file, args.triton_backend, inputs, outputs, metadata,
-            max_batch_size=args.max_batch, max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+            output,
+            name,
+            model_file,
+            args.triton_backend,
+            inputs,
+            outputs,
+            metadata,
+            max_batch_size=args.max_batch,
+            max_queue_delay_us=args.max_queue_delay_us,
+            max_queue_size=args.max_queue_size,
         )
     print(f"wrote Triton model {folder} ({args.triton_backend})")
 

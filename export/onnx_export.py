@@ -31,7 +31,9 @@ def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMet
     """
     model = cfg.model
     num_classes = model.num_classes
-    class_names = list(checkpoint_metadata.get("class_names") or model.class_names or [f"class_{i}" for i in range(num_classes)])
+    class_names = list(
+        checkpoint_metadata.get("class_names") or model.class_names or [f"class_{i}" for i in range(num_classes)]
+    )
     category_ids = [int(c) for c in (checkpoint_metadata.get("category_ids") or range(1, num_classes + 1))]
     if len(class_names) != num_classes or len(category_ids) != num_classes:
         raise ValueError(

@@ -26,7 +26,9 @@ def _close(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> np.ndarray
     return np.all(np.abs(a - b) <= atol + rtol * np.abs(a), axis=-1)
 
 
-def match_image(reference: Outputs, candidate: Outputs, image: int, rtol: float, atol: float) -> tuple[list[tuple[int, int]], list[str]]:
+def match_image(
+    reference: Outputs, candidate: Outputs, image: int, rtol: float, atol: float
+) -> tuple[list[tuple[int, int]], list[str]]:
     """Pairs (reference slot, candidate slot) of one image's detections, and what failed to match."""
     count = int(reference["num_dets"][image])
     other = int(candidate["num_dets"][image])
@@ -44,7 +46,8 @@ def match_image(reference: Outputs, candidate: Outputs, image: int, rtol: float,
         options = np.flatnonzero(fits[slot] & ~taken)
         if len(options) == 0:
             problems.append(
-                f"image {image} slot {slot}: no match for class {classes[slot]} score {scores[slot]:.6f} box {boxes[slot].tolist()}"
+                f"image {image} slot {slot}: no match for class {classes[slot]} score {scores[slot]:.6f} "
+                f"box {boxes[slot].tolist()}"
             )
             continue
         chosen = slot if slot in options else int(options[0])
@@ -54,8 +57,12 @@ def match_image(reference: Outputs, candidate: Outputs, image: int, rtol: float,
 
 
 def finished_masks(
-    outputs: Outputs, image: int, slots: list[int], metadata: GraphMetadata,
-    input_size: tuple[int, int], image_size: tuple[int, int],
+    outputs: Outputs,
+    image: int,
+    slots: list[int],
+    metadata: GraphMetadata,
+    input_size: tuple[int, int],
+    image_size: tuple[int, int],
 ) -> dict[int, dict]:
     """The finished COCO RLE of each given slot of one image (slots whose clipped box is empty are absent).
 
@@ -75,12 +82,19 @@ def finished_masks(
         mask_threshold=metadata.mask_threshold,
         box_padding=metadata.box_padding or 0,
     )
-    return {slots[int(np.argmin(np.abs(tags - i.score)))]: {**i.rle, "counts": i.rle["counts"].encode()} for i in instances}
+    return {
+        slots[int(np.argmin(np.abs(tags - i.score)))]: {**i.rle, "counts": i.rle["counts"].encode()} for i in instances
+    }
 
 
 def mask_ious(
-    reference: Outputs, candidate: Outputs, image: int, pairs: list[tuple[int, int]], metadata: GraphMetadata,
-    input_size: tuple[int, int], image_size: tuple[int, int],
+    reference: Outputs,
+    candidate: Outputs,
+    image: int,
+    pairs: list[tuple[int, int]],
+    metadata: GraphMetadata,
+    input_size: tuple[int, int],
+    image_size: tuple[int, int],
 ) -> list[float]:
     """IoU of the finished masks of each matched pair; 1.0 where both are empty or both boxes were dropped."""
     ours = finished_masks(reference, image, [a for a, _ in pairs], metadata, input_size, image_size)
@@ -120,13 +134,21 @@ def compare_outputs(
             continue
         if not pairs:
             continue
-        for (slot, _), iou in zip(pairs, mask_ious(reference, candidate, image, pairs, metadata, input_size, image_size)):
+        for (slot, _), iou in zip(
+            pairs, mask_ious(reference, candidate, image, pairs, metadata, input_size, image_size)
+        ):
             if iou < min_mask_iou:
                 problems.append(f"image {image} slot {slot}: mask IoU {iou:.4f} < {min_mask_iou}")
     return problems
 
 
-def verify_onnx(model: OneStageDetector, path: str | Path, metadata: GraphMetadata, shape: tuple[int, int, int, int] = (2, 3, 256, 320), seed: int = 0) -> tuple[int, list[str]]:
+def verify_onnx(
+    model: OneStageDetector,
+    path: str | Path,
+    metadata: GraphMetadata,
+    shape: tuple[int, int, int, int] = (2, 3, 256, 320),
+    seed: int = 0,
+) -> tuple[int, list[str]]:
     """Run eager PyTorch and the exported graph (onnxruntime, CPU) on one random batch and compare them.
 
     Returns the number of reference detections and the problems found (a quick check for the export
@@ -136,4 +158,6 @@ def verify_onnx(model: OneStageDetector, path: str | Path, metadata: GraphMetada
     reference = TorchRuntime(model).infer(images)
     candidate = OnnxRuntime(path, providers=["CPUExecutionProvider"]).infer(images)
     size = (shape[2], shape[3])
-    return int(reference["num_dets"].sum()), compare_outputs(reference, candidate, metadata, input_size=size, image_size=size)
+    return int(reference["num_dets"].sum()), compare_outputs(
+        reference, candidate, metadata, input_size=size, image_size=size
+    )

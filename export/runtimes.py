@@ -129,7 +129,9 @@ class TensorRTRuntime:
         with torch.cuda.device(self.device):
             self._engine = trt.Runtime(self._logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
             if self._engine is None:
-                raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT version or GPU?)")
+                raise RuntimeError(
+                    f"TensorRT could not deserialize {engine_path} (built by another TensorRT version or GPU?)"
+                )
             self._context = self._engine.create_execution_context()
         self._stream = torch.cuda.Stream(self.device)
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
@@ -144,7 +146,9 @@ class TensorRTRuntime:
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
             if not self._context.set_input_shape(name, tuple(inputs.shape)):
-                raise ValueError(f"input shape {tuple(inputs.shape)} is outside the engine's profile {self.build_info['profile']}")
+                raise ValueError(
+                    f"input shape {tuple(inputs.shape)} is outside the engine's profile {self.build_info['profile']}"
+                )
             self._context.set_tensor_address(name, inputs.data_ptr())
             outputs = {}
             for output in self.output_names:

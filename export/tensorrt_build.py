@@ -50,7 +50,9 @@ class Profile:
             if len(shape) != 4 or shape[1] != 3 or shape[2] % 32 or shape[3] % 32 or min(shape) < 1:
                 raise ValueError(f"{name} shape {shape} must be B x 3 x H x W with H, W multiples of 32")
         if not all(a <= b <= c for a, b, c in zip(self.min, self.opt, self.max)):
-            raise ValueError(f"profile shapes must satisfy min <= opt <= max per axis: {self.min}, {self.opt}, {self.max}")
+            raise ValueError(
+                f"profile shapes must satisfy min <= opt <= max per axis: {self.min}, {self.opt}, {self.max}"
+            )
 
 
 def parse_shape(text: str) -> Shape:
@@ -129,7 +131,11 @@ def build_engine(
         log.warning(
             "up to %d candidates (batch %d x %d levels x top-%d) reach one NMS call; TensorRT's NMS keeps the "
             "best %d, so a crowded batch can lose low-scoring detections",
-            candidates, profile.max[0], len(metadata.strides), metadata.pre_nms_topk, NMS_TOPK_LIMIT,
+            candidates,
+            profile.max[0],
+            len(metadata.strides),
+            metadata.pre_nms_topk,
+            NMS_TOPK_LIMIT,
         )
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -162,7 +168,11 @@ def build_engine(
     engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
-    build_info = {**build_identity(profile, fp16=fp16, tf32=tf32), "workspace_gib": workspace_gib, "onnx": Path(onnx_path).name}
+    build_info = {
+        **build_identity(profile, fp16=fp16, tf32=tf32),
+        "workspace_gib": workspace_gib,
+        "onnx": Path(onnx_path).name,
+    }
     write_engine_sidecar(engine_path, metadata, build_info)
     return engine_path
 
@@ -183,7 +193,13 @@ def _keep_fp32_outside_trunks(trt: Any, network: Any) -> None:
 def engine_tensor_specs(engine_path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of a built engine, with the data types TensorRT actually uses at its boundary."""
     trt = import_tensorrt()
-    types = {trt.float32: "TYPE_FP32", trt.float16: "TYPE_FP16", trt.int32: "TYPE_INT32", trt.uint8: "TYPE_UINT8", trt.bool: "TYPE_BOOL"}
+    types = {
+        trt.float32: "TYPE_FP32",
+        trt.float16: "TYPE_FP16",
+        trt.int32: "TYPE_INT32",
+        trt.uint8: "TYPE_UINT8",
+        trt.bool: "TYPE_BOOL",
+    }
     if hasattr(trt, "int64"):
         types[trt.int64] = "TYPE_INT64"
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())

@@ -18,7 +18,10 @@ import onnx
 from export.metadata import METADATA_KEY, GraphMetadata
 
 Backend = Literal["onnxruntime", "tensorrt"]
-PLATFORMS: dict[str, tuple[str, str]] = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+PLATFORMS: dict[str, tuple[str, str]] = {
+    "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
+    "tensorrt": ("tensorrt_plan", "model.plan"),
+}
 ONNX_TO_TRITON = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.INT32: "TYPE_INT32",
@@ -91,7 +94,10 @@ def render_config(
     platform = PLATFORMS[backend][0]
     return "\n".join(
         [
-            f"# OneStage {metadata.method} detector from `python -m export`; the metadata record is parameters[{METADATA_KEY!r}].",
+            (
+                f"# OneStage {metadata.method} detector from `python -m export`; "
+                f"the metadata record is parameters[{METADATA_KEY!r}]."
+            ),
             "# Triton batches requests of equal H and W only: resize and pad clients' images to a few fixed sizes.",
             f'name: "{name}"',
             f'platform: "{platform}"',
@@ -134,8 +140,14 @@ def write_repository(
     version.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_file, version / PLATFORMS[backend][1])
     config = render_config(
-        name, backend, inputs, outputs, metadata,
-        max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue_size,
+        name,
+        backend,
+        inputs,
+        outputs,
+        metadata,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue_size=max_queue_size,
     )
     (folder / "config.pbtxt").write_text(config)
     return folder

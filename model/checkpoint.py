@@ -60,7 +60,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[OneStageDetector, Config, dict[str, Any]]:
+def load_detector(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[OneStageDetector, Config, dict[str, Any]]:
     """The detector in eval mode with the checkpoint's weights, its Config, and metadata
     (``class_names``, ``category_ids``, ``iteration``, ``metrics``).
 

@@ -48,7 +48,7 @@ class HeadConfig(_Section):
     max_detections: int = 100
 
     @model_validator(mode="after")
-    def _levels_match(self) -> "HeadConfig":
+    def _levels_match(self) -> HeadConfig:
         if len(self.sizes_of_interest) != len(self.strides) - 1:
             raise ValueError("sizes_of_interest needs exactly len(strides) - 1 boundaries")
         if self.channels % self.num_groups:
@@ -93,7 +93,7 @@ class ModelConfig(_Section):
     embedmask: EmbedMaskConfig = Field(default_factory=EmbedMaskConfig)
 
     @model_validator(mode="after")
-    def _names_match(self) -> "ModelConfig":
+    def _names_match(self) -> ModelConfig:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"{len(self.class_names)} class_names given for num_classes={self.num_classes}")
         return self
@@ -130,10 +130,12 @@ class DataConfig(_Section):
     num_workers: int = 2
 
     @model_validator(mode="after")
-    def _ranges(self) -> "DataConfig":
+    def _ranges(self) -> DataConfig:
         low, high = self.scale_train
         if not 0 < low <= high or not self.scale_test > 0:
-            raise ValueError(f"scales must be positive with scale_train low <= high, got {self.scale_train}, {self.scale_test}")
+            raise ValueError(
+                f"scales must be positive with scale_train low <= high, got {self.scale_train}, {self.scale_test}"
+            )
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
         return self

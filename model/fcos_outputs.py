@@ -33,13 +33,14 @@ class Locations:
     level_sizes: list[int]  # number of locations on each level
 
 
-def level_points(height: int | torch.Tensor, width: int | torch.Tensor, stride: int, device: torch.device) -> torch.Tensor:
+def level_points(
+    height: int | torch.Tensor, width: int | torch.Tensor, stride: int, device: torch.device
+) -> torch.Tensor:
     """Locations (x, y) = (j*s + s//2, i*s + s//2) of a level's cells, row-major, [H*W, 2]."""
     ys = torch.arange(height, device=device, dtype=torch.float32) * stride + stride // 2
     xs = torch.arange(width, device=device, dtype=torch.float32) * stride + stride // 2
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
-
 
 
 def compute_locations(feature_shapes: list[tuple[int, int]], cfg: HeadConfig, device: torch.device) -> Locations:
@@ -120,9 +121,7 @@ def assign_image(
 
 def centerness_target(ltrb: torch.Tensor) -> torch.Tensor:
     lr, tb = ltrb[:, [0, 2]], ltrb[:, [1, 3]]
-    return torch.sqrt(
-        (lr.min(dim=1).values / lr.max(dim=1).values) * (tb.min(dim=1).values / tb.max(dim=1).values)
-    )
+    return torch.sqrt((lr.min(dim=1).values / lr.max(dim=1).values) * (tb.min(dim=1).values / tb.max(dim=1).values))
 
 
 def giou_loss_ltrb(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -162,7 +161,9 @@ class FCOSLossInputs:
     centerness: torch.Tensor
 
 
-def fcos_losses(pred: FCOSLossInputs, targets: FCOSTargets, cfg: HeadConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def fcos_losses(
+    pred: FCOSLossInputs, targets: FCOSTargets, cfg: HeadConfig
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Focal / num_pos, centerness-weighted GIoU / centerness sum, centerness BCE / num_pos.
 
     Also returns the centerness target of the positives (MEInst weights its mask loss by it).
@@ -173,9 +174,12 @@ def fcos_losses(pred: FCOSLossInputs, targets: FCOSTargets, cfg: HeadConfig) -> 
     num_pos = mean_over_ranks(positive.sum().float()).clamp(min=1.0)
 
     one_hot = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(pred.logits.dtype)
-    cls_loss = sigmoid_focal_loss(
-        pred.logits.reshape(-1, num_classes), one_hot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="sum"
-    ) / num_pos
+    cls_loss = (
+        sigmoid_focal_loss(
+            pred.logits.reshape(-1, num_classes), one_hot, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, reduction="sum"
+        )
+        / num_pos
+    )
 
     reg_pred = pred.regression.reshape(-1, 4)[positive]
     reg_target = targets.regression.reshape(-1, 4)[positive]

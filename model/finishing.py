@@ -75,7 +75,9 @@ class Frame(NamedTuple):
     size: tuple[int, int]
 
     @classmethod
-    def of(cls, image_size: tuple[int, int], origin: tuple[int, int] = (0, 0), frame_size: tuple[int, int] | None = None) -> Frame:
+    def of(
+        cls, image_size: tuple[int, int], origin: tuple[int, int] = (0, 0), frame_size: tuple[int, int] | None = None
+    ) -> Frame:
         return cls(origin, image_size if frame_size is None else frame_size)
 
 
@@ -86,7 +88,9 @@ class RunLengths(NamedTuple):
     areas: list[int]
 
 
-def scale_boxes(boxes: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def scale_boxes(
+    boxes: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Input-pixel boxes -> original-pixel boxes (float32, as detectron2's `Boxes.scale` and `clip`) and
     the mask of non-empty ones (width > 0 and height > 0 after clipping)."""
     (h_in, w_in), (height, width) = input_size, image_size
@@ -127,7 +131,9 @@ def _grid_sample_taps(lo: np.ndarray, hi: np.ndarray, size: int, extent: int) ->
     base = np.arange(len(lo)) * stride
     inside, beyond = key.searchsorted(base - 1), key.searchsorted(base + size)
     floor = np.floor(source)
-    return AxisTaps(first + inside - offsets, inside, beyond, floor.astype(np.int64) + 1, (source - floor).astype(np.float32))
+    return AxisTaps(
+        first + inside - offsets, inside, beyond, floor.astype(np.int64) + 1, (source - floor).astype(np.float32)
+    )
 
 
 def _interpolate_taps(first: np.ndarray, last: np.ndarray, in_size: int, out_size: int) -> AxisTaps:
@@ -144,8 +150,15 @@ def _interpolate_taps(first: np.ndarray, last: np.ndarray, in_size: int, out_siz
 
 
 def _threshold_rle(
-    source: np.ndarray, index: np.ndarray, rows: AxisTaps, cols: AxisTaps, threshold: float, strict: bool, mode: int,
-    frame: Frame, workers: int,
+    source: np.ndarray,
+    index: np.ndarray,
+    rows: AxisTaps,
+    cols: AxisTaps,
+    threshold: float,
+    strict: bool,
+    mode: int,
+    frame: Frame,
+    workers: int,
 ) -> RunLengths:
     """Run the kernel, over up to `workers` threads when there are enough instances (it releases the GIL):
     the instances are cut into contiguous parts of about equal pixel counts; the calling thread finishes
@@ -157,7 +170,14 @@ def _threshold_rle(
 
     def run(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return mask_kernel.threshold_rle(
-            source, index[part], *_instances(rows, part), *_instances(cols, part), np.float32(threshold), strict, mode, *image_size
+            source,
+            index[part],
+            *_instances(rows, part),
+            *_instances(cols, part),
+            np.float32(threshold),
+            strict,
+            mode,
+            *image_size,
         )
 
     parts = [slice(0, len(index))]
@@ -203,10 +223,14 @@ def paste_box28_rles(
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     rows = _grid_sample_taps(boxes[:, 1], boxes[:, 3], masks.shape[1], height)
     cols = _grid_sample_taps(boxes[:, 0], boxes[:, 2], masks.shape[2], width)
-    cells = np.zeros((len(boxes), masks.shape[1] + 2, masks.shape[2] + 2), dtype=np.float32)  # grid_sample's zero padding
+    cells = np.zeros(
+        (len(boxes), masks.shape[1] + 2, masks.shape[2] + 2), dtype=np.float32
+    )  # grid_sample's zero padding
     cells[:, 1:-1, 1:-1] = masks
     frame = frame or Frame.of(image_size)
-    return _threshold_rle(cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, frame, workers)
+    return _threshold_rle(
+        cells, np.arange(len(boxes)), rows, cols, threshold, False, mask_kernel.GRID_SAMPLE, frame, workers
+    )
 
 
 def upsample_logprob_rles(
@@ -332,7 +356,15 @@ def finish_image(
         runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold, workers, frame)
     else:
         runs = upsample_logprob_rles(
-            masks, boxes[order], input_size, image_size, threshold, box_padding, np.array(order, dtype=np.int64), workers, frame
+            masks,
+            boxes[order],
+            input_size,
+            image_size,
+            threshold,
+            box_padding,
+            np.array(order, dtype=np.int64),
+            workers,
+            frame,
         )
     rles = encode_rles(runs.counts, frame.size) if mask_format == "rle" else [None] * len(order)
     scaled[:, 0::2] += np.float32(origin[1])

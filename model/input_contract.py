@@ -72,7 +72,9 @@ def check_scale(scale: float) -> float:
     outside ``SCALE_LIMITS``)."""
     low, high = SCALE_LIMITS
     if not low <= scale <= high:  # also false for NaN
-        raise ValueError(f"scale must be a number from {low:g} to {high:g} (a factor on the model's own size), got {scale}")
+        raise ValueError(
+            f"scale must be a number from {low:g} to {high:g} (a factor on the model's own size), got {scale}"
+        )
     return scale
 
 
@@ -150,7 +152,9 @@ class InputContract(BaseModel):
         height, width = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
         return resize_rgb(image, self.resized_shape(height, width, scale))
 
-    def estimate_scale(self, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int], scale: float = 1.0) -> float | None:
+    def estimate_scale(
+        self, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int], scale: float = 1.0
+    ) -> float | None:
         """``scale=auto``: the caller scale at which the median confident detection of a first pass (``boxes``
         xyxy in image pixels and ``scores``, run at caller scale ``scale``) would have the training objects'
         median size, within ``SCALE_LIMITS``; None when the contract records no object size or the pass found
@@ -163,7 +167,9 @@ class InputContract(BaseModel):
             return None
         sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
         height, width = image_size
-        per_pixel = np.sqrt(np.prod(self.resized_shape(height, width, scale)) / (height * width))  # input px per image px
+        per_pixel = np.sqrt(
+            np.prod(self.resized_shape(height, width, scale)) / (height * width)
+        )  # input px per image px
         measured = float(np.median(sides)) * per_pixel
         if measured <= 0:
             return None

@@ -50,8 +50,8 @@ def is_tiff(data: bytes) -> bool:
 def read_pixels(source: bytes | str | Path) -> np.ndarray:
     """Decode a still image with its own sample type: ``[H, W]`` grey or ``[H, W, C]`` / ``[C, H, W]`` with
     channels, as stored (uint8, uint16, int32, float32...). TIFFs are read by tifffile (any sample type and
-    channel count; the file's first series, so an ImageJ-style channel stack comes back ``[C, H, W]``); other formats by PIL in their displayed (EXIF)
-    orientation, palette images expanded to RGB."""
+    channel count; the file's first series, so an ImageJ-style channel stack comes back ``[C, H, W]``); other
+    formats by PIL in their displayed (EXIF) orientation, palette images expanded to RGB."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
     if is_tiff(data):
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -107,7 +107,9 @@ def rgb8_from_pixels(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3 or pixels.shape[-1] > MAX_CHANNELS:
-        raise UnsupportedPixels(f"expected one 2-D image with at most {MAX_CHANNELS} channels, got shape {pixels.shape}")
+        raise UnsupportedPixels(
+            f"expected one 2-D image with at most {MAX_CHANNELS} channels, got shape {pixels.shape}"
+        )
     channels = pixels.shape[-1]
     pixels = pixels[..., :3] if channels == 4 else pixels[..., :1] if channels == 2 else pixels
     if pixels.dtype == np.uint8:

@@ -44,7 +44,17 @@ def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, cache=True)
-def _exact(mode: int, v00: np.float32, v01: np.float32, v10: np.float32, v11: np.float32, wy0: np.float32, wy1: np.float32, wx0: np.float32, wx1: np.float32) -> np.float32:
+def _exact(
+    mode: int,
+    v00: np.float32,
+    v01: np.float32,
+    v10: np.float32,
+    v11: np.float32,
+    wy0: np.float32,
+    wy1: np.float32,
+    wx0: np.float32,
+    wx1: np.float32,
+) -> np.float32:
     """torch's value of one pixel from its corner cells (vXY: x0/x1, y0/y1) and weights."""
     if mode == GRID_SAMPLE:
         out = v00 * (wy0 * wx0)

@@ -25,7 +25,10 @@ def main(argv: list[str]) -> int:
     configure_logging(settings.log_level, settings.log_format)
     missing = [f"{spec.name}: {spec.path}" for spec in settings.models if not spec.path.is_file()]
     if missing:
-        print("error: model files not found (set --models or ONESTAGE_MODELS):\n  " + "\n  ".join(missing), file=sys.stderr)
+        print(
+            "error: model files not found (set --models or ONESTAGE_MODELS):\n  " + "\n  ".join(missing),
+            file=sys.stderr,
+        )
         return 2
     try:
         app = create_app(settings)

@@ -22,13 +22,22 @@ from PIL import Image, UnidentifiedImageError
 
 from model.input_contract import InputContract
 from model.intensity import UnsupportedPixels, is_tiff
-from model.tiling import pad_batch as pad_batch  # the batch layout, shared with tiled evaluation
 from model.tiling import contract_buckets
+from model.tiling import pad_batch as pad_batch  # the batch layout, shared with tiled evaluation
 
 # PIL format names accepted, and the raw-body content types that may carry them.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 IMAGE_CONTENT_TYPES = frozenset(
-    {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "image/tiff", "application/octet-stream"}
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/tiff",
+        "application/octet-stream",
+    }
 )
 
 
@@ -67,7 +76,9 @@ def image_size(data: bytes) -> tuple[int, int]:
         try:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 series = tif.series[0]
-                return int(series.sizes.get("width", series.shape[-1])), int(series.sizes.get("height", series.shape[-2]))
+                return int(series.sizes.get("width", series.shape[-1])), int(
+                    series.sizes.get("height", series.shape[-2])
+                )
         except Exception as error:  # a header tifffile cannot parse
             raise ImageRejected(400, f"corrupt TIFF: {error}") from None
     try:
@@ -89,7 +100,9 @@ def decode_image(data: bytes, max_pixels: int, rule: InputContract, channel: int
         raise ImageRejected(400, "empty body: send the image bytes")
     width, height = image_size(data)
     if width * height > max_pixels:
-        raise ImageRejected(413, f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+        raise ImageRejected(
+            413, f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
+        )
     if width < 1 or height < 1:
         raise ImageRejected(400, f"image has no pixels ({width}x{height})")
     try:
@@ -106,8 +119,9 @@ def check_input_size(image: Image.Image, rule: InputContract, scale: float, max_
     height, width = rule.resized_shape(image.size[1], image.size[0], scale)
     if height * width > max_pixels:
         raise ImageRejected(
-            413, f"at scale {scale:g} the {image.size[0]}x{image.size[1]} image becomes {width}x{height} = {width * height} "
-            f"pixels, more than the limit of {max_pixels}; use a smaller scale"
+            413,
+            f"at scale {scale:g} the {image.size[0]}x{image.size[1]} image becomes {width}x{height} = {width * height} "
+            f"pixels, more than the limit of {max_pixels}; use a smaller scale",
         )
     return height, width
 
@@ -127,7 +141,9 @@ def choose_bucket(buckets: list[tuple[int, int]], size: tuple[int, int], divisib
     return math.ceil(height / divisibility) * divisibility, math.ceil(width / divisibility) * divisibility
 
 
-def prepare_image(image: Image.Image, rule: InputContract, buckets: list[tuple[int, int]], scale: float = 1.0) -> PreparedImage:
+def prepare_image(
+    image: Image.Image, rule: InputContract, buckets: list[tuple[int, int]], scale: float = 1.0
+) -> PreparedImage:
     pixels = rule.resize_image(image, scale)
     bucket = choose_bucket(buckets, (pixels.shape[1], pixels.shape[2]), rule.size_divisibility)
     return PreparedImage(pixels=pixels, original_size=(image.size[1], image.size[0]), bucket=bucket)

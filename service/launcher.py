@@ -33,7 +33,9 @@ class ServiceProcess:
         self.log_path = log_path
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args]
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

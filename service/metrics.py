@@ -100,7 +100,11 @@ class Metrics:
 
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
-        buckets = {"latency": LATENCY_BUCKETS, "batch_size": batch_size_buckets(max_batch_size), "tiles": TILE_COUNT_BUCKETS}
+        buckets = {
+            "latency": LATENCY_BUCKETS,
+            "batch_size": batch_size_buckets(max_batch_size),
+            "tiles": TILE_COUNT_BUCKETS,
+        }
         for spec in METRICS:
             setattr(self, spec.attribute, _collector(spec, buckets, self.registry))
         self._key_names: set[str] = set()

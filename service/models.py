@@ -99,7 +99,17 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
         return target
     log.info("exporting %s to %s", checkpoint, target)
     tmp = _atomic_output(target)
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp)]
+    command = [
+        sys.executable,
+        "-m",
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--format",
+        "onnx",
+        "--output",
+        str(tmp),
+    ]
     command.append("--skip-check")  # as the in-process export did: the graph is checked by the export tests
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
@@ -111,11 +121,18 @@ def export_checkpoint(checkpoint: Path, target: Path) -> Path:
     return target
 
 
-def build_engine_cached(onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings) -> Path:
+def build_engine_cached(
+    onnx_path: Path, target: Path, metadata: GraphMetadata, buckets: list[tuple[int, int]], settings: Settings
+) -> Path:
     """Build a TensorRT engine whose profile covers every bucket up to ``max_batch_size``, unless the cached
     one is newer than the graph and was built the same way (profile, precision, TensorRT version, GPU)."""
     default = tensorrt_build.default_profile(metadata, settings.max_batch_size)
-    largest = (settings.max_batch_size, 3, max(max(b[0] for b in buckets), default.max[2]), max(max(b[1] for b in buckets), default.max[3]))
+    largest = (
+        settings.max_batch_size,
+        3,
+        max(max(b[0] for b in buckets), default.max[2]),
+        max(max(b[1] for b in buckets), default.max[3]),
+    )
     profile = tensorrt_build.Profile(min=default.min, opt=default.opt, max=largest)
     if _newer(target, onnx_path):
         wanted = tensorrt_build.build_identity(profile, fp16=settings.tensorrt_fp16)
@@ -202,7 +219,6 @@ def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:
     return graph_path
 
 
-
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Prepare the graph (export, engine build) if needed, open the runtime, and warm it up (blocking; run it
     off the event loop). ``runtime=torch`` serves the checkpoint itself, in PyTorch."""
@@ -223,14 +239,21 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 
         streams = settings.inference_streams
         runtime = OpenVinoRuntime(
-            graph_path, precision=settings.openvino_precision, threads=settings.inference_threads, streams=streams,
-            cache_dir=cache / "openvino", batch_sizes=(1, settings.max_batch_size),
+            graph_path,
+            precision=settings.openvino_precision,
+            threads=settings.inference_threads,
+            streams=streams,
+            cache_dir=cache / "openvino",
+            batch_sizes=(1, settings.max_batch_size),
         )
         providers = list(runtime.providers)
     else:
+
         def session() -> OnnxRuntime:
             return OnnxRuntime(
-                graph_path, providers=settings.providers, threads=settings.inference_threads,
+                graph_path,
+                providers=settings.providers,
+                threads=settings.inference_threads,
                 cpu_arena=settings.ort_cpu_arena,
             )
 
@@ -242,9 +265,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     return _finish_loading(spec, settings, graph_path, runtime, runtime.metadata, runtime_name, providers, streams)
 
 
-def open_torch_runtime(
-    spec: ModelSpec, settings: Settings
-) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
+def open_torch_runtime(spec: ModelSpec, settings: Settings) -> tuple[Runtime, GraphMetadata, RuntimeName, list[str]]:
     """The checkpoint's detector in PyTorch (``runtime=torch``; torch is imported only here) and the
     metadata record its export would carry."""
     if spec.path.suffix != CHECKPOINT_SUFFIX:
@@ -256,9 +277,12 @@ def open_torch_runtime(
     device = default_device()
     model, cfg, checkpoint_metadata = load_detector(spec.path)
     runtime = TorchRuntime(
-        model, device, precision=settings.torch_precision,
+        model,
+        device,
+        precision=settings.torch_precision,
         channels_last=device.type == "cuda" if settings.torch_channels_last is None else settings.torch_channels_last,
-        cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda", compile=settings.torch_compile,
+        cuda_graphs=settings.torch_cuda_graphs and device.type == "cuda",
+        compile=settings.torch_compile,
     )
     if settings.torch_cuda_graphs and device.type != "cuda":
         log.warning("model %s: torch_cuda_graphs needs a CUDA device; running without", spec.name)
@@ -268,13 +292,21 @@ def open_torch_runtime(
 
 
 def _finish_loading(
-    spec: ModelSpec, settings: Settings, graph_path: Path, runtime: Runtime, metadata: GraphMetadata,
-    runtime_name: RuntimeName, providers: list[str], streams: int,
+    spec: ModelSpec,
+    settings: Settings,
+    graph_path: Path,
+    runtime: Runtime,
+    metadata: GraphMetadata,
+    runtime_name: RuntimeName,
+    providers: list[str],
+    streams: int,
 ) -> LoadedModel:
     """The loaded model around an open runtime (``graph_path``: the file served; ``streams``: batches it runs
     at once), warmed up unless disabled."""
     if metadata.mask_kind is None:
-        raise ValueError(f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks")
+        raise ValueError(
+            f"model {spec.name}: {graph_path} is a boxes-only ({metadata.method}) graph; the service serves masks"
+        )
     loaded = LoadedModel(
         name=spec.name,
         version=file_version(graph_path),
@@ -306,7 +338,9 @@ def warm_up(model: LoadedModel, max_batch_size: int, every_batch_size: bool = Fa
             flat[...] = np.asarray(model.rule.pad_value, dtype=np.uint8)[None, :, None, None]
             for _ in range(model.streams):
                 model.runtime.infer(flat)
-    log.info("model %s warmed up on %d buckets in %.1f s", model.name, len(model.buckets), time.perf_counter() - started)
+    log.info(
+        "model %s warmed up on %d buckets in %.1f s", model.name, len(model.buckets), time.perf_counter() - started
+    )
 
 
 @dataclass
@@ -335,7 +369,13 @@ class ModelRegistry:
             log.exception("model %s failed to load", name)
             entry.state, entry.error = "failed", f"{type(error).__name__}: {error}"
             return None
-        log.info("model %s loaded (%s, %s) in %.1f s", name, entry.model.runtime_name, entry.model.version, time.perf_counter() - started)
+        log.info(
+            "model %s loaded (%s, %s) in %.1f s",
+            name,
+            entry.model.runtime_name,
+            entry.model.version,
+            time.perf_counter() - started,
+        )
         return entry.model
 
     def mark_ready(self, name: str) -> None:

@@ -108,7 +108,12 @@ class RemotePredictor:
     """`POST /segment` on a running service (httpx's client is thread-safe: one pool for all workers)."""
 
     def __init__(
-        self, url: str, model: str | None, api_key: str | None, score_threshold: float, max_detections: int | None,
+        self,
+        url: str,
+        model: str | None,
+        api_key: str | None,
+        score_threshold: float,
+        max_detections: int | None,
         scale: float | str = 1.0,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -155,8 +160,13 @@ class LocalPredictor:
     tile, runtime, finishing, merge) at batch 1."""
 
     def __init__(
-        self, checkpoint: Path, cache_dir: Path, score_threshold: float, max_detections: int | None,
-        scale: float | str = 1.0, runtime: str = "auto",
+        self,
+        checkpoint: Path,
+        cache_dir: Path,
+        score_threshold: float,
+        max_detections: int | None,
+        scale: float | str = 1.0,
+        runtime: str = "auto",
     ) -> None:
         from service.models import load_model
         from training.evaluate import EvalSpec
@@ -166,7 +176,10 @@ class LocalPredictor:
         name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
         name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
         settings = Settings(
-            models=[ModelSpec(name=name, path=checkpoint)], cache_dir=cache_dir, warmup=False, max_batch_size=1,
+            models=[ModelSpec(name=name, path=checkpoint)],
+            cache_dir=cache_dir,
+            warmup=False,
+            max_batch_size=1,
             runtime=runtime,
         )
         try:
@@ -176,7 +189,9 @@ class LocalPredictor:
         self.model = name
         meta = self.loaded.metadata
         if scale == "auto" and meta.input.object_size is None:
-            raise SetupFailed(f"--scale auto needs a model that records its training object size; {checkpoint} does not")
+            raise SetupFailed(
+                f"--scale auto needs a model that records its training object size; {checkpoint} does not"
+            )
         self.contract = meta.input
         self.spec = EvalSpec(meta.category_ids, meta.mask_kind, meta.mask_threshold, meta.box_padding or 0, meta.input)
         self.categories = [{"id": i, "name": n} for i, n in zip(meta.category_ids, meta.class_names)]
@@ -211,7 +226,8 @@ def run_job(job: Job, predict: Predictor, max_image_pixels: int, out: Path) -> D
     """Read, segment and draw one image; every failure becomes the Done's error, never an exception."""
     try:
         data = job.path.read_bytes()
-        # The overlay's background: the 8-bit image the model reads (its intensity rule), oriented as the service sees it.
+        # The overlay's background: the 8-bit image the model reads (its intensity rule), oriented as the
+        # service sees it.
         image = np.asarray(decode_image(data, max_image_pixels, predict.contract))
         answer = predict(data)
         (out / f"{job.name}.overlay.png").write_bytes(png_bytes(overlay_image(image, answer)))

@@ -125,15 +125,22 @@ async def segment(
     scale: Annotated[
         str,
         Query(
-            description="a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
-            "magnification), or 'auto' to estimate it from a first pass (models that record their training object size)",
+            description=(
+                "a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
+                "magnification), or 'auto' to estimate it from a first pass "
+                "(models that record their training object size)"
+            ),
             examples=["1", "0.5", "auto"],
         ),
     ] = "1",
     channel: Annotated[
         int | None,
-        Query(ge=0, le=3, description="microscopy models: the channel of a multi-channel image to segment "
-              "(default: the mean of its colour channels)"),
+        Query(
+            ge=0,
+            le=3,
+            description="microscopy models: the channel of a multi-channel image to segment "
+            "(default: the mean of its colour channels)",
+        ),
     ] = None,
 ) -> Response:
     """Segment one image: instances with boxes, scores, categories and masks in original image pixels, as

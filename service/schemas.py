@@ -37,8 +37,10 @@ class SegmentResponse(BaseModel):
     version: str
     width: int = Field(description="original image width, after EXIF orientation")
     height: int = Field(description="original image height, after EXIF orientation")
-    scale: float = Field(description="the factor on the model's own input size this image ran at (the request's, or the one "
-                         "scale=auto chose)")
+    scale: float = Field(
+        description="the factor on the model's own input size this image ran at (the request's, or the one "
+        "scale=auto chose)"
+    )
     instances: list[Instance] = Field(description="in descending score order")
 
 

@@ -4,9 +4,10 @@ A segmentation request goes through small named steps (as LitServe names them): 
 size-checked) -> ``decode`` (the model's intensity rule, EXIF orientation) -> ``choose_scale`` (the request's
 scale, or a first pass for ``scale=auto``) -> ``prepare`` (resize by the model's size rule times the scale,
 bucket, or tiles when larger than every bucket; worker threads) -> the model's ``DynamicBatcher`` (batch ->
-predict in one of the model's inference threads, one per stream -> unbatch) -> ``finish`` (``model.finishing.finish_image``: paste,
-threshold, RLE; in a worker thread; tiles merged) -> ``answer`` -> ``encode_response`` (JSON; or, in a worker
-thread, a PNG from ``service.render``: the label image, or the decoded image drawn with its instances).
+predict in one of the model's inference threads, one per stream -> unbatch) -> ``finish``
+(``model.finishing.finish_image``: paste, threshold, RLE; in a worker thread; tiles merged) -> ``answer``
+-> ``encode_response`` (JSON; or, in a worker thread, a PNG from ``service.render``: the label image, or the
+decoded image drawn with its instances).
 Every failure becomes JSON ``{"error": ...}`` with its status and a ``reason`` in the failure metric; no
 input can take down the process.
 """
@@ -25,9 +26,9 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from PIL import Image
 from starlette.requests import ClientDisconnect
 
 from model import finishing
@@ -53,6 +54,7 @@ from service.tiled import TiledImage, prepare_tiles, run_tiles
 log = logging.getLogger(__name__)
 
 # KServe v2 platform names of the runtimes.
+
 
 class ServiceError(Exception):
     """A request that ends with an error status; ``reason`` labels the failure metric."""
@@ -260,7 +262,12 @@ class SegmentService:
             self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
 
     async def run(
-        self, image: Image.Image, model: LoadedModel, options: SegmentOptions, scale: float, slot: Reservation,
+        self,
+        image: Image.Image,
+        model: LoadedModel,
+        options: SegmentOptions,
+        scale: float,
+        slot: Reservation,
         deadline: float,
     ) -> tuple[list[finishing.Instance], int]:
         """One image at one scale through the batcher, whole (in the request's queue slot while it is unused) or
@@ -313,7 +320,9 @@ class SegmentService:
             "mask_kind": metadata.mask_kind,
             "mask_threshold": metadata.mask_threshold,
             "score_threshold": options.score_threshold,
-            "mask_format": "rle" if options.mask_format == "label" else options.mask_format,  # labels are painted from RLE
+            "mask_format": "rle"
+            if options.mask_format == "label"
+            else options.mask_format,  # labels are painted from RLE
             "box_padding": metadata.box_padding or 0,
             "workers": self.settings.finishing_threads,
         }
@@ -349,11 +358,15 @@ class SegmentService:
 
         window = 2 * self.settings.max_batch_size  # one batch running, the next one queued
         try:
-            per_tile, finishing_s = await run_tiles(tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline)
+            per_tile, finishing_s = await run_tiles(
+                tiled, self.batchers[model.name], finish, self.cpu_pool, window, deadline
+            )
         except QueueFull:
             raise self._queue_full(model) from None
         except TimeoutError:
-            raise ServiceError(504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout") from None
+            raise ServiceError(
+                504, f"no result within the request deadline ({len(plan.tiles)} tiles)", "timeout"
+            ) from None
         except BackendError as error:
             raise ServiceError(500, f"inference failed: {error}", "backend") from None
         started = time.perf_counter()
@@ -415,8 +428,12 @@ class SegmentService:
             if (conflict := options.conflict()) is not None:
                 raise ServiceError(422, conflict, "bad_input")
             if options.scale == "auto" and model.rule.object_size is None:
-                raise ServiceError(422, f"scale=auto needs a model that records its training object size; {model.name!r} "
-                                   "does not (retrain it, or pass a number)", "bad_input")
+                raise ServiceError(
+                    422,
+                    f"scale=auto needs a model that records its training object size; {model.name!r} "
+                    "does not (retrain it, or pass a number)",
+                    "bad_input",
+                )
             try:  # a slot in the model's queue, before the body is read and decoded
                 slot = self.batchers[model.name].reserve()
             except QueueFull:

@@ -24,7 +24,7 @@ _ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 
 def parse_bucket(text: str) -> tuple[int, int]:
-    """"HxW" -> (H, W)."""
+    """ "HxW" -> (H, W)."""
     match = _BUCKET.match(text.strip())
     if not match:
         raise ValueError(f"shape bucket {text!r} is not of the form HxW (e.g. 256x512)")
@@ -116,13 +116,24 @@ class Settings(BaseSettings):
         "fp32", description="runtime=torch: autocast of the network part (selection, NMS and mask decode stay float32)"
     )
     torch_channels_last: bool | None = Field(
-        None, description="runtime=torch: NHWC weights and inputs (default: on CUDA devices only; on the CPU it slowed the bundled models 2x)"
+        None,
+        description=(
+            "runtime=torch: NHWC weights and inputs "
+            "(default: on CUDA devices only; on the CPU it slowed the bundled models 2x)"
+        ),
     )
     torch_cuda_graphs: bool = Field(
-        False, description="runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
+        False,
+        description=(
+            "runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
+        ),
     )
-    torch_compile: bool = Field(False, description="runtime=torch: torch.compile the network part (compiles during warm-up)")
-    providers: list[str] | None = Field(None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)")
+    torch_compile: bool = Field(
+        False, description="runtime=torch: torch.compile the network part (compiles during warm-up)"
+    )
+    providers: list[str] | None = Field(
+        None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)"
+    )
     inference_streams: int = Field(
         default_factory=default_streams,
         ge=1,
@@ -153,23 +164,35 @@ class Settings(BaseSettings):
         description="longest wait of a batch's first request for others to join (0, Triton's default: none; "
         "batches still form from the requests that queue while the model runs)",
     )
-    max_queue_size: int = Field(64, ge=1, description="requests waiting per model; beyond it requests get 503 + Retry-After")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; a request still waiting at its deadline gets 504")
+    max_queue_size: int = Field(
+        64, ge=1, description="requests waiting per model; beyond it requests get 503 + Retry-After"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline from arrival; a request still waiting at its deadline gets 504"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
     buckets: list[str] = Field(
         default_factory=list,
         description="padded input shapes HxW shared by every model; empty: per model, the short test side by "
         "1, 4/3, 16/9 and the longest side ratios, both orientations",
     )
-    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)")
+    max_body_bytes: int = Field(
+        20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)"
+    )
     tile_overlap: int = Field(
         DEFAULT_TILE_OVERLAP,
         ge=0,
         description="input pixels shared by neighbouring tiles of an image larger than every bucket at the model's "
         "scale; at least the largest object, at most half the shortest bucket side",
     )
-    cpu_workers: int = Field(default_factory=_spare_cores, ge=1, description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)")
+    cpu_workers: int = Field(
+        default_factory=_spare_cores,
+        ge=1,
+        description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)",
+    )
     finishing_threads: int = Field(
         default_factory=lambda: min(_spare_cores(), 4),
         ge=1,

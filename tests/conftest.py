@@ -14,7 +14,6 @@ VOC_COCO = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _two_threads() -> None:
     torch.set_num_threads(2)
@@ -26,7 +25,9 @@ def voc_dataset() -> CocoInstanceDataset:
     annotations = VOC_COCO / "annotations.json"
     if not annotations.is_file():
         raise FileNotFoundError(f"{annotations} missing: run the README's test command (it installs labelme-examples)")
-    return CocoInstanceDataset(str(annotations), str(VOC_COCO), min_sizes=[256], max_size=384, hflip_prob=0.0, train=False)
+    return CocoInstanceDataset(
+        str(annotations), str(VOC_COCO), min_sizes=[256], max_size=384, hflip_prob=0.0, train=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +45,9 @@ def cpu_config(*overrides: str) -> Config:
     return load_config(REPO / "configs" / "fcos_MNV2_FPN_cpu.yaml", list(overrides))
 
 
-def overfit(cfg: Config, dataset: CocoInstanceDataset, index: int, iterations: int, lr: float = 0.01, codec: Path | None = None):
+def overfit(
+    cfg: Config, dataset: CocoInstanceDataset, index: int, iterations: int, lr: float = 0.01, codec: Path | None = None
+):
     """Train a fresh detector on one image for a few iterations and return it in eval mode with the batch."""
     from model.detector import OneStageDetector
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.checkpoint import save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from model.checkpoint import save_checkpoint
 
 CLASS_NAMES = ["cell", "nucleus", "debris"]
 CATEGORY_IDS = [3, 5, 9]  # non-contiguous dataset ids, so responses must map class indices
@@ -25,12 +25,24 @@ SCORE_LOGIT = float(np.log(0.05 / 0.95))  # the head's default score threshold a
 
 def tiny_detector(method: str, *, seed: int = 0, extra: tuple[str, ...] = ()) -> tuple[OneStageDetector, Config]:
     """A small MobileNetV2-FPN `method` detector whose random head yields detections on textured images only."""
-    cfg = load_config(None, [
-        f"model.method={method}", f"model.num_classes={len(CLASS_NAMES)}", "model.backbone.weights=null",
-        "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1", "model.head.num_groups=8",
-        "model.embedmask.pixel_channels=32", "model.embedmask.pixel_convs=1", "model.meinst.num_components=8",
-        "data.min_size_test=128", "data.max_size_test=192", *extra,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.method={method}",
+            f"model.num_classes={len(CLASS_NAMES)}",
+            "model.backbone.weights=null",
+            "model.fpn.out_channels=32",
+            "model.head.channels=32",
+            "model.head.num_convs=1",
+            "model.head.num_groups=8",
+            "model.embedmask.pixel_channels=32",
+            "model.embedmask.pixel_convs=1",
+            "model.meinst.num_components=8",
+            "data.min_size_test=128",
+            "data.max_size_test=192",
+            *extra,
+        ],
+    )
     torch.manual_seed(seed)
     model = OneStageDetector(cfg.model).eval()
     head = model.head
@@ -53,15 +65,28 @@ def tiny_detector(method: str, *, seed: int = 0, extra: tuple[str, ...] = ()) ->
 
 
 def tiny_checkpoint(
-    method: str, path: Path, *, min_size: int = 128, max_size: int = 192, max_detections: int = 20, seed: int = 0,
-    extra: tuple[str, ...] = (), object_size: float | None = None,
+    method: str,
+    path: Path,
+    *,
+    min_size: int = 128,
+    max_size: int = 192,
+    max_detections: int = 20,
+    seed: int = 0,
+    extra: tuple[str, ...] = (),
+    object_size: float | None = None,
 ) -> Path:
     """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it; `extra`
     config overrides (e.g. a microscopy input contract) and the training objects' median size it records."""
-    model, cfg = tiny_detector(method, seed=seed, extra=(
-        f"model.head.max_detections={max_detections}", f"data.min_size_test={min_size}", f"data.max_size_test={max_size}",
-        *extra,
-    ))
+    model, cfg = tiny_detector(
+        method,
+        seed=seed,
+        extra=(
+            f"model.head.max_detections={max_detections}",
+            f"data.min_size_test={min_size}",
+            f"data.max_size_test={max_size}",
+            *extra,
+        ),
+    )
     save_checkpoint(
         {
             "model": model.state_dict(),

@@ -38,11 +38,17 @@ def rle_annotations(labels: np.ndarray, image_id: int, first_id: int) -> list[di
     anns = []
     for label in np.unique(labels)[1:]:
         rle = mask_utils.encode(np.asfortranarray((labels == label).astype(np.uint8)))
-        anns.append({
-            "id": first_id + len(anns), "image_id": image_id, "category_id": 1, "iscrowd": 0,
-            "bbox": mask_utils.toBbox(rle).tolist(), "area": float(mask_utils.area(rle)),
-            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-        })
+        anns.append(
+            {
+                "id": first_id + len(anns),
+                "image_id": image_id,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": mask_utils.toBbox(rle).tolist(),
+                "area": float(mask_utils.area(rle)),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            }
+        )
     return anns
 
 
@@ -60,11 +66,15 @@ def ellipse_polygon(cx: float, cy: float, rx: float, ry: float, points: int = 32
 
 
 def write_coco(path: Path, images: list[tuple[int, int, int]], anns: list[dict]) -> Path:
-    path.write_text(json.dumps({
-        "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.png"} for i, h, w in images],
-        "annotations": anns,
-        "categories": [{"id": 1, "name": "nucleus"}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.png"} for i, h, w in images],
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "nucleus"}],
+            }
+        )
+    )
     return path
 
 
@@ -218,10 +228,17 @@ def test_rle_crop_of_a_filled_box_and_polygon_rle_agreement() -> None:
 def test_crop_bitmasks_equals_roi_align_on_full_masks() -> None:
     gen = torch.Generator().manual_seed(0)
     masks = (torch.rand(7, 40, 50, generator=gen) > 0.5).to(torch.uint8)
-    boxes = torch.tensor([
-        [3.2, 4.7, 20.1, 30.0], [0.0, 0.0, 50.0, 40.0], [-5.0, -3.0, 10.0, 12.0], [40.5, 30.5, 58.0, 47.0],
-        [10.0, 10.0, 10.5, 30.0], [-20.0, 5.0, -12.0, 9.0], [55.0, 45.0, 70.0, 60.0],
-    ])
+    boxes = torch.tensor(
+        [
+            [3.2, 4.7, 20.1, 30.0],
+            [0.0, 0.0, 50.0, 40.0],
+            [-5.0, -3.0, 10.0, 12.0],
+            [40.5, 30.5, 58.0, 47.0],
+            [10.0, 10.0, 10.5, 30.0],
+            [-20.0, 5.0, -12.0, 9.0],
+            [55.0, 45.0, 70.0, 60.0],
+        ]
+    )
     rois = torch.cat([torch.arange(7.0)[:, None], boxes], 1)
     expected = roi_align(masks[:, None].float(), rois, (28, 28), 1.0, 0, aligned=True)[:, 0] >= 0.5
     assert torch.equal(crop_bitmasks(masks, boxes, 28), expected.float())
@@ -274,12 +291,28 @@ def test_fit_codec_cli_on_polygons_and_rle(
     rng = np.random.default_rng(0)
     for _ in range(12):
         cx, cy, rx, ry = rng.uniform(30, 270), rng.uniform(30, 170), rng.uniform(8, 25), rng.uniform(8, 25)
-        anns.append({"id": len(anns) + 1, "image_id": 2, "category_id": 1, "iscrowd": 0,
-                     "bbox": [cx - rx, cy - ry, 2 * rx, 2 * ry], "segmentation": [ellipse_polygon(cx, cy, rx, ry)]})
+        anns.append(
+            {
+                "id": len(anns) + 1,
+                "image_id": 2,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [cx - rx, cy - ry, 2 * rx, 2 * ry],
+                "segmentation": [ellipse_polygon(cx, cy, rx, ry)],
+            }
+        )
     expected = len(anns)
     crowd = mask_utils.encode(np.asfortranarray(np.ones((200, 300), np.uint8)))
-    anns.append({"id": len(anns) + 1, "image_id": 2, "category_id": 1, "iscrowd": 1, "bbox": [0, 0, 300, 200],
-                 "segmentation": {"size": crowd["size"], "counts": crowd["counts"].decode()}})
+    anns.append(
+        {
+            "id": len(anns) + 1,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 1,
+            "bbox": [0, 0, 300, 200],
+            "segmentation": {"size": crowd["size"], "counts": crowd["counts"].decode()},
+        }
+    )
     path = write_coco(tmp_path / "tiny.json", [(1, 350, 550), (2, 200, 300)], anns)
     out = tmp_path / "tiny_codec.npz"
 

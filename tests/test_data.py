@@ -55,16 +55,51 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     crowd = mask_utils.encode(_rle_mask(40, 60, 0, 10, 40, 50))
     crowd["counts"] = crowd["counts"].decode("ascii")
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 200.0, "bbox": [4, 8, 20, 10],
-         "segmentation": [[4, 8, 24, 8, 24, 18, 4, 18]]},
-        {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 200.0, "bbox": [30, 20, 20, 10],
-         "segmentation": compressed},
-        {"id": 3, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 16.0, "bbox": [0, 2, 4, 4],
-         "segmentation": uncompressed},
-        {"id": 4, "image_id": 1, "category_id": 3, "iscrowd": 1, "area": 100.0, "bbox": [40, 0, 10, 10],
-         "segmentation": crowd},
-        {"id": 5, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 0.5, "bbox": [10, 30, 0.5, 5],
-         "segmentation": [[10, 30, 10.5, 30, 10.5, 35, 10, 35]]},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": 200.0,
+            "bbox": [4, 8, 20, 10],
+            "segmentation": [[4, 8, 24, 8, 24, 18, 4, 18]],
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 0,
+            "area": 200.0,
+            "bbox": [30, 20, 20, 10],
+            "segmentation": compressed,
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": 16.0,
+            "bbox": [0, 2, 4, 4],
+            "segmentation": uncompressed,
+        },
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 1,
+            "area": 100.0,
+            "bbox": [40, 0, 10, 10],
+            "segmentation": crowd,
+        },
+        {
+            "id": 5,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": 0.5,
+            "bbox": [10, 30, 0.5, 5],
+            "segmentation": [[10, 30, 10.5, 30, 10.5, 35, 10, 35]],
+        },
     ]
     coco = {
         "images": [
@@ -156,8 +191,11 @@ def test_exif_orientation_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise for display
     Image.new("RGB", (20, 10), (200, 50, 50)).save(tmp_path / "r.jpg", exif=exif)
-    coco = {"images": [{"id": 5, "file_name": "r.jpg", "height": 20, "width": 10}], "annotations": [],
-            "categories": [{"id": 1, "name": "x"}]}
+    coco = {
+        "images": [{"id": 5, "file_name": "r.jpg", "height": 20, "width": 10}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "x"}],
+    }
     (tmp_path / "a.json").write_text(json.dumps(coco))
     sample = CocoInstanceDataset(str(tmp_path / "a.json"), str(tmp_path), [10], 100, 0.0, False)[0]
     assert sample.original_size == (20, 10) and sample.image_id == 5
@@ -216,8 +254,14 @@ def test_nucleus_builder_split_by_position(tmp_path, capsys):
     nucleus.main(["--out", str(tmp_path), "--tile", "128", "--frames", "2", "--band", "96"])
     printed = capsys.readouterr().out
     assert "split rule" in printed
-    splits = {s: json.loads((tmp_path / f"{s}.json").read_text()) for s in ("train", "val", "test", "val_fields", "test_fields")}
-    rows = {s: (min(i["tile_y"] for i in d["images"]), max(i["tile_y"] + i["height"] for i in d["images"])) for s, d in splits.items()}
+    splits = {
+        s: json.loads((tmp_path / f"{s}.json").read_text())
+        for s in ("train", "val", "test", "val_fields", "test_fields")
+    }
+    rows = {
+        s: (min(i["tile_y"] for i in d["images"]), max(i["tile_y"] + i["height"] for i in d["images"]))
+        for s, d in splits.items()
+    }
     assert rows["train"] == (0, 700 - 2 * 96) and rows["val"] == rows["val_fields"] == (700 - 2 * 96, 700 - 96)
     assert rows["test"] == rows["test_fields"] == (700 - 96, 700)  # no pixel row of one split is in another
     assert {i["frame"] for d in splits.values() for i in d["images"]} == {0, 1}
@@ -264,9 +308,19 @@ def test_microscopy_augmentation_keeps_boxes_on_their_masks(tmp_path):
     still its mask's bounding box (within the resize rounding), and a quarter turn swaps the sides."""
     nucleus.build(str(tmp_path), tile=128, frames=1, band=96)
     dataset = CocoInstanceDataset(
-        str(tmp_path / "val_fields.json"), str(tmp_path / "val_fields"), [96], 1100, 0.5, True,
-        resize="scale", scales=(0.5, 2.0), intensity="percentile",
-        percentile_low_train=(0.2, 3.0), percentile_high_train=(99.0, 99.95), vflip_prob=0.5, rot90_prob=0.5,
+        str(tmp_path / "val_fields.json"),
+        str(tmp_path / "val_fields"),
+        [96],
+        1100,
+        0.5,
+        True,
+        resize="scale",
+        scales=(0.5, 2.0),
+        intensity="percentile",
+        percentile_low_train=(0.2, 3.0),
+        percentile_high_train=(99.0, 99.95),
+        vflip_prob=0.5,
+        rot90_prob=0.5,
     )
     shapes = set()
     for epoch in range(8):
@@ -286,8 +340,15 @@ def test_microscopy_augmentation_keeps_boxes_on_their_masks(tmp_path):
 def test_scale_rule_at_test_time_keeps_native_size(tmp_path):
     nucleus.build(str(tmp_path), tile=128, frames=1, band=96)
     dataset = CocoInstanceDataset(
-        str(tmp_path / "test_fields.json"), str(tmp_path / "test_fields"), [256], 512, 0.0, False,
-        resize="scale", scales=(1.0, 1.0), intensity="percentile",
+        str(tmp_path / "test_fields.json"),
+        str(tmp_path / "test_fields"),
+        [256],
+        512,
+        0.0,
+        False,
+        resize="scale",
+        scales=(1.0, 1.0),
+        intensity="percentile",
     )
     sample = dataset[0]
     assert sample.input_size == sample.original_size == (96, 1100)  # no shrinking to a short side of 256

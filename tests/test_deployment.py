@@ -15,15 +15,16 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import tomllib
 import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,12 +44,33 @@ SERVICE = "onestage"
 VARIANTS = ("gpu", "cpu")
 # NVIDIA/dcgm-exporter etc/default-counters.csv: the fields the exporter serves without extra configuration.
 DCGM_DEFAULT_COUNTERS = {
-    "DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
-    "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
-    "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL",
-    "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_SM_CLOCK",
+    "DCGM_FI_DEV_MEM_CLOCK",
+    "DCGM_FI_DEV_MEMORY_TEMP",
+    "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+    "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_MEM_COPY_UTIL",
+    "DCGM_FI_DEV_ENC_UTIL",
+    "DCGM_FI_DEV_DEC_UTIL",
+    "DCGM_FI_DEV_XID_ERRORS",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_FB_USED",
 }
-PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "histogram_quantile", "clamp_min", "clamp_max"}
+PROMQL_FUNCTIONS = {
+    "sum",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "clamp_min",
+    "clamp_max",
+}
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
 
 
@@ -160,7 +182,13 @@ def dockerfile() -> tuple[dict[str, str], list[Stage]]:
         keyword, args = keyword.upper(), " ".join(args.split())
         if keyword == "FROM":
             words = args.split()
-            stages.append(Stage(base=words[0], name=words[2] if len(words) == 3 and words[1].upper() == "AS" else None, instructions=[]))
+            stages.append(
+                Stage(
+                    base=words[0],
+                    name=words[2] if len(words) == 3 and words[1].upper() == "AS" else None,
+                    instructions=[],
+                )
+            )
         elif not stages and keyword == "ARG":
             name, _, default = args.partition("=")
             global_args[name] = default
@@ -207,7 +235,11 @@ def healthcheck_command() -> list[str]:
 def readme_run_steps() -> list[str]:
     """The README's "install everything and run the main job" command as its ``&&`` steps."""
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    runs = [steps for steps in ([" ".join(s.split()) for s in b.split("&&")] for b in blocks) if steps[-1] == "python -m service"]
+    runs = [
+        steps
+        for steps in ([" ".join(s.split()) for s in b.split("&&")] for b in blocks)
+        if steps[-1] == "python -m service"
+    ]
     assert len(runs) == 1, "the README should have one command that installs and ends in `python -m service`"
     return runs[0]
 
@@ -277,7 +309,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]
     checkpoint = tiny_checkpoint("meinst", workdir / "meinst.pt")
     models = [{"name": "meinst", "path": str(checkpoint), "buckets": ["128x192"]}]
     process = ServiceProcess(
-        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), "--max-batch-size", "2", "--max-delay-ms", "0"],
+        [
+            "--models",
+            json.dumps(models),
+            "--cache-dir",
+            str(workdir / "cache"),
+            "--max-batch-size",
+            "2",
+            "--max-delay-ms",
+            "0",
+        ],
         workdir / "server.log",
     )
     try:
@@ -293,7 +334,9 @@ def exported(server: ServiceProcess) -> dict[str, set[str]]:
     pixels = np.random.default_rng(0).integers(0, 256, size=(128, 192, 3), dtype=np.uint8)
     png = io.BytesIO()
     Image.fromarray(pixels).save(png, format="PNG")
-    response = httpx.post(f"{server.url}/segment", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=60)
+    response = httpx.post(
+        f"{server.url}/segment", content=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=60
+    )
     assert response.status_code == 200, response.text
     samples: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
@@ -319,7 +362,9 @@ def test_compose_references_existing_files(variant: str) -> None:
     for name, service in services.items():
         for source, target in mounts(service):
             path = bind_source(source)
-            assert path.exists() if path else source in named, f"{name}: volume source {source} ({target}) does not exist"
+            assert path.exists() if path else source in named, (
+                f"{name}: volume source {source} ({target}) does not exist"
+            )
 
 
 def test_gpu_service_reserves_a_gpu_and_the_cpu_override_drops_it() -> None:
@@ -400,12 +445,21 @@ def test_dashboard_covers_latency_errors_batching_queue_and_finishing() -> None:
     exprs = dashboard_queries(dashboard)
     for q in ("0.5", "0.95", "0.99"):
         for histogram in ("onestage_request_duration_seconds", "onestage_mask_finishing_seconds"):
-            assert any(e.startswith(f"histogram_quantile({q}, ") and f"{histogram}_bucket" in e for e in exprs), (q, histogram)
+            assert any(e.startswith(f"histogram_quantile({q}, ") and f"{histogram}_bucket" in e for e in exprs), (
+                q,
+                histogram,
+            )
     used = {s.metric for e in exprs for s in promql_parts(e)[0]}
     assert {
-        "onestage_request_duration_seconds_count", "onestage_failures_total", "onestage_queue_wait_seconds_sum",
-        "onestage_inference_duration_seconds_sum", "onestage_batch_size_bucket", "onestage_queue_depth",
-        "onestage_mask_finishing_seconds_bucket", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
+        "onestage_request_duration_seconds_count",
+        "onestage_failures_total",
+        "onestage_queue_wait_seconds_sum",
+        "onestage_inference_duration_seconds_sum",
+        "onestage_batch_size_bucket",
+        "onestage_queue_depth",
+        "onestage_mask_finishing_seconds_bucket",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_FB_USED",
     } <= used
     for expr in exprs:
         selectors, grouping = promql_parts(expr)
@@ -428,7 +482,9 @@ def test_every_dashboard_metric_is_exported_by_the_running_service(exported: dic
                 available = set.union(*(exported[s.metric] for s in ours))
                 assert grouping <= available, f"{name}: grouping labels {grouping - available} not exported ({expr})"
             dcgm = {s.metric for s in selectors if s.metric.startswith("DCGM_")}
-            assert dcgm <= DCGM_DEFAULT_COUNTERS, f"{name}: {dcgm - DCGM_DEFAULT_COUNTERS} are not default DCGM counters"
+            assert dcgm <= DCGM_DEFAULT_COUNTERS, (
+                f"{name}: {dcgm - DCGM_DEFAULT_COUNTERS} are not default DCGM counters"
+            )
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -445,7 +501,13 @@ def test_image_installs_with_the_readme_commands(variant: str) -> None:
     # other pip installs (the CPU torch wheels) keep pyproject.toml's pins
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = dict(d.split("==", 1) for d in dependencies if "==" in d)
-    extra = [w for steps in runs for step in steps if step.startswith("pip install") and step not in pip_steps for w in step.split()]
+    extra = [
+        w
+        for steps in runs
+        for step in steps
+        if step.startswith("pip install") and step not in pip_steps
+        for w in step.split()
+    ]
     for word in extra:
         name, _, version = word.partition("==")
         if name in pins:
@@ -459,19 +521,25 @@ def test_image_runs_as_a_non_root_user_it_creates() -> None:
     users = [i.args for i in instructions if i.keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     keywords = [i.keyword for i in instructions]
-    assert keywords.index("USER") > max(n for n, k in enumerate(keywords) if k == "RUN"), "installs run as root, the service not"
+    assert keywords.index("USER") > max(n for n, k in enumerate(keywords) if k == "RUN"), (
+        "installs run as root, the service not"
+    )
     setup = " ".join(i.args for i in instructions if i.keyword == "RUN")
     assert re.search(rf"useradd .*\b{users[-1]}\b", setup) and f"chown {users[-1]}:" in setup
 
 
 def test_image_copies_existing_sources_and_the_bundled_models() -> None:
-    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     assert not any(p.startswith("!") for p in patterns), "this check does not model exception patterns"
 
     def ignored(path: str) -> bool:
         parts = path.split("/")
         prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
-        return any(fnmatch(prefix, p) or fnmatch(prefix, p.removeprefix("**/")) for prefix in prefixes for p in patterns)
+        return any(
+            fnmatch(prefix, p) or fnmatch(prefix, p.removeprefix("**/")) for prefix in prefixes for p in patterns
+        )
 
     copied = []
     for instruction in variant_instructions("gpu"):
@@ -483,8 +551,12 @@ def test_image_copies_existing_sources_and_the_bundled_models() -> None:
             copied += sources
     for spec in bundled_models():
         relative = spec.path.relative_to(REPO).as_posix()
-        assert any(relative == s or relative.startswith(s.rstrip("/") + "/") for s in copied), f"{relative} is not copied"
-        assert spec.path.is_file() and not ignored(relative), f"bundled model {relative} missing: the image would serve nothing"
+        assert any(relative == s or relative.startswith(s.rstrip("/") + "/") for s in copied), (
+            f"{relative} is not copied"
+        )
+        assert spec.path.is_file() and not ignored(relative), (
+            f"bundled model {relative} missing: the image would serve nothing"
+        )
 
 
 def test_healthcheck_reports_readiness(server: ServiceProcess) -> None:

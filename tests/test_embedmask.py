@@ -16,22 +16,35 @@ from model.mask_method import MethodOutputs
 
 
 def _tiny(*overrides: str) -> OneStageDetector:
-    cfg = load_config(None, ["model.method=embedmask", "model.num_classes=1", "model.backbone.weights=null",
-                             "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1",
-                             "model.head.num_groups=8", "model.embedmask.pixel_channels=32",
-                             "model.embedmask.pixel_convs=1", *overrides])
+    cfg = load_config(
+        None,
+        [
+            "model.method=embedmask",
+            "model.num_classes=1",
+            "model.backbone.weights=null",
+            "model.fpn.out_channels=32",
+            "model.head.channels=32",
+            "model.head.num_convs=1",
+            "model.head.num_groups=8",
+            "model.embedmask.pixel_channels=32",
+            "model.embedmask.pixel_convs=1",
+            *overrides,
+        ],
+    )
     return OneStageDetector(cfg.model)
 
 
 def test_one_proposal_per_gt_the_positive_whose_predicted_box_fits_best() -> None:
     gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [50.0, 50.0, 60.0, 60.0]])
-    predicted = torch.tensor([
-        [0.0, 0.0, 8.0, 8.0],      # GT 0, IoU 0.64
-        [20.0, 20.0, 40.0, 38.0],  # GT 1, IoU 0.9
-        [0.0, 0.0, 10.0, 9.0],     # GT 0, IoU 0.9 <- best for GT 0
-        [20.0, 20.0, 40.0, 38.0],  # GT 1, IoU 0.9 again: the first one wins the tie
-        [0.0, 0.0, 10.0, 9.0],     # GT 0, same IoU as index 2, later
-    ])
+    predicted = torch.tensor(
+        [
+            [0.0, 0.0, 8.0, 8.0],  # GT 0, IoU 0.64
+            [20.0, 20.0, 40.0, 38.0],  # GT 1, IoU 0.9
+            [0.0, 0.0, 10.0, 9.0],  # GT 0, IoU 0.9 <- best for GT 0
+            [20.0, 20.0, 40.0, 38.0],  # GT 1, IoU 0.9 again: the first one wins the tie
+            [0.0, 0.0, 10.0, 9.0],  # GT 0, same IoU as index 2, later
+        ]
+    )
     matched = torch.tensor([0, 1, 0, 1, 0])
     gt_ids, chosen = best_proposal_per_gt(predicted, gt_boxes, matched)
     assert gt_ids.tolist() == [0, 1]  # GT 2 has no positive and gets no proposal
@@ -43,9 +56,15 @@ def test_gt_masks_at_stride4_are_padded_bilinear_and_dilated() -> None:
     masks[0, 10:14, 10:14] = 1
     small = masks_at_stride4(masks, (32, 64))
     assert small.shape == (1, 8, 16)
-    reference = torch.nn.functional.interpolate(
-        torch.nn.functional.pad(masks.float(), (0, 24, 0, 2))[:, None], size=(8, 16), mode="bilinear", align_corners=False
-    )[:, 0] > 0
+    reference = (
+        torch.nn.functional.interpolate(
+            torch.nn.functional.pad(masks.float(), (0, 24, 0, 2))[:, None],
+            size=(8, 16),
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0]
+        > 0
+    )
     assert torch.equal(small, reference)
     assert small.sum() >= 1  # any nonzero bilinear sample counts: the 4x4 object is never lost
 
@@ -83,8 +102,13 @@ def test_inference_keeps_log_probabilities_inside_the_box_plus_two_cells_only() 
     method = model.mask_method
     pixel = torch.zeros(1, 16, 16, 16)
     extras = torch.cat([torch.zeros(1, 1, 16), torch.full((1, 1, 16), 0.1)], dim=2)
-    detections = Detections(torch.tensor([1]), torch.tensor([[[17.0, 21.0, 30.0, 33.0]]]), torch.ones(1, 1),
-                            torch.zeros(1, 1, dtype=torch.long), extras)
+    detections = Detections(
+        torch.tensor([1]),
+        torch.tensor([[[17.0, 21.0, 30.0, 33.0]]]),
+        torch.ones(1, 1),
+        torch.zeros(1, 1, dtype=torch.long),
+        extras,
+    )
 
     log_prob = method.masks(detections, MethodOutputs([], dense=pixel))[0, 0]
     inside = log_prob > OUTSIDE_LOG_PROB
@@ -100,7 +124,9 @@ def test_training_step_produces_a_finite_mask_loss_with_gradients() -> None:
     masks[0, 8:40, 8:40] = 1
     masks[1, 30:60, 20:60] = 1
     gt = InstanceTargets(torch.tensor([[8.0, 8.0, 40.0, 40.0], [20.0, 30.0, 60.0, 60.0]]), torch.tensor([0, 0]), masks)
-    empty = InstanceTargets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, 64, 64, dtype=torch.uint8))
+    empty = InstanceTargets(
+        torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, 64, 64, dtype=torch.uint8)
+    )
     losses = model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), [gt, empty])
     assert set(losses) == {"loss_cls", "loss_box", "loss_ctr", "loss_mask"}
     assert 0 < losses["loss_mask"].item() < 10

@@ -92,8 +92,16 @@ def test_coupling_exports_to_onnx(tmp_path) -> None:
     pix, prop, sigma = image_like_embeddings(gen, k=3, d=16, h=4, w=10, sigma_max=10.0)
     path = tmp_path / "coupling.onnx"
     axes = {"pix": {0: "b", 2: "p"}, "prop": {0: "b", 1: "k"}, "sigma": {0: "b", 1: "k"}}
-    torch.onnx.export(Coupling(), (pix[None], prop[None], sigma[None]), str(path), dynamo=False,
-                      opset_version=17, input_names=list(axes), output_names=["energy"], dynamic_axes=axes)
+    torch.onnx.export(
+        Coupling(),
+        (pix[None], prop[None], sigma[None]),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=list(axes),
+        output_names=["energy"],
+        dynamic_axes=axes,
+    )
     pix, prop, sigma = image_like_embeddings(gen, k=5, d=16, h=3, w=7, sigma_max=10.0)
     feeds = {"pix": pix[None].numpy(), "prop": prop[None].numpy(), "sigma": sigma[None].numpy()}
     (got,) = ort.InferenceSession(str(path)).run(None, feeds)

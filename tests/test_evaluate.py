@@ -14,10 +14,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from model.checkpoint import save_checkpoint
 from model.config import load_config
 from model.detector import OneStageDetector
 from model.input_contract import InputContract, resized_shape
-from model.checkpoint import save_checkpoint
 from training.evaluate import EvalSpec, eval_dataset, evaluate, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -44,18 +44,32 @@ def dataset_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
             mask[y : y + h, x : x + w] = 1
             rle = mask_utils.encode(np.asfortranarray(mask))
             rle["counts"] = rle["counts"].decode("ascii")
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": rle})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                    "segmentation": rle,
+                }
+            )
         Image.fromarray(pixels).save(root / name)
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
     categories = [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}]
-    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (root / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(root / "annotations.json"), str(root)
 
 
 def spec(mask_kind: str | None) -> EvalSpec:
     return EvalSpec(
-        category_ids=[3, 7], mask_kind=mask_kind, mask_threshold=0.5 if mask_kind else None, box_padding=2,
+        category_ids=[3, 7],
+        mask_kind=mask_kind,
+        mask_threshold=0.5 if mask_kind else None,
+        box_padding=2,
         input=InputContract(pad_value=[124, 116, 104], size_divisibility=32, min_size=MIN_SIZE, max_size=MAX_SIZE),
     )
 
@@ -93,11 +107,15 @@ class GroundTruthRuntime:
         return out
 
 
-def test_ground_truth_answers_score_100_and_the_results_file_is_coco(dataset_files: tuple[str, str], tmp_path: Path) -> None:
+def test_ground_truth_answers_score_100_and_the_results_file_is_coco(
+    dataset_files: tuple[str, str], tmp_path: Path
+) -> None:
     annotations, images = dataset_files
     results_path = tmp_path / "results.json"
     dataset = eval_dataset(annotations, images, spec("box28"))
-    metrics = evaluate(GroundTruthRuntime(with_masks=True), dataset, spec("box28"), batch_size=2, results_path=results_path)
+    metrics = evaluate(
+        GroundTruthRuntime(with_masks=True), dataset, spec("box28"), batch_size=2, results_path=results_path
+    )
     for iou_type in ("bbox", "segm"):
         assert metrics[iou_type]["AP"] == pytest.approx(100.0)
         assert metrics[iou_type]["AP75"] == pytest.approx(100.0)
@@ -136,26 +154,52 @@ def test_cli_prints_one_json_line_for_a_checkpoint(dataset_files: tuple[str, str
     cfg = load_config(
         CONFIGS / "embedmask_MNV2_nucleus.yaml",
         [
-            "model.num_classes=2", "model.class_names=[three,seven]",
-            "model.backbone.weights=null", "model.backbone.weights_sha256=null",
-            "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1", "model.head.num_groups=8",
-            "model.head.score_threshold=0.0", "model.head.max_detections=5",
-            "model.embedmask.pixel_convs=1", "model.embedmask.pixel_channels=32",
-            f"data.min_size_test={MIN_SIZE}", f"data.max_size_test={MAX_SIZE}",
+            "model.num_classes=2",
+            "model.class_names=[three,seven]",
+            "model.backbone.weights=null",
+            "model.backbone.weights_sha256=null",
+            "model.fpn.out_channels=32",
+            "model.head.channels=32",
+            "model.head.num_convs=1",
+            "model.head.num_groups=8",
+            "model.head.score_threshold=0.0",
+            "model.head.max_detections=5",
+            "model.embedmask.pixel_convs=1",
+            "model.embedmask.pixel_channels=32",
+            f"data.min_size_test={MIN_SIZE}",
+            f"data.max_size_test={MAX_SIZE}",
         ],
     )
     torch.manual_seed(0)
     model = OneStageDetector(cfg.model)
     checkpoint = tmp_path / "model.pt"
     save_checkpoint(
-        {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "class_names": ["three", "seven"],
-         "category_ids": [3, 7], "iteration": 0, "metrics": {}},
+        {
+            "model": model.state_dict(),
+            "config": cfg.model_dump(mode="json"),
+            "class_names": ["three", "seven"],
+            "category_ids": [3, 7],
+            "iteration": 0,
+            "metrics": {},
+        },
         checkpoint,
     )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        main(["--checkpoint", str(checkpoint), "--annotations", annotations, "--images", images,
-              "--output", str(tmp_path / "results.json"), "--batch-size", "2"])
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--annotations",
+                annotations,
+                "--images",
+                images,
+                "--output",
+                str(tmp_path / "results.json"),
+                "--batch-size",
+                "2",
+            ]
+        )
     lines = stdout.getvalue().splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[0])
@@ -164,5 +208,7 @@ def test_cli_prints_one_json_line_for_a_checkpoint(dataset_files: tuple[str, str
         assert set(summary[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 < len(results) <= 3 * 5 and {r["category_id"] for r in results} <= {3, 7}
-    assert all(r["segmentation"]["size"] == [IMAGES[r["image_id"] - 1][1], IMAGES[r["image_id"] - 1][2]] for r in results)
+    assert all(
+        r["segmentation"]["size"] == [IMAGES[r["image_id"] - 1][1], IMAGES[r["image_id"] - 1][2]] for r in results
+    )
     COCO(annotations).loadRes(results)

@@ -18,8 +18,8 @@ import torch
 from export.metadata import GraphMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx
 from export.parity import compare_outputs
-from model.runtime import TorchRuntime
 from export.runtimes import OnnxRuntime
+from model.runtime import TorchRuntime
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_detector
 
 CHECKPOINT_METADATA = {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}
@@ -71,14 +71,20 @@ def test_graph_is_one_standard_onnx_graph_with_dynamic_batch_and_size(exported: 
     shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
     k = exported.cfg.model.head.max_detections
     assert shapes["num_dets"] == ["batch"] and shapes["boxes"] == ["batch", k, 4] and shapes["classes"] == ["batch", k]
-    assert shapes["masks"] == (["batch", k, 28, 28] if exported.cfg.model.method == "meinst" else ["batch", k, "height_4", "width_4"])
+    assert shapes["masks"] == (
+        ["batch", k, 28, 28] if exported.cfg.model.method == "meinst" else ["batch", k, "height_4", "width_4"]
+    )
 
 
 def test_metadata_record_reads_back(exported: Exported) -> None:
     metadata = read_onnx_metadata(exported.path)
     assert metadata == exported.metadata == exported.graph.metadata
     assert metadata.class_names == ["cell", "nucleus", "debris"] and metadata.category_ids == [3, 5, 9]
-    assert metadata.input.min_size == 128 and metadata.input.max_size == 192 and metadata.input.pad_value == list(PAD_VALUE)
+    assert (
+        metadata.input.min_size == 128
+        and metadata.input.max_size == 192
+        and metadata.input.pad_value == list(PAD_VALUE)
+    )
     assert metadata.max_detections == 100 and metadata.score_threshold == 0.05
     if exported.cfg.model.method == "meinst":
         assert (metadata.mask_kind, metadata.mask_threshold, metadata.mask_size) == ("box28", 0.5, 28)
@@ -128,7 +134,9 @@ def test_parity_check_reports_each_kind_of_difference(exported: Exported) -> Non
     outputs = exported.graph.infer(noise_images(1, 96, 128))
 
     def problems(**changes: np.ndarray) -> list[str]:
-        return compare_outputs(outputs, {**outputs, **changes}, exported.metadata, input_size=(96, 128), image_size=(96, 128))
+        return compare_outputs(
+            outputs, {**outputs, **changes}, exported.metadata, input_size=(96, 128), image_size=(96, 128)
+        )
 
     assert problems() == []
     boxes = outputs["boxes"].copy()

@@ -13,10 +13,10 @@ from tritonclient.grpc import model_config_pb2
 from export.__main__ import main as export_main
 from export.metadata import GraphMetadata, read_onnx_metadata
 from export.onnx_export import build_metadata
-from export.triton_repo import TensorSpec, render_config, write_repository
 from export.runtimes import OnnxRuntime
-from tests.test_export_onnx import CHECKPOINT_METADATA, noise_images, tiny_detector
+from export.triton_repo import TensorSpec, render_config, write_repository
 from model.checkpoint import save_checkpoint
+from tests.test_export_onnx import CHECKPOINT_METADATA, noise_images, tiny_detector
 
 ONNX_TO_TRITON = {
     onnx.TensorProto.UINT8: model_config_pb2.TYPE_UINT8,
@@ -39,16 +39,31 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"model": model.state_dict(), "config": cfg.model_dump(), "iteration": 0, "metrics": {}, **CHECKPOINT_METADATA},
         checkpoint,
     )
-    export_main([
-        "--checkpoint", str(checkpoint), "--format", "triton", "--output", str(folder / "repo"),
-        "--max-batch", "4", "--max-queue-delay-us", "500", "--max-queue-size", "16",
-    ])
+    export_main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--format",
+            "triton",
+            "--output",
+            str(folder / "repo"),
+            "--max-batch",
+            "4",
+            "--max-queue-delay-us",
+            "500",
+            "--max-queue-size",
+            "16",
+        ]
+    )
     return folder / "repo"
 
 
 def test_repository_layout(repository: Path) -> None:
     assert sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*")) == [
-        "tiny_embedmask", "tiny_embedmask/1", "tiny_embedmask/1/model.onnx", "tiny_embedmask/config.pbtxt",
+        "tiny_embedmask",
+        "tiny_embedmask/1",
+        "tiny_embedmask/1/model.onnx",
+        "tiny_embedmask/config.pbtxt",
     ]
 
 
@@ -86,7 +101,9 @@ def test_config_carries_the_metadata_record(repository: Path) -> None:
 
 
 def test_repository_graph_runs(repository: Path) -> None:
-    outputs = OnnxRuntime(repository / "tiny_embedmask" / "1" / "model.onnx", providers=["CPUExecutionProvider"]).infer(noise_images(2, 64, 96))
+    outputs = OnnxRuntime(repository / "tiny_embedmask" / "1" / "model.onnx", providers=["CPUExecutionProvider"]).infer(
+        noise_images(2, 64, 96)
+    )
     assert outputs["num_dets"].shape == (2,) and outputs["masks"].shape == (2, 100, 16, 24)
 
 
@@ -96,7 +113,9 @@ def test_metadata_strings_survive_the_text_format() -> None:
     names = ['say "hi"', "back\\slash", "Zellkern-\u00e4\n"]
     metadata = build_metadata(cfg, {"class_names": names, "category_ids": [1, 2, 3]})
     spec = TensorSpec("images", "TYPE_UINT8", (-1, 3, -1, -1))
-    text = render_config("m", "onnxruntime", [spec], [], metadata, max_batch_size=2, max_queue_delay_us=0, max_queue_size=1)
+    text = render_config(
+        "m", "onnxruntime", [spec], [], metadata, max_batch_size=2, max_queue_delay_us=0, max_queue_size=1
+    )
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert GraphMetadata.from_json(config.parameters["onestage"].string_value).class_names == names
 
@@ -104,5 +123,13 @@ def test_metadata_strings_survive_the_text_format() -> None:
 def test_model_names_are_checked(tmp_path: Path) -> None:
     _, cfg = tiny_detector("meinst")
     with pytest.raises(ValueError, match="model name"):
-        write_repository(tmp_path, "bad name/..", tmp_path / "model.onnx", "onnxruntime", [], [], build_metadata(cfg, CHECKPOINT_METADATA))
+        write_repository(
+            tmp_path,
+            "bad name/..",
+            tmp_path / "model.onnx",
+            "onnxruntime",
+            [],
+            [],
+            build_metadata(cfg, CHECKPOINT_METADATA),
+        )
     assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
 from model import mask_kernel
-from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 from model.finishing import (
     MIN_INSTANCES_PER_WORKER,
     RunLengths,
@@ -29,13 +28,16 @@ from model.finishing import (
     scale_boxes,
     upsample_logprob_rles,
 )
+from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 
 EXAMPLES = settings(max_examples=150, deadline=None, derandomize=True)
 LOG_053 = float(np.float32(math.log(0.53)))
 
 
 # ---------------------------------------------------------------- references (full frame, torch)
-def reference_scale_boxes(boxes: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def reference_scale_boxes(
+    boxes: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """detectron2 detector_postprocess: Boxes.scale, Boxes.clip, nonempty."""
     (h_in, w_in), (height, width) = input_size, image_size
     t = torch.as_tensor(boxes, dtype=torch.float32).clone()
@@ -58,7 +60,9 @@ def reference_paste(mask: np.ndarray, box: np.ndarray, image_size: tuple[int, in
     return (pasted[0, 0] >= threshold).numpy()
 
 
-def reference_upsample(logprob: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int], threshold: float) -> np.ndarray:
+def reference_upsample(
+    logprob: np.ndarray, input_size: tuple[int, int], image_size: tuple[int, int], threshold: float
+) -> np.ndarray:
     """EM-mrcnn evaluation: log-domain bilinear upsample of the padded canvas, crop, > log(threshold)."""
     (h_in, w_in), (height, width) = input_size, image_size
     h4, w4 = logprob.shape
@@ -144,7 +148,11 @@ def box28_cases(draw: st.DrawFn) -> dict:
     for _ in range(draw(st.integers(1, 4))):
         (x0, x1), (y0, y1) = edges(draw, w_in), edges(draw, h_in)
         boxes.append([x0, y0, x1, y1])
-        masks.append(box28_mask(draw(st.sampled_from(["uniform", "binary", "ones", "zeros", "pixel", "half", "near_half", "blob"])), rng))
+        masks.append(
+            box28_mask(
+                draw(st.sampled_from(["uniform", "binary", "ones", "zeros", "pixel", "half", "near_half", "blob"])), rng
+            )
+        )
     return {
         "boxes": np.array(boxes, dtype=np.float32),
         "masks": np.array(masks, dtype=np.float32),
@@ -192,8 +200,16 @@ def test_box28_equals_detectron2_full_frame_paste(case: dict) -> None:
 @EXAMPLES
 @given(logprob_cases())
 def test_logprob_equals_em_mrcnn_full_frame_upsample(case: dict) -> None:
-    runs = upsample_logprob_rles(case["logprobs"], case["boxes"], case["input_size"], case["image_size"], case["threshold"])
-    assert_same_masks(runs, [reference_upsample(logprob, case["input_size"], case["image_size"], case["threshold"]) for logprob in case["logprobs"]])
+    runs = upsample_logprob_rles(
+        case["logprobs"], case["boxes"], case["input_size"], case["image_size"], case["threshold"]
+    )
+    assert_same_masks(
+        runs,
+        [
+            reference_upsample(logprob, case["input_size"], case["image_size"], case["threshold"])
+            for logprob in case["logprobs"]
+        ],
+    )
 
 
 @EXAMPLES
@@ -213,12 +229,26 @@ def test_kernel_rle_equals_pycocotools_encode(height: int, width: int, seed: int
     full[top : top + h, left : left + w] = local_mask
 
     def taps(start: int, size: int) -> tuple[np.ndarray, ...]:
-        return np.array([start]), np.array([0]), np.array([size]), np.arange(size, dtype=np.int64), np.zeros(size, np.float32)
+        return (
+            np.array([start]),
+            np.array([0]),
+            np.array([size]),
+            np.arange(size, dtype=np.int64),
+            np.zeros(size, np.float32),
+        )
 
     source = np.zeros((1, h + 1, w + 1), np.float32)
     source[0, :h, :w] = local_mask
     counts, offsets, areas = mask_kernel.threshold_rle(
-        source, np.array([0]), *taps(top, h), *taps(left, w), np.float32(0.5), False, mask_kernel.GRID_SAMPLE, height, width
+        source,
+        np.array([0]),
+        *taps(top, h),
+        *taps(left, w),
+        np.float32(0.5),
+        False,
+        mask_kernel.GRID_SAMPLE,
+        height,
+        width,
     )
     assert offsets.tolist() == [0, len(counts)]
     assert_same_masks(RunLengths([counts], areas.tolist()), [full])
@@ -239,7 +269,9 @@ def test_all_ones_box28_fills_exactly_the_box(box: tuple[int, int, int, int]) ->
 def test_low_thresholds_reach_past_the_box_edge(box: tuple[float, ...], threshold: float) -> None:
     """Pixel centres up to half a mask cell outside the box sample the border cells with weight < 0.5."""
     mask, box = np.ones((28, 28), np.float32), np.array(box, np.float32)
-    assert_same_masks(paste_box28_rles(mask[None], box, (112, 160), threshold), [reference_paste(mask, box, (112, 160), threshold)])
+    assert_same_masks(
+        paste_box28_rles(mask[None], box, (112, 160), threshold), [reference_paste(mask, box, (112, 160), threshold)]
+    )
 
 
 @pytest.mark.parametrize("box", [(15.9, 23.9, 28.0, 36.0), (3.9, 0.0, 40.0, 11.9), (0.0, 20.1, 11.1, 47.9)])
@@ -257,7 +289,10 @@ def test_full_image_masks() -> None:
     assert runs.counts[0].tolist() == [0, 37 * 23]
     assert_same_masks(runs, [np.ones(size, dtype=bool)])
     logprob = np.zeros((1, 10, 6), np.float32)  # probability 1 everywhere: the whole image
-    assert_same_masks(upsample_logprob_rles(logprob, np.array([0, 0, 24, 40], np.float32), (40, 24), size), [np.ones(size, dtype=bool)])
+    assert_same_masks(
+        upsample_logprob_rles(logprob, np.array([0, 0, 24, 40], np.float32), (40, 24), size),
+        [np.ones(size, dtype=bool)],
+    )
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (28, 56), (31, 45)])
@@ -270,14 +305,18 @@ def test_exact_ties_resolve_as_torch(shape: tuple[int, int]) -> None:
     assert_same_masks(paste_box28_rles(mask[None], box, shape), [reference_paste(mask, box, shape, 0.5)])
     logprob = np.where(rng.random((8, 12)) < 0.5, np.float32(LOG_053), np.float32(0)).astype(np.float32)
     expected = reference_upsample(logprob, (32, 48), shape, 0.53)
-    assert_same_masks(upsample_logprob_rles(logprob[None], np.array([0, 0, 48, 32], np.float32), (32, 48), shape), [expected])
+    assert_same_masks(
+        upsample_logprob_rles(logprob[None], np.array([0, 0, 48, 32], np.float32), (32, 48), shape), [expected]
+    )
 
 
 def test_thresholds_that_would_light_pixels_outside_the_region_are_refused() -> None:
     with pytest.raises(ValueError):
         paste_box28_rles(np.ones((1, 28, 28), np.float32), np.array([0, 0, 5, 5], np.float32), (10, 10), threshold=0.0)
     with pytest.raises(ValueError):
-        upsample_logprob_rles(np.zeros((1, 4, 4), np.float32), np.array([0, 0, 5, 5], np.float32), (16, 16), (10, 10), threshold=1e-5)
+        upsample_logprob_rles(
+            np.zeros((1, 4, 4), np.float32), np.array([0, 0, 5, 5], np.float32), (16, 16), (10, 10), threshold=1e-5
+        )
 
 
 # ---------------------------------------------------------------- finish_image
@@ -287,7 +326,10 @@ def graph_outputs() -> dict:
     masks[:, 4:24, 6:22] = 1.0
     return {
         "num_dets": np.int64(4),
-        "boxes": np.array([[10, 10, 30, 40], [0, 0, 80, 60], [50, 20, 70, 50], [70, 55, 90, 70], [1, 1, 2, 2], [3, 3, 9, 9]], np.float32),
+        "boxes": np.array(
+            [[10, 10, 30, 40], [0, 0, 80, 60], [50, 20, 70, 50], [70, 55, 90, 70], [1, 1, 2, 2], [3, 3, 9, 9]],
+            np.float32,
+        ),
         "scores": np.array([0.3, 0.9, 0.6, 0.8, 0.99, 0.99], np.float32),
         "classes": np.array([4, 1, 2, 7, 0, 0]),
         "masks": masks,
@@ -308,21 +350,34 @@ def test_finish_image_scales_filters_orders_and_encodes() -> None:
         assert inst.area == int(expected.sum())
         assert inst.score == float(outputs["scores"][k])
 
-    kept = finish_image(**outputs, mask_kind="box28", input_size=input_size, image_size=image_size, score_threshold=0.5, max_detections=2)
+    kept = finish_image(
+        **outputs,
+        mask_kind="box28",
+        input_size=input_size,
+        image_size=image_size,
+        score_threshold=0.5,
+        max_detections=2,
+    )
     assert [i.class_index for i in kept] == [1, 7]
 
     outputs["boxes"][3] = [85, 65, 95, 75]  # entirely outside the input: empty once clipped
-    assert 7 not in [i.class_index for i in finish_image(**outputs, mask_kind="box28", input_size=input_size, image_size=image_size)]
+    assert 7 not in [
+        i.class_index for i in finish_image(**outputs, mask_kind="box28", input_size=input_size, image_size=image_size)
+    ]
 
 
 def test_finish_image_skips_masks_and_offers_polygons() -> None:
     outputs = graph_outputs()
-    skipped = finish_image(**{**outputs, "masks": None}, mask_kind="box28", input_size=(60, 80), image_size=(90, 120), mask_format="none")
+    skipped = finish_image(
+        **{**outputs, "masks": None}, mask_kind="box28", input_size=(60, 80), image_size=(90, 120), mask_format="none"
+    )
     assert [(i.rle, i.area, i.polygons) for i in skipped] == [(None, None, None)] * 4
 
     import cv2
 
-    for inst in finish_image(**outputs, mask_kind="box28", input_size=(60, 80), image_size=(90, 120), mask_format="polygon"):
+    for inst in finish_image(
+        **outputs, mask_kind="box28", input_size=(60, 80), image_size=(90, 120), mask_format="polygon"
+    ):
         assert inst.rle is None and inst.polygons
         canvas = np.zeros((90, 120), np.uint8)
         cv2.fillPoly(canvas, [np.array(p, np.int32).reshape(-1, 2) for p in inst.polygons], 1)
@@ -335,7 +390,9 @@ def test_finish_image_embedmask_equals_reference() -> None:
     boxes = np.array([[5, 5, 30, 40], [0, 10, 70, 50], [40, 0, 69, 20]], np.float32)
     masks = np.stack([graph_crop(rng.normal(-0.5, 1.5, (16, 24)).astype(np.float32), b) for b in boxes])
     scores = np.array([0.9, 0.8, 0.7], np.float32)
-    instances = finish_image(3, boxes, scores, np.arange(3), masks, mask_kind="logprob_s4", input_size=input_size, image_size=image_size)
+    instances = finish_image(
+        3, boxes, scores, np.arange(3), masks, mask_kind="logprob_s4", input_size=input_size, image_size=image_size
+    )
     assert len(instances) == 3
     for inst, mask in zip(instances, masks):
         assert inst.rle["counts"] == coco_string(reference_upsample(mask, input_size, image_size, 0.53))
@@ -350,20 +407,35 @@ def test_threads_split_the_instances_without_changing_the_answer(kind: str, monk
     rng = np.random.default_rng(2)
     count, input_size, image_size = 40, (64, 96), (96, 144)
     x0, y0 = rng.uniform(-4, 80, count), rng.uniform(-4, 50, count)
-    boxes = np.stack([x0, y0, x0 + rng.uniform(1, 40, count), y0 + rng.uniform(1, 30, count)], axis=1).astype(np.float32)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(1, 40, count), y0 + rng.uniform(1, 30, count)], axis=1).astype(
+        np.float32
+    )
     if kind == "box28":
         masks = rng.random((count, 28, 28)).astype(np.float32)
     else:
         masks = np.stack([graph_crop(rng.normal(-0.5, 1.5, (16, 24)).astype(np.float32), b) for b in boxes])
-    outputs = {"num_dets": count, "boxes": boxes, "scores": rng.random(count).astype(np.float32), "classes": np.zeros(count, int), "masks": masks}
+    outputs = {
+        "num_dets": count,
+        "boxes": boxes,
+        "scores": rng.random(count).astype(np.float32),
+        "classes": np.zeros(count, int),
+        "masks": masks,
+    }
     kernel, parts = mask_kernel.threshold_rle, []  # instances per kernel call
-    monkeypatch.setattr(mask_kernel, "threshold_rle", lambda source, index, *rest: parts.append(len(index)) or kernel(source, index, *rest))
+    monkeypatch.setattr(
+        mask_kernel,
+        "threshold_rle",
+        lambda source, index, *rest: parts.append(len(index)) or kernel(source, index, *rest),
+    )
     single = finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size)
     assert len(single) > 30 and sum(i.area for i in single) > 0
     assert len(parts) == 1
     for workers in (2, 3):
         parts.clear()
-        assert finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=workers) == single
+        assert (
+            finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=workers)
+            == single
+        )
         assert len(parts) == workers and sum(parts) == count
     parts.clear()
     finish_image(**outputs, mask_kind=kind, input_size=input_size, image_size=image_size, workers=8)

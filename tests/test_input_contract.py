@@ -82,8 +82,16 @@ def test_bad_contracts_are_rejected(fields: dict) -> None:
 
 
 def microscopy_contract(**fields) -> InputContract:
-    base = {"size_divisibility": 32, "min_size": 256, "max_size": 512, "pad_value": [124, 116, 104],
-            "resize": "scale", "scale": 1.0, "intensity": "percentile", "object_size": 30.0}
+    base = {
+        "size_divisibility": 32,
+        "min_size": 256,
+        "max_size": 512,
+        "pad_value": [124, 116, 104],
+        "resize": "scale",
+        "scale": 1.0,
+        "intensity": "percentile",
+        "object_size": 30.0,
+    }
     return InputContract(**{**base, **fields})
 
 

@@ -26,9 +26,19 @@ def test_mask_loss_is_centerness_weighted_and_normalised_by_weight_sum_times_k()
 
 
 def _tiny_meinst() -> OneStageDetector:
-    cfg = load_config(None, ["model.method=meinst", "model.num_classes=1", "model.backbone.weights=null",
-                             "model.fpn.out_channels=32", "model.head.channels=32", "model.head.num_convs=1", "model.head.num_groups=8",
-                             "model.meinst.num_components=4"])
+    cfg = load_config(
+        None,
+        [
+            "model.method=meinst",
+            "model.num_classes=1",
+            "model.backbone.weights=null",
+            "model.fpn.out_channels=32",
+            "model.head.channels=32",
+            "model.head.num_convs=1",
+            "model.head.num_groups=8",
+            "model.meinst.num_components=4",
+        ],
+    )
     return OneStageDetector(cfg.model)
 
 

@@ -127,7 +127,9 @@ def test_bf16_keeps_what_users_see_on_a_trained_model(method: str, hela_tiles: n
         pairs, problems = match_image(ours, theirs, 0, rtol=0.0, atol=2.0)  # same class, box corners within 2 px
         assert problems == []
         scores = np.array([[ours["scores"][0, a], theirs["scores"][0, b]] for a, b in pairs])
-        assert np.abs(scores[:, 0] - scores[:, 1]).max() <= 0.03  # bf16 convolutions: up to 0.023 seen on the bundled models
+        assert (
+            np.abs(scores[:, 0] - scores[:, 1]).max() <= 0.03
+        )  # bf16 convolutions: up to 0.023 seen on the bundled models
         ious += mask_ious(ours, theirs, 0, pairs, runtime.metadata, input_size=(256, 256), image_size=(256, 256))
     assert len(ious) >= 15
     assert np.median(ious) >= 0.97 and min(ious) >= 0.9, sorted(ious)[:5]

@@ -34,9 +34,15 @@ MIN_WHOLE_AREA = 100  # pixels; HeLa nuclei here cover 350-750
 
 def _mask_ious(method: str, nucleus_root: Path, codec: Path | None) -> np.ndarray:
     dataset = CocoInstanceDataset(
-        str(nucleus_root / "val.json"), str(nucleus_root / "val"), min_sizes=[128], max_size=128, hflip_prob=0.0, train=False,
+        str(nucleus_root / "val.json"),
+        str(nucleus_root / "val"),
+        min_sizes=[128],
+        max_size=128,
+        hflip_prob=0.0,
+        train=False,
         intensity="percentile",
     )
+
     # The tile with the most nuclei, none of them a sliver cut by the tile border (a few pixels that no detector
     # learns in 80 iterations): the test is about learning masks, not about slivers.
     def nuclei(i: int) -> list[dict]:
@@ -65,7 +71,9 @@ def _mask_ious(method: str, nucleus_root: Path, codec: Path | None) -> np.ndarra
         score_threshold=0.3,
     )
     assert instances, "no detections after overfitting"
-    gt_rles = [dataset.coco.annToRLE(a) for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=dataset.image_ids[index]))]
+    gt_rles = [
+        dataset.coco.annToRLE(a) for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=dataset.image_ids[index]))
+    ]
     iou = mask_utils.iou([inst.rle for inst in instances], gt_rles, [0] * len(gt_rles))
     return np.asarray(iou).max(axis=0)
 

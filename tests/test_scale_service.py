@@ -51,13 +51,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServicePr
     save_checkpoint(confident, checkpoints["cells"])
     models = [{"name": name, "path": str(path)} for name, path in checkpoints.items()]
     process = ServiceProcess(
-        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), "--providers", '["CPUExecutionProvider"]',
-         "--max-image-pixels", str(MAX_PIXELS)],
+        [
+            "--models",
+            json.dumps(models),
+            "--cache-dir",
+            str(workdir / "cache"),
+            "--providers",
+            '["CPUExecutionProvider"]',
+            "--max-image-pixels",
+            str(MAX_PIXELS),
+        ],
         workdir / "server.log",
     )
     try:
         process.wait_ready()
-        graphs = {name: workdir / "cache" / cached_name(ModelSpec(name=name, path=path), ".onnx") for name, path in checkpoints.items()}
+        graphs = {
+            name: workdir / "cache" / cached_name(ModelSpec(name=name, path=path), ".onnx")
+            for name, path in checkpoints.items()
+        }
         yield process, graphs
     finally:
         process.terminate()
@@ -70,7 +81,9 @@ def tiff(array: np.ndarray, **kwargs: object) -> bytes:
 
 
 def post(url: str, data: bytes, **params: object) -> httpx.Response:
-    return httpx.post(f"{url}/segment", content=data, headers={"Content-Type": "image/tiff"}, params=params, timeout=120)
+    return httpx.post(
+        f"{url}/segment", content=data, headers={"Content-Type": "image/tiff"}, params=params, timeout=120
+    )
 
 
 def offline(graph: Path, image: np.ndarray, scale: float | str) -> tuple[list[tuple], float]:
@@ -90,9 +103,13 @@ def served(response: httpx.Response) -> tuple[list[tuple], float]:
     assert response.status_code == 200, response.text
     body = response.json()
     instances = [
-        ((x, y, x + w, y + h), i["score"], i["segmentation"]["counts"]) for i in body["instances"] for x, y, w, h in [i["bbox"]]
+        ((x, y, x + w, y + h), i["score"], i["segmentation"]["counts"])
+        for i in body["instances"]
+        for x, y, w, h in [i["bbox"]]
     ]
-    return [(tuple(round(v, 3) for v in box), round(score, 5), counts) for box, score, counts in instances], body["scale"]
+    return [(tuple(round(v, 3) for v in box), round(score, 5), counts) for box, score, counts in instances], body[
+        "scale"
+    ]
 
 
 @pytest.mark.parametrize("scale", ["1", "0.5", "auto"])

@@ -13,9 +13,10 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
+from export.runtimes import OnnxRuntime
 from model.finishing import finish_image
 from model.input_contract import InputContract, resized_shape
 from model.intensity import load_rgb, stretch_to_uint8
@@ -32,7 +34,6 @@ from service.imaging import auto_buckets, choose_bucket
 from service.launcher import ServiceProcess
 from service.metrics import METRICS
 from service.models import cached_name
-from export.runtimes import OnnxRuntime
 from service.settings import ModelSpec, load_settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
 
@@ -68,13 +69,30 @@ def started(workdir: Path, checkpoints: dict[str, Path]) -> Iterator[Started]:
     server answered while it was still exporting them."""
     models = [{"name": method, "path": str(path)} for method, path in checkpoints.items()]
     process = ServiceProcess(
-        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), *CPU, "--max-batch-size", "4",
-         "--max-delay-ms", "100", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels", str(MAX_PIXELS)],
+        [
+            "--models",
+            json.dumps(models),
+            "--cache-dir",
+            str(workdir / "cache"),
+            *CPU,
+            "--max-batch-size",
+            "4",
+            "--max-delay-ms",
+            "100",
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--max-image-pixels",
+            str(MAX_PIXELS),
+        ],
         workdir / "server.log",
     )
     try:
         process.wait_live()
-        loading = Started(process, httpx.get(f"{process.url}/v2/health/ready"), post(process.url, PHOTO.read_bytes(), model="embedmask"))
+        loading = Started(
+            process,
+            httpx.get(f"{process.url}/v2/health/ready"),
+            post(process.url, PHOTO.read_bytes(), model="embedmask"),
+        )
         process.wait_ready()
         yield loading
     finally:
@@ -92,13 +110,29 @@ def graph(workdir: Path, checkpoints: dict[str, Path], method: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tight_servers(server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]) -> Iterator[dict[str, ServiceProcess]]:
+def tight_servers(
+    server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]
+) -> Iterator[dict[str, ServiceProcess]]:
     """Two servers (started together) of MEInst alone from the cached graph, without batching, every image
     padded to 512x512 so that each request takes a while: "tight" has a queue of 2, "shutdown" of 8."""
-    models = json.dumps([{"name": "meinst", "path": str(graph(workdir, checkpoints, "meinst")), "buckets": [SLOW_BUCKET]}])
+    models = json.dumps(
+        [{"name": "meinst", "path": str(graph(workdir, checkpoints, "meinst")), "buckets": [SLOW_BUCKET]}]
+    )
     processes = {
         name: ServiceProcess(
-            ["--models", models, *CPU, "--max-batch-size", "1", "--max-delay-ms", "0", "--max-queue-size", str(queue), "--retry-after-s", "2"],
+            [
+                "--models",
+                models,
+                *CPU,
+                "--max-batch-size",
+                "1",
+                "--max-delay-ms",
+                "0",
+                "--max-queue-size",
+                str(queue),
+                "--retry-after-s",
+                "2",
+            ],
             workdir / f"{name}.log",
         )
         for name, queue in (("tight", 2), ("shutdown", 8))
@@ -119,11 +153,18 @@ def tight(tight_servers: dict[str, ServiceProcess]) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def runtimes(server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]) -> dict[str, OnnxRuntime]:
-    return {method: OnnxRuntime(graph(workdir, checkpoints, method), providers=["CPUExecutionProvider"]) for method in METHODS}
+    return {
+        method: OnnxRuntime(graph(workdir, checkpoints, method), providers=["CPUExecutionProvider"])
+        for method in METHODS
+    }
 
 
-def post(url: str, data: bytes, content_type: str = "image/jpeg", timeout: float = 60.0, **params: Any) -> httpx.Response:
-    return httpx.post(f"{url}/segment", content=data, headers={"Content-Type": content_type}, params=params, timeout=timeout)
+def post(
+    url: str, data: bytes, content_type: str = "image/jpeg", timeout: float = 60.0, **params: Any
+) -> httpx.Response:
+    return httpx.post(
+        f"{url}/segment", content=data, headers={"Content-Type": content_type}, params=params, timeout=timeout
+    )
 
 
 def ok(response: httpx.Response) -> dict[str, Any]:
@@ -164,7 +205,9 @@ def sixteen_bit_tiff(png: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def offline(runtime: OnnxRuntime, name: str, version: str, data: bytes, buckets: list[list[int]], **options: Any) -> dict[str, Any]:
+def offline(
+    runtime: OnnxRuntime, name: str, version: str, data: bytes, buckets: list[list[int]], **options: Any
+) -> dict[str, Any]:
     """The response computed without the service: decode and resize as evaluation does, pad into the
     model's bucket, run the graph alone, finish with `finish_image`."""
     meta = runtime.metadata
@@ -177,17 +220,32 @@ def offline(runtime: OnnxRuntime, name: str, version: str, data: bytes, buckets:
     batch[0, :, :h, :w] = np.asarray(image.resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
     out = runtime.infer(batch)
     instances = finish_image(
-        out["num_dets"][0], out["boxes"][0], out["scores"][0], out["classes"][0], out["masks"][0],
-        mask_kind=meta.mask_kind, input_size=(h, w), image_size=(height, width), mask_threshold=meta.mask_threshold,
-        box_padding=meta.box_padding or 0, **options,
+        out["num_dets"][0],
+        out["boxes"][0],
+        out["scores"][0],
+        out["classes"][0],
+        out["masks"][0],
+        mask_kind=meta.mask_kind,
+        input_size=(h, w),
+        image_size=(height, width),
+        mask_threshold=meta.mask_threshold,
+        box_padding=meta.box_padding or 0,
+        **options,
     )
     return {
-        "model": name, "version": version, "width": width, "height": height, "scale": 1.0,
+        "model": name,
+        "version": version,
+        "width": width,
+        "height": height,
+        "scale": 1.0,
         "instances": [
             {
-                "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]], "score": i.score,
-                "category_id": meta.category_ids[i.class_index], "category_name": meta.class_names[i.class_index],
-                "area": i.area, "segmentation": i.rle if i.rle is not None else i.polygons,
+                "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]],
+                "score": i.score,
+                "category_id": meta.category_ids[i.class_index],
+                "category_name": meta.class_names[i.class_index],
+                "area": i.area,
+                "segmentation": i.rle if i.rle is not None else i.polygons,
             }
             for i in instances
         ],
@@ -200,7 +258,12 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("ONESTAGE_MAX_BATCH_SIZE", "2")
     monkeypatch.setenv("ONESTAGE_MODELS", '[{"name": "a", "path": "a.onnx"}]')
     settings = load_settings(["--max-batch-size", "3", "--buckets", '["256x256"]', "--no-warmup"])
-    assert (settings.max_delay_ms, settings.max_batch_size, settings.buckets, settings.warmup) == (7.0, 3, ["256x256"], False)
+    assert (settings.max_delay_ms, settings.max_batch_size, settings.buckets, settings.warmup) == (
+        7.0,
+        3,
+        ["256x256"],
+        False,
+    )
     assert [m.name for m in settings.models] == ["a"]
     monkeypatch.delenv("ONESTAGE_MODELS")
     assert [m.name for m in load_settings([]).models] == ["meinst", "embedmask"]  # the bundled models
@@ -224,8 +287,13 @@ def test_buckets_hold_every_resized_image_in_the_smallest_fit() -> None:
 def test_live_at_once_ready_only_when_every_model_is_warm(started: Started) -> None:
     """While the checkpoints are still being exported the server is live, not ready, and sheds requests."""
     assert started.ready_while_loading.status_code == 503
-    assert started.ready_while_loading.json() == {"ready": False, "models": {"meinst": "loading", "embedmask": "loading"}}
-    assert started.segment_while_loading.status_code == 503 and started.segment_while_loading.headers["retry-after"] == "1"
+    assert started.ready_while_loading.json() == {
+        "ready": False,
+        "models": {"meinst": "loading", "embedmask": "loading"},
+    }
+    assert (
+        started.segment_while_loading.status_code == 503 and started.segment_while_loading.headers["retry-after"] == "1"
+    )
     assert "loading" in started.segment_while_loading.json()["error"]
 
 
@@ -233,7 +301,10 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
     url = server.url
     assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
     ready = httpx.get(f"{url}/v2/health/ready")
-    assert ready.status_code == 200 and ready.json() == {"ready": True, "models": {"meinst": "ready", "embedmask": "ready"}}
+    assert ready.status_code == 200 and ready.json() == {
+        "ready": True,
+        "models": {"meinst": "ready", "embedmask": "ready"},
+    }
     listed = httpx.get(f"{url}/models").json()["models"]
     assert [m["name"] for m in listed] == list(METHODS)
     for method in METHODS:
@@ -250,12 +321,21 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
     segment = httpx.get(f"{url}/openapi.json").json()["paths"]["/segment"]["post"]
     assert {"image/jpeg", "image/png", "multipart/form-data"} <= set(segment["requestBody"]["content"])
     assert {p["name"] for p in segment["parameters"]} == {
-        "model", "score_threshold", "max_detections", "mask_format", "timeout_ms", "render", "scale", "channel"
+        "model",
+        "score_threshold",
+        "max_detections",
+        "mask_format",
+        "timeout_ms",
+        "render",
+        "scale",
+        "channel",
     }
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_responses_equal_offline_inference(server: ServiceProcess, runtimes: dict[str, OnnxRuntime], nucleus_root: Path, method: str) -> None:
+def test_responses_equal_offline_inference(
+    server: ServiceProcess, runtimes: dict[str, OnnxRuntime], nucleus_root: Path, method: str
+) -> None:
     """A photo, a nucleus tile and the tile as a 16-bit TIFF: the served JSON equals runtime + finish_image,
     and every RLE decodes to a mask of the original image size whose area is the reported one."""
     meta = httpx.get(f"{server.url}/v2/models/{method}").json()
@@ -271,7 +351,9 @@ def test_responses_equal_offline_inference(server: ServiceProcess, runtimes: dic
         assert len(body["instances"]) > 0
         bodies.append(body)
         for instance in body["instances"]:
-            mask = mask_utils.decode({"size": instance["segmentation"]["size"], "counts": instance["segmentation"]["counts"].encode()})
+            mask = mask_utils.decode(
+                {"size": instance["segmentation"]["size"], "counts": instance["segmentation"]["counts"].encode()}
+            )
             assert mask.shape == (body["height"], body["width"]) and int(mask.sum()) == instance["area"]
             assert instance["category_id"] in CATEGORY_IDS
     assert bodies[2] == bodies[1]  # 16-bit grey decodes to the same 8-bit pixels
@@ -288,7 +370,12 @@ def test_every_format_and_multipart_give_the_same_answer(server: ServiceProcess)
     }
     for name, (data, content_type) in bodies.items():
         assert ok(post(server.url, data, content_type, model="meinst")) == reference, name
-    multipart = httpx.post(f"{server.url}/segment", params={"model": "meinst"}, files={"file": ("photo.png", encode(photo, "PNG"), "image/png")}, timeout=60)
+    multipart = httpx.post(
+        f"{server.url}/segment",
+        params={"model": "meinst"},
+        files={"file": ("photo.png", encode(photo, "PNG"), "image/png")},
+        timeout=60,
+    )
     assert multipart.status_code == 200 and multipart.json() == reference
 
 
@@ -316,7 +403,13 @@ def test_query_options(server: ServiceProcess) -> None:
     polygons = ok(post(server.url, data, model="meinst", mask_format="polygon"))["instances"]
     assert all(p and all(len(ring) >= 6 and len(ring) % 2 == 0 for ring in p["segmentation"]) for p in polygons)
     assert ok(post(server.url, data))["model"] == "meinst"  # the first configured model by default
-    for bad in ({"score_threshold": 2}, {"score_threshold": "high"}, {"max_detections": 0}, {"mask_format": "png"}, {"timeout_ms": -1}):
+    for bad in (
+        {"score_threshold": 2},
+        {"score_threshold": "high"},
+        {"max_detections": 0},
+        {"mask_format": "png"},
+        {"timeout_ms": -1},
+    ):
         response = post(server.url, data, model="meinst", **bad)
         assert response.status_code == 422 and next(iter(bad)) in response.json()["error"], bad
 
@@ -331,7 +424,12 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def raw_request(url: str, head: str, body_chunks: Iterator[bytes]) -> bytes:
@@ -355,26 +453,48 @@ def test_errors_are_json_with_the_right_status_and_never_kill_the_server(server:
         ("pdf bytes", post(url, b"%PDF-1.4\n" + bytes(1000), "image/jpeg", model="meinst"), 415),
         ("empty", post(url, b"", "image/jpeg", model="meinst"), 400),
         ("truncated jpeg", post(url, photo[: len(photo) // 2], "image/jpeg", model="meinst"), 400),
-        ("corrupt png", post(url, encode(Image.open(PHOTO), "PNG")[:200] + bytes(5000), "image/png", model="meinst"), 400),
+        (
+            "corrupt png",
+            post(url, encode(Image.open(PHOTO), "PNG")[:200] + bytes(5000), "image/png", model="meinst"),
+            400,
+        ),
         ("pixel bomb", post(url, png_header_only(50_000, 50_000), "image/png", model="meinst"), 413),
         ("just over the pixel limit", post(url, png_header_only(1001, 1000), "image/png", model="meinst"), 413),
-        ("multipart without file", httpx.post(f"{url}/segment", data={"image": "x"}, files={"other": ("a.txt", b"x")}), 400),
+        (
+            "multipart without file",
+            httpx.post(f"{url}/segment", data={"image": "x"}, files={"other": ("a.txt", b"x")}),
+            400,
+        ),
     ]
     for name, response, status in cases:
         assert response.status_code == status, (name, response.text)
         assert response.headers["content-type"] == "application/json" and response.json()["error"], name
 
     # Chunked upload with no length: refused once the limit is passed, while the body is still streaming.
-    head = "POST /segment?model=meinst HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (
+        "POST /segment?model=meinst HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"%x\r\n%s\r\n" % (2**16, bytes(2**16))
     answer = raw_request(url, head, iter([chunk] * (MAX_BODY // 2**16 + 1)))  # the last chunk crosses the limit
     assert answer.startswith(b"HTTP/1.1 413")
     # A declared length over the limit is refused before any of the body is sent.
-    answer = raw_request(url, f"POST /segment?model=meinst HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {10**12}\r\n\r\n", iter([]))
+    answer = raw_request(
+        url,
+        (
+            "POST /segment?model=meinst HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {10**12}\r\n\r\n"
+        ),
+        iter([]),
+    )
     assert answer.startswith(b"HTTP/1.1 413")
 
     after = metrics(url)
-    assert value(after, "onestage_failures_total", model="meinst", reason="bad_input") - value(before, "onestage_failures_total", model="meinst", reason="bad_input") >= 11
+    assert (
+        value(after, "onestage_failures_total", model="meinst", reason="bad_input")
+        - value(before, "onestage_failures_total", model="meinst", reason="bad_input")
+        >= 11
+    )
     assert value(after, "onestage_request_duration_seconds_count", model="meinst", status="413") >= 4
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     assert post(url, photo, model="meinst").status_code == 200
@@ -401,7 +521,9 @@ def test_concurrent_requests_form_batches_with_unchanged_answers(server: Service
     for method in METHODS:
         run, batched = (a - b for a, b in zip(batches(after, method), batches(before, method)))
         assert batched >= 1 and run < 9, (method, run, batched)  # 9 requests each, in fewer, larger batches
-        assert value(after, "onestage_queue_wait_seconds_count", model=method) > value(before, "onestage_queue_wait_seconds_count", model=method)
+        assert value(after, "onestage_queue_wait_seconds_count", model=method) > value(
+            before, "onestage_queue_wait_seconds_count", model=method
+        )
 
 
 def test_overload_gets_503_while_accepted_requests_succeed(tight: ServiceProcess) -> None:
@@ -432,7 +554,11 @@ def test_deadline_passed_gets_504_and_the_server_recovers(tight: ServiceProcess)
         answers = list(pool.map(lambda _: post(tight.url, photo, model="meinst", timeout_ms=5), range(2)))
     assert [r.status_code for r in answers] == [504, 504] and all("deadline" in r.json()["error"] for r in answers)
     after = metrics(tight.url)
-    assert value(after, "onestage_failures_total", model="meinst", reason="timeout") - value(before, "onestage_failures_total", model="meinst", reason="timeout") == 2
+    assert (
+        value(after, "onestage_failures_total", model="meinst", reason="timeout")
+        - value(before, "onestage_failures_total", model="meinst", reason="timeout")
+        == 2
+    )
     assert ok(post(tight.url, photo, model="meinst")) == single.json()
     assert value(metrics(tight.url), "onestage_queue_depth", model="meinst") == 0
 
@@ -466,4 +592,4 @@ def test_metrics_export_every_listed_family(server: ServiceProcess) -> None:
     info = [labels for (name, labels) in samples if name == "onestage_model_info"]
     assert {dict(labels)["model"] for labels in info} == set(METHODS)
     assert all(dict(labels)["runtime"] == "onnxruntime" and len(dict(labels)["version"]) == 12 for labels in info)
-    assert "le=\"4.0\"" in text and "onestage_batch_size_bucket" in text  # exponential buckets up to max_batch_size
+    assert 'le="4.0"' in text and "onestage_batch_size_bucket" in text  # exponential buckets up to max_batch_size

@@ -19,13 +19,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from export.runtimes import OnnxRuntime
+from model.intensity import decode_rgb8, load_rgb
 from model.tiling import plan_tiles, segment_tiled
 from service.launcher import ServiceProcess
 from service.models import cached_name
 from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
 from tests.test_service import CPU, METHODS, metrics, ok, png_header_only, post, value
-from model.intensity import decode_rgb8, load_rgb
 
 BUCKET = (128, 128)
 OVERLAP = 32

@@ -18,8 +18,8 @@ import torch
 
 from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs
-from export.tensorrt_build import Profile, default_profile, parse_shape, runs_in_fp16
 from export.runtimes import OnnxRuntime
+from export.tensorrt_build import Profile, default_profile, parse_shape, runs_in_fp16
 from tests.test_export_onnx import CHECKPOINT_METADATA, flat_image, noise_images, tiny_detector
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -59,7 +59,9 @@ def test_fp16_rule_keeps_post_processing_in_fp32(meinst_onnx: Path) -> None:
     convs = [n.name for n in nodes if n.op_type == "Conv"]
     assert convs and all(runs_in_fp16(name) for name in convs)
     assert any(name.startswith("/model/mask_method/mask_tower/") for name in convs)
-    post = [n.name for n in nodes if n.op_type in ("NonMaxSuppression", "TopK", "ScatterND", "CumSum", "NonZero", "MatMul")]
+    post = [
+        n.name for n in nodes if n.op_type in ("NonMaxSuppression", "TopK", "ScatterND", "CumSum", "NonZero", "MatMul")
+    ]
     assert post and not any(runs_in_fp16(name) for name in post)
 
 
@@ -71,7 +73,9 @@ def test_missing_tensorrt_is_a_clear_error(meinst_onnx: Path, tmp_path: Path) ->
         build_engine(meinst_onnx, tmp_path / "model.plan", PROFILE)
 
 
-def test_cached_engine_is_rebuilt_when_its_build_changes(meinst_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_engine_is_rebuilt_when_its_build_changes(
+    meinst_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The service's engine cache (service.models.build_engine_cached), with the build itself faked: an
     engine is reused only while the profile, precision, TensorRT version and GPU it was built for hold."""
     import export.tensorrt_build as trt_build
@@ -97,7 +101,10 @@ def test_cached_engine_is_rebuilt_when_its_build_changes(meinst_onnx: Path, tmp_
     metadata, target = read_onnx_metadata(meinst_onnx), tmp_path / "cache" / "meinst.plan"
 
     def serve(**settings: object) -> None:
-        assert build_engine_cached(meinst_onnx, target, metadata, [(128, 192)], Settings(cache_dir=tmp_path, **settings)) == target
+        assert (
+            build_engine_cached(meinst_onnx, target, metadata, [(128, 192)], Settings(cache_dir=tmp_path, **settings))
+            == target
+        )
 
     serve(max_batch_size=4)
     serve(max_batch_size=4)
@@ -146,12 +153,22 @@ def test_engine_matches_onnxruntime(engines: tuple[Path, Path], batch: int, heig
     reference_runtime = OnnxRuntime(onnx_path, providers=["CPUExecutionProvider"])
     engine = TensorRTRuntime(folder / "fp32.plan")
     assert engine.metadata == reference_runtime.metadata and engine.build_info["fp16"] is False
-    images = np.concatenate([noise_images(batch - 1, height, width), flat_image(height, width)]) if batch > 1 else noise_images(1, height, width)
+    images = (
+        np.concatenate([noise_images(batch - 1, height, width), flat_image(height, width)])
+        if batch > 1
+        else noise_images(1, height, width)
+    )
     reference, candidate = reference_runtime.infer(images), engine.infer(images)
     for name, value in reference.items():
         assert candidate[name].shape == value.shape and candidate[name].dtype == value.dtype, name
     problems = compare_outputs(
-        reference, candidate, engine.metadata, input_size=(height, width), image_size=(height, width), rtol=1e-3, atol=1e-2
+        reference,
+        candidate,
+        engine.metadata,
+        input_size=(height, width),
+        image_size=(height, width),
+        rtol=1e-3,
+        atol=1e-2,
     )
     assert problems == []
     assert reference["num_dets"][0] > 0 and (batch == 1 or reference["num_dets"][-1] == 0)

@@ -373,7 +373,9 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     mosaic = np.tile(tile, (2, 2, 1))  # the copies meet edge to edge: no overlap keeps each tile on one copy
     plan = plan_tiles(mosaic.shape[:2], mosaic.shape[:2], [bucket], 0)  # the native scale, s = 1
     assert [t.origin for t in plan.tiles] == [(0, 0), (0, width), (height, 0), (height, width)]
-    merged = segment_tiled(Image.fromarray(mosaic), plan, runtime.infer, tuple(spec.input.pad_value), 1, None, **options)
+    merged = segment_tiled(
+        Image.fromarray(mosaic), plan, runtime.infer, tuple(spec.input.pad_value), 1, None, **options
+    )
     assert len(merged) == 4 * len(single)
     for dy, dx in ((0, 0), (0, width), (height, 0), (height, width)):
         copy = [

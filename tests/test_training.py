@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from model import checkpoint as checkpoint_module
+from model.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from model.config import Config, SolverConfig, load_config
 from model.meinst.codec import PCAMaskCodec
-from model import checkpoint as checkpoint_module
 from training import nucleus
-from model.checkpoint import load_checkpoint, load_detector, save_checkpoint
 from training.data import CocoInstanceDataset
 from training.fit_codec import fit_codec
 from training.solver import build_optimizer, lr_factor
@@ -97,7 +97,9 @@ def test_schedule_warms_up_then_steps() -> None:
 def test_biases_get_their_own_lr_and_weight_decay() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     model[0].weight.requires_grad_(False)  # frozen parameters stay out of the optimizer
-    optimizer = build_optimizer(model, SolverConfig(base_lr=0.01, weight_decay=1e-4, bias_lr_factor=2.0, weight_decay_bias=0.0))
+    optimizer = build_optimizer(
+        model, SolverConfig(base_lr=0.01, weight_decay=1e-4, bias_lr_factor=2.0, weight_decay_bias=0.0)
+    )
     weights, biases = optimizer.param_groups
     assert [p.shape for p in weights["params"]] == [torch.Size([4])]  # the GroupNorm weight
     assert len(biases["params"]) == 2
@@ -173,7 +175,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(
     learning rate steps down at iteration 3, after the resume point."""
 
     def config(name: str, *extra: str) -> Config:
-        return tiny_config("meinst", data, tmp_path / name, "solver.max_iter=4", f"model.meinst.codec_path={codec_path}", *extra)
+        return tiny_config(
+            "meinst", data, tmp_path / name, "solver.max_iter=4", f"model.meinst.codec_path={codec_path}", *extra
+        )
 
     straight = train(config("straight"))
 
@@ -214,7 +218,9 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     result = train(Config.model_validate(cfg_dict))
     torch.save({"iteration": result.iteration, "model": result.model.state_dict()}, os.path.join(out, f"rank{rank}.pt"))

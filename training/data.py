@@ -94,15 +94,29 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.image_ids: list[int] = sorted(self.coco.getImgIds())
 
     @classmethod
-    def from_config(cls, data: DataConfig, annotations: str, images: str, train: bool, seed: int = 0) -> CocoInstanceDataset:
+    def from_config(
+        cls, data: DataConfig, annotations: str, images: str, train: bool, seed: int = 0
+    ) -> CocoInstanceDataset:
         """The dataset sized and normalised as the recipe ``data`` says (training draws, or the test rule)."""
-        sizes, max_size = (data.min_size_train, data.max_size_train) if train else ([data.min_size_test], data.max_size_test)
+        sizes, max_size = (
+            (data.min_size_train, data.max_size_train) if train else ([data.min_size_test], data.max_size_test)
+        )
         return cls(
-            annotations, images, sizes, max_size, data.hflip_prob if train else 0.0, train, seed,
-            resize=data.resize, scales=data.scale_train if train else (data.scale_test, data.scale_test),
-            intensity=data.intensity, percentiles=data.percentiles,
-            percentile_low_train=data.percentile_low_train, percentile_high_train=data.percentile_high_train,
-            vflip_prob=data.vflip_prob if train else 0.0, rot90_prob=data.rot90_prob if train else 0.0,
+            annotations,
+            images,
+            sizes,
+            max_size,
+            data.hflip_prob if train else 0.0,
+            train,
+            seed,
+            resize=data.resize,
+            scales=data.scale_train if train else (data.scale_test, data.scale_test),
+            intensity=data.intensity,
+            percentiles=data.percentiles,
+            percentile_low_train=data.percentile_low_train,
+            percentile_high_train=data.percentile_high_train,
+            vflip_prob=data.vflip_prob if train else 0.0,
+            rot90_prob=data.rot90_prob if train else 0.0,
         )
 
     def median_object_size(self, factor: float = 1.0) -> float | None:
@@ -205,9 +219,7 @@ def _has_segmentation(ann: dict) -> bool:
     return isinstance(segmentation, list) and any(len(ring) >= 6 for ring in segmentation)
 
 
-def collate(
-    samples: list[Sample], size_divisibility: int = 32, *, pad_value: tuple[int, int, int]
-) -> Batch:
+def collate(samples: list[Sample], size_divisibility: int = 32, *, pad_value: tuple[int, int, int]) -> Batch:
     """Pad every image at bottom/right to a shared size divisible by ``size_divisibility``.
 
     ``pad_value`` is the rounded pixel mean, so padding normalises to about zero.

@@ -90,8 +90,15 @@ def eval_dataset(annotations: str, images: str, spec: EvalSpec, scale: float = 1
     contract = spec.input
     with contextlib.redirect_stdout(sys.stderr):
         return CocoInstanceDataset(
-            annotations, images, [round(contract.min_size * scale)], round(contract.max_size * scale), 0.0, train=False,
-            resize=contract.resize, scales=(contract.scale * scale,) * 2, intensity=contract.intensity,
+            annotations,
+            images,
+            [round(contract.min_size * scale)],
+            round(contract.max_size * scale),
+            0.0,
+            train=False,
+            resize=contract.resize,
+            scales=(contract.scale * scale,) * 2,
+            intensity=contract.intensity,
             percentiles=contract.percentiles,
         )
 
@@ -121,8 +128,14 @@ def finishing_options(spec: EvalSpec, masks: bool = True) -> dict[str, Any]:
 
 
 def segment_image(
-    runtime: Runtime, image: np.ndarray, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int,
-    scale: float = 1.0, batch_size: int = 1, masks: bool = True,
+    runtime: Runtime,
+    image: np.ndarray,
+    spec: EvalSpec,
+    buckets: list[tuple[int, int]],
+    overlap: int,
+    scale: float = 1.0,
+    batch_size: int = 1,
+    masks: bool = True,
 ) -> list[Instance]:
     """One decoded ``[H, W, 3]`` uint8 image at the model's size times ``scale``: whole when it fits a bucket,
     else tiled and merged (``model.tiling``)."""
@@ -131,19 +144,32 @@ def segment_image(
     input_size = contract.resized_shape(height, width, scale)
     plan = plan_tiles((height, width), input_size, buckets, overlap)
     if plan is not None:
-        return segment_tiled(Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options)
+        return segment_tiled(
+            Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options
+        )
     pixels = contract.resize_image(image, scale)
     padded = tuple(-(-side // contract.size_divisibility) * contract.size_divisibility for side in input_size)
     outputs = runtime.infer(pad_batch([pixels], padded, tuple(contract.pad_value)))
     first = {name: value[0] for name, value in outputs.items()}
     return finish_image(
-        first["num_dets"], first["boxes"], first["scores"], first["classes"], first.get("masks") if masks else None,
-        input_size=input_size, image_size=(height, width), **options,
+        first["num_dets"],
+        first["boxes"],
+        first["scores"],
+        first["classes"],
+        first.get("masks") if masks else None,
+        input_size=input_size,
+        image_size=(height, width),
+        **options,
     )
 
 
 def segment_auto(
-    runtime: Runtime, image: np.ndarray, spec: EvalSpec, buckets: list[tuple[int, int]], overlap: int, batch_size: int = 1
+    runtime: Runtime,
+    image: np.ndarray,
+    spec: EvalSpec,
+    buckets: list[tuple[int, int]],
+    overlap: int,
+    batch_size: int = 1,
 ) -> tuple[list[Instance], float]:
     """``scale=auto``: a boxes-only first pass at the model's own size, then the image at the scale that
     brings its median object to the training objects' median size (``InputContract.estimate_scale``; the
@@ -155,8 +181,13 @@ def segment_auto(
 
 
 def predict(
-    runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    buckets: list[tuple[int, int]] | None = None, overlap: int | None = None, scale: float | str = 1.0,
+    runtime: Runtime,
+    dataset: CocoInstanceDataset,
+    spec: EvalSpec,
+    batch_size: int = 1,
+    buckets: list[tuple[int, int]] | None = None,
+    overlap: int | None = None,
+    scale: float | str = 1.0,
 ) -> list[dict[str, Any]]:
     """COCO result records: image_id, dataset category_id, bbox xywh and score in original pixels and,
     for mask methods, the compressed RLE segmentation.
@@ -173,9 +204,15 @@ def predict(
     results: list[dict[str, Any]] = []
     if scale == "auto":
         if contract.object_size is None:
-            raise ValueError("scale=auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
-        for image_id in tqdm(dataset.image_ids, desc="evaluate (scale=auto)", unit="image", file=sys.stderr, leave=False):
-            instances, _ = segment_auto(runtime, decoded(dataset, image_id, contract), spec, buckets, overlap, batch_size)
+            raise ValueError(
+                "scale=auto needs a checkpoint that records its training objects' size (trained since the scale rule)"
+            )
+        for image_id in tqdm(
+            dataset.image_ids, desc="evaluate (scale=auto)", unit="image", file=sys.stderr, leave=False
+        ):
+            instances, _ = segment_auto(
+                runtime, decoded(dataset, image_id, contract), spec, buckets, overlap, batch_size
+            )
             results += coco_records(image_id, instances, spec)
         return results
     plans = tile_plans(dataset, spec, buckets, overlap, float(scale))
@@ -190,7 +227,10 @@ def predict(
         outputs = runtime.infer(batch.images.numpy())
         for i, image_id in enumerate(batch.image_ids):
             instances = finish_image(
-                outputs["num_dets"][i], outputs["boxes"][i], outputs["scores"][i], outputs["classes"][i],
+                outputs["num_dets"][i],
+                outputs["boxes"][i],
+                outputs["scores"][i],
+                outputs["classes"][i],
                 outputs["masks"][i] if spec.mask_kind is not None else None,
                 input_size=batch.input_sizes[i],
                 image_size=batch.original_sizes[i],
@@ -201,9 +241,15 @@ def predict(
         image_id = dataset.image_ids[index]
         image = decoded(dataset, image_id, contract)
         if image.shape[:2] != plan.image_size:
-            raise ValueError(f"image {image_id}: decoded size {image.shape[:2]} differs from annotated {plan.image_size}")
+            raise ValueError(
+                f"image {image_id}: decoded size {image.shape[:2]} differs from annotated {plan.image_size}"
+            )
         results += coco_records(
-            image_id, segment_tiled(Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options), spec
+            image_id,
+            segment_tiled(
+                Image.fromarray(image), plan, runtime.infer, tuple(contract.pad_value), batch_size, None, **options
+            ),
+            spec,
         )
     return results
 
@@ -251,15 +297,22 @@ def coco_metrics(dataset: CocoInstanceDataset, results: list[dict[str, Any]], io
 
 
 def evaluate(
-    runtime: Runtime, dataset: CocoInstanceDataset, spec: EvalSpec, batch_size: int = 1,
-    results_path: str | Path | None = None, buckets: list[tuple[int, int]] | None = None, overlap: int | None = None,
+    runtime: Runtime,
+    dataset: CocoInstanceDataset,
+    spec: EvalSpec,
+    batch_size: int = 1,
+    results_path: str | Path | None = None,
+    buckets: list[tuple[int, int]] | None = None,
+    overlap: int | None = None,
     scale: float | str = 1.0,
 ) -> dict[str, dict[str, float | None]]:
     """bbox (and, for mask methods, segm) metrics of ``runtime`` on ``dataset`` (see ``eval_dataset``);
     the COCO results go to ``results_path`` when given; `buckets`, `overlap` and `scale` as for ``predict``."""
     unknown = sorted(set(spec.category_ids) - set(dataset.category_ids))
     if unknown:
-        raise ValueError(f"the model's category ids {unknown} are not in the evaluation annotations {dataset.category_ids}")
+        raise ValueError(
+            f"the model's category ids {unknown} are not in the evaluation annotations {dataset.category_ids}"
+        )
     results = predict(runtime, dataset, spec, batch_size, buckets, overlap, scale)
     if results_path is not None:
         Path(results_path).write_text(json.dumps(results))
@@ -290,7 +343,7 @@ def make_runtime(
 
 
 def tile_size(text: str) -> tuple[int, int]:
-    """"HxW" -> (H, W): a tile shape on the command line."""
+    """ "HxW" -> (H, W): a tile shape on the command line."""
     height, _, width = text.lower().partition("x")
     if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
         raise argparse.ArgumentTypeError(f"tile size {text!r} is not of the form HxW (e.g. 512x512)")
@@ -304,30 +357,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
-                        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime "
-                        "or OpenVINO")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="OpenVINO's inference precision (auto: bf16 where the CPU has it)")
+    parser.add_argument(
+        "--runtime",
+        choices=["torch", "onnxruntime", "openvino"],
+        default="torch",
+        help="eager PyTorch, or the fused ONNX graph (exported next to the checkpoint) in onnxruntime or OpenVINO",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="OpenVINO's inference precision (auto: bf16 where the CPU has it)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--scale", type=scale_argument, default=1.0, metavar="S|auto",
-                        help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
-                        "per image from a first pass (default 1: the recipe's size)")
-    parser.add_argument("--tile-size", type=tile_size, default=None, metavar="HxW",
-                        help="input shape of the tiles of images larger than it (default: the service's default shape "
-                        "buckets for the checkpoint's test size)")
-    parser.add_argument("--tile-overlap", type=int, default=None, metavar="N",
-                        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default, "
-                        "or half the shortest tile side when that is less)")
+    parser.add_argument(
+        "--scale",
+        type=scale_argument,
+        default=1.0,
+        metavar="S|auto",
+        help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
+        "per image from a first pass (default 1: the recipe's size)",
+    )
+    parser.add_argument(
+        "--tile-size",
+        type=tile_size,
+        default=None,
+        metavar="HxW",
+        help="input shape of the tiles of images larger than it (default: the service's default shape "
+        "buckets for the checkpoint's test size)",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"input pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, the service's default, "
+        "or half the shortest tile side when that is less)",
+    )
     args = parser.parse_args(argv)
 
     runtime, spec, info = make_runtime(args.runtime, args.checkpoint, args.device, args.precision)
     contract = spec.input
     if args.scale == "auto" and contract.object_size is None:
-        parser.error("--scale auto needs a checkpoint that records its training objects' size (trained since the scale rule)")
+        parser.error(
+            "--scale auto needs a checkpoint that records its training objects' size (trained since the scale rule)"
+        )
     buckets = [args.tile_size] if args.tile_size else contract_buckets(contract)
     if any(side % contract.size_divisibility for side in buckets[0]):
-        parser.error(f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}")
+        parser.error(
+            f"--tile-size sides must be multiples of the model's size divisibility {contract.size_divisibility}"
+        )
     overlap = default_overlap(buckets) if args.tile_overlap is None else args.tile_overlap
     try:
         check_overlap(buckets, overlap)

@@ -97,9 +97,7 @@ def tile_annotations(labels: np.ndarray, min_area: int) -> list[dict]:
         rle = mask_utils.encode(mask)
         rle["counts"] = rle["counts"].decode("ascii")
         x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-        annotations.append(
-            {"category_id": 1, "segmentation": rle, "area": area, "bbox": [x, y, w, h], "iscrowd": 0}
-        )
+        annotations.append({"category_id": 1, "segmentation": rle, "area": area, "bbox": [x, y, w, h], "iscrowd": 0})
     return annotations
 
 
@@ -143,12 +141,20 @@ def build(out: str, tile: int = 256, frames: int | None = None, band: int = 160,
         for spec in grid:
             rows, cols = slice(spec.y, spec.y + spec.height), slice(spec.x, spec.x + spec.width)
             name = f"hela_t{t:02d}_y{spec.y:04d}_x{spec.x:04d}.png"
-            writers[spec.split].add(frame[rows, cols], frame_labels[rows, cols], name, min_area,
-                                    frame=t, tile_x=spec.x, tile_y=spec.y)
+            writers[spec.split].add(
+                frame[rows, cols], frame_labels[rows, cols], name, min_area, frame=t, tile_x=spec.x, tile_y=spec.y
+            )
         for split in FIELD_SPLITS:
             y0, y1 = bands[split]
-            writers[f"{split}_fields"].add(frame[y0:y1], frame_labels[y0:y1], f"hela_t{t:02d}_y{y0:04d}.tif", min_area,
-                                            frame=t, tile_x=0, tile_y=y0)
+            writers[f"{split}_fields"].add(
+                frame[y0:y1],
+                frame_labels[y0:y1],
+                f"hela_t{t:02d}_y{y0:04d}.tif",
+                min_area,
+                frame=t,
+                tile_x=0,
+                tile_y=y0,
+            )
     summary = {name: writer.close() for name, writer in writers.items()}
     rule = ", ".join(f"{split} = rows [{y0}, {y1})" for split, (y0, y1) in bands.items())
     return {"rule": f"{rule} of the {height}x{width} field, every frame", "frames": len(images), **summary}

@@ -130,7 +130,9 @@ def _prepare_codec(model: OneStageDetector, cfg: Config, env: Distributed) -> No
     if meinst.codec_path is None:
         path = Path(cfg.output_dir) / "codec.npz"
         if env.is_main:
-            codec, ratio, summary = fit_codec(cfg.data.train_annotations, meinst.num_components, meinst.mask_size, seed=cfg.seed)
+            codec, ratio, summary = fit_codec(
+                cfg.data.train_annotations, meinst.num_components, meinst.mask_size, seed=cfg.seed
+            )
             codec.save_npz(path, ratio)
             logger.info("fitted the MEInst codec on the training set: %s", json.dumps(summary))
         env.barrier()
@@ -143,7 +145,9 @@ def _datasets(cfg: Config, env: Distributed) -> tuple[CocoInstanceDataset, CocoI
     if not data.train_annotations or not data.train_images:
         raise ValueError("data.train_annotations and data.train_images are required")
     with contextlib.redirect_stdout(sys.stderr):  # pycocotools' loading chatter
-        train_set = CocoInstanceDataset.from_config(data, data.train_annotations, data.train_images, train=True, seed=cfg.seed)
+        train_set = CocoInstanceDataset.from_config(
+            data, data.train_annotations, data.train_images, train=True, seed=cfg.seed
+        )
     val_set = None
     if env.is_main and data.val_annotations and data.val_images:
         val_set = eval_dataset(data.val_annotations, data.val_images, EvalSpec.from_config(cfg, train_set.category_ids))
@@ -221,7 +225,10 @@ def _build_model(cfg: Config, env: Distributed, checkpoint: dict[str, Any] | Non
     torch.manual_seed(cfg.seed)
     model = OneStageDetector(cfg.model)
     if checkpoint is not None:
-        ours, theirs = _network_sections(cfg.model.model_dump(mode="json")), _network_sections(checkpoint["config"]["model"])
+        ours, theirs = (
+            _network_sections(cfg.model.model_dump(mode="json")),
+            _network_sections(checkpoint["config"]["model"]),
+        )
         differences = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
         if differences:
             raise ValueError(f"--resume: model.{differences} differ from the config stored in the checkpoint")

@@ -18,9 +18,7 @@ _E_MIN = -math.log1p(-_EPS)
 _E_MAX = -math.log(_EPS)
 
 
-def coupling_energy(
-    pixel_embed: torch.Tensor, proposal_embed: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
+def coupling_energy(pixel_embed: torch.Tensor, proposal_embed: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """E [..., K, P] from pixel_embed [..., D, P], proposal_embed [..., K, D], sigma [..., K, D].
 
     The square is expanded so that the cost is one [K, 2D] x [2D, P] matmul: memory is O(K*P), never

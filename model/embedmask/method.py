@@ -114,7 +114,9 @@ class EmbedMask(MaskMethod):
         pixel_embed = F.interpolate(pixel_embed, scale_factor=2.0, mode="bilinear", align_corners=False)
         return MethodOutputs(level_extras=level_extras, dense=pixel_embed)
 
-    def candidate_filter(self, gt: InstanceTargets, locations: Locations, image_shape: tuple[int, int]) -> torch.Tensor | None:
+    def candidate_filter(
+        self, gt: InstanceTargets, locations: Locations, image_shape: tuple[int, int]
+    ) -> torch.Tensor | None:
         """SAMPLE_IN_MASK: a location is positive for a GT only if it lies inside that GT's mask."""
         if gt.masks is None:
             raise ValueError("EmbedMask training needs instance masks in the targets")
@@ -137,7 +139,9 @@ class EmbedMask(MaskMethod):
             positive = torch.nonzero(context.targets.matched_gt[b] >= 0).squeeze(1)
             if len(positive) == 0:
                 continue
-            gt_ids, chosen = best_proposal_per_gt(predicted[b, positive], gt.boxes, context.targets.matched_gt[b, positive])
+            gt_ids, chosen = best_proposal_per_gt(
+                predicted[b, positive], gt.boxes, context.targets.matched_gt[b, positive]
+            )
             proposals = extras[b, positive[chosen]]
             embed, sigma = proposals[:, : self.embed_dim], proposals[:, self.embed_dim :]
             gt_masks = masks_at_stride4(gt.masks[gt_ids], context.image_shape).flatten(1)

@@ -73,7 +73,9 @@ class MEInst(MaskMethod):
         for gt in context.gts:
             if gt.masks is None:
                 raise ValueError("MEInst training needs instance masks in the targets")
-            crops.append(crop_bitmasks(gt.masks, gt.boxes, size) if len(gt.boxes) else gt.boxes.new_zeros((0, size, size)))
+            crops.append(
+                crop_bitmasks(gt.masks, gt.boxes, size) if len(gt.boxes) else gt.boxes.new_zeros((0, size, size))
+            )
             offsets.append(start)
             start += len(gt.boxes)
         table = torch.cat(crops)
