@@ -113,8 +113,9 @@ def graph(workdir: Path, checkpoints: dict[str, Path], method: str) -> Path:
 def tight_servers(
     server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]
 ) -> Iterator[dict[str, ServiceProcess]]:
-    """Two servers (started together) of MEInst alone from the cached graph, without batching, every image
-    padded to 512x512 so that each request takes a while: "tight" has a queue of 2, "shutdown" of 8."""
+    """Two servers (started together) of MEInst alone from the cached graph, without batching and with one
+    inference stream, every image padded to 512x512 so that each request takes a while: "tight" has a queue of
+    2, "shutdown" of 8."""
     models = json.dumps(
         [{"name": "meinst", "path": str(graph(workdir, checkpoints, "meinst")), "buckets": [SLOW_BUCKET]}]
     )
@@ -125,6 +126,8 @@ def tight_servers(
                 models,
                 *CPU,
                 "--max-batch-size",
+                "1",
+                "--inference-streams",
                 "1",
                 "--max-delay-ms",
                 "0",
