@@ -429,3 +429,65 @@ def test_predict_cli_writes_overlays_labels_and_coco_results(
     assert np.array_equal(
         png_array((local / "tile.labels.png").read_bytes()), png_array((out / "tile.labels.png").read_bytes())
     )
+
+
+# ---------------------------------------------------------------- the page with API keys on
+PAGE_KEY = "page-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(workdir: Path, checkpoints: dict[str, Path], server: ServiceProcess) -> Iterator[ServiceProcess]:
+    """The same models (graphs cached by the first server) behind an API key."""
+    models = [{"name": method, "path": str(path)} for method, path in checkpoints.items()]
+    process = ServiceProcess(
+        ["--models", json.dumps(models), "--cache-dir", str(workdir / "cache"), *CPU, "--api-keys", f"page:{PAGE_KEY}"],
+        workdir / "keyed.log",
+    )
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.terminate()
+
+
+def test_page_asks_for_the_key_and_keeps_it_in_the_session(keyed_server: ServiceProcess, browser: Any) -> None:
+    """With keys on, the page (itself open) says a key is needed; once one is typed it lists the models and
+    shows the API's instances, and the key is kept in sessionStorage only (not localStorage, not a cookie)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(keyed_server.url)
+    browser.execute_script("sessionStorage.clear(); localStorage.clear();")
+    browser.get(keyed_server.url)
+    message = wait.until(seen.visibility_of_element_located((By.ID, "message")))
+    assert "needs an API key" in message.text and "401" in message.text
+
+    key_field = browser.find_element(By.ID, "api-key")
+    key_field.send_keys(PAGE_KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'));", key_field)
+    wait.until(lambda d: "Choose an image" in d.find_element(By.ID, "status").text)
+    browser.execute_script(
+        "const t = document.getElementById('threshold'); t.value = arguments[0]; t.dispatchEvent(new Event('input'));",
+        PAGE_THRESHOLD,
+    )
+    browser.find_element(By.ID, "file").send_keys(str(PHOTO))
+    wait.until(lambda d: d.find_element(By.ID, "count").get_attribute("data-count"))
+    expected = httpx.post(
+        f"{keyed_server.url}/segment",
+        content=PHOTO.read_bytes(),
+        headers={"Content-Type": "image/jpeg", "Authorization": f"Bearer {PAGE_KEY}"},
+        params={
+            "model": browser.find_element(By.ID, "model").get_attribute("value"),
+            "score_threshold": PAGE_THRESHOLD,
+        },
+        timeout=60,
+    )
+    assert expected.status_code == 200
+    shown = int(browser.find_element(By.ID, "count").get_attribute("data-count"))
+    assert shown == len(expected.json()["instances"]) > 0
+    stored = browser.execute_script(
+        "return [Object.values(sessionStorage), Object.values(localStorage), document.cookie];"
+    )
+    assert PAGE_KEY in stored[0] and PAGE_KEY not in stored[1] and PAGE_KEY not in stored[2]
