@@ -305,7 +305,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--runtime",
         choices=Settings.model_fields["runtime"].annotation.__args__,
         default="auto",
-        help="--checkpoint: the runtime, as the service's --runtime (default auto: OpenVINO on a CPU host)",
+        help="--checkpoint: the runtime, as the service's --runtime (default auto: onnxruntime)",
     )
     parser.add_argument(
         "--cache-dir",

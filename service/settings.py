@@ -107,8 +107,8 @@ class Settings(BaseSettings):
     )
     runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "auto",
-        description="auto: TensorRT for engine paths, onnxruntime on CUDA when usable (or when providers are given), "
-        "else OpenVINO when installed, else onnxruntime on the CPU; onnxruntime; openvino (CPU); "
+        description="auto: TensorRT for engine paths, else onnxruntime (CUDA when usable); onnxruntime; "
+        "openvino (CPU, bf16 where the CPU has it; one engine per bucket and batch size, so it needs far more memory); "
         "tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch (CUDA when available, "
         "else CPU; .pt paths only)",
     )

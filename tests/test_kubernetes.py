@@ -273,7 +273,7 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     resources = rendered[variant]
     env = settings_env(resources)
     settings = parse_settings(env, monkeypatch)
-    assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "openvino"}[variant]
+    assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "onnxruntime"}[variant]
     pod = one(resources, "Deployment")["spec"]["template"]["spec"]
     server, prepare = container(pod, "onestage"), container(pod, "prepare", init=True)
     assert server["command"] == ["python", "-m", "service"] and prepare["command"] == [
