@@ -1,6 +1,6 @@
 """What one replica costs: resident memory when idle and time from start to ready, cold and warm.
 
-    python -m bench.replica [--repeats 2] [--idle-s 5] [--output bench/results/replica.json]
+    python -m bench.replica [--repeats 2] [--idle-s 5] [--inference-streams N] [--output bench/results/replica.json]
 
 Starts ``python -m service`` with both bundled models (``models/*/model.pt``) on the CPU path (onnxruntime,
 ``CPUExecutionProvider``), as a replica would: **cold**, on an empty cache directory, so that the start
@@ -49,9 +49,9 @@ def torch_mapped(pid: int) -> bool:
     )
 
 
-def start(cache_dir: Path, log_path: Path, idle_s: float) -> dict[str, Any]:
+def start(cache_dir: Path, log_path: Path, idle_s: float, streams: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
-    server = ServiceProcess(["--cache-dir", str(cache_dir), *CPU], log_path)
+    server = ServiceProcess(["--cache-dir", str(cache_dir), *CPU, *streams], log_path)
     try:
         server.wait_ready(timeout=900)
         ready_s = time.perf_counter() - started
@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--idle-s", type=float, default=5.0)
     parser.add_argument("--output", type=Path, default=RESULTS / "replica.json")
+    parser.add_argument(
+        "--inference-streams", type=int, default=None, help="the service's inference streams (default: its own)"
+    )
     args = parser.parse_args(argv)
+    streams = [] if args.inference_streams is None else ["--inference-streams", str(args.inference_streams)]
 
     info = machine()
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind in ("cold", "warm"):
                 if kind == "cold":
                     shutil.rmtree(cache, ignore_errors=True)
-                run = start(cache, work / f"{kind}{repeat}.log", args.idle_s)
+                run = start(cache, work / f"{kind}{repeat}.log", args.idle_s, streams)
                 assert run["exported"] == (2 if kind == "cold" else 0), (
                     kind,
                     run,
@@ -112,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": info,
         "models": ["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"],
-        "settings": {"runtime": "onnxruntime", "providers": ["CPUExecutionProvider"], "idle_s": args.idle_s},
+        "settings": {
+            "runtime": "onnxruntime",
+            "providers": ["CPUExecutionProvider"],
+            "inference_streams": args.inference_streams or "default",
+            "idle_s": args.idle_s,
+        },
         "goal_idle_rss_mb": GOAL_RSS_MB,
         "runs": runs,
         "summary": {kind: summary(kind_runs) for kind, kind_runs in runs.items()},
