@@ -238,19 +238,24 @@ class SegmentService:
             )
         return b"".join([chunk async for chunk in limited()])
 
-    def decode(self, data: bytes, model: LoadedModel, channel: int | None) -> Image.Image:
-        """Decode and orient one image by the model's intensity rule (worker thread)."""
+    def decode(self, data: bytes, model: LoadedModel, channel: int | None) -> tuple[Image.Image, float]:
+        """Decode and orient one image by the model's intensity rule, and the seconds it took (worker thread).
+        The preprocessing metric gets them with the resize (``prepare``), or here when the image is refused."""
         started = time.perf_counter()
         try:
-            return decode_image(data, self.settings.max_image_pixels, model.rule, channel)
+            return decode_image(
+                data, self.settings.max_image_pixels, model.rule, channel
+            ), time.perf_counter() - started
         except ImageRejected as error:
-            raise ServiceError(error.status, error.message, "bad_input") from None
-        finally:
             self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
+            raise ServiceError(error.status, error.message, "bad_input") from None
 
-    def prepare(self, image: Image.Image, model: LoadedModel, scale: float) -> PreparedImage | TiledImage:
+    def prepare(
+        self, image: Image.Image, model: LoadedModel, scale: float, decode_s: float | None
+    ) -> PreparedImage | TiledImage:
         """Resize one image into its shape bucket at the model's size times ``scale``, or, when it is larger
-        than every bucket, cut it into tiles (worker thread)."""
+        than every bucket, cut it into tiles (worker thread). With the request's ``decode_s``, the pass that
+        answers it records decode + resize as one preprocessing observation; a first pass (None) records none."""
         started = time.perf_counter()
         try:
             input_size = check_input_size(image, model.rule, scale, self.settings.max_image_pixels)
@@ -259,7 +264,8 @@ class SegmentService:
         except ImageRejected as error:
             raise ServiceError(error.status, error.message, "bad_input") from None
         finally:
-            self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - started)
+            if decode_s is not None:
+                self.metrics.preprocess.labels(model.name).observe(decode_s + time.perf_counter() - started)
 
     async def run(
         self,
@@ -269,16 +275,22 @@ class SegmentService:
         scale: float,
         slot: Reservation,
         deadline: float,
+        decode_s: float | None,
     ) -> tuple[list[finishing.Instance], int]:
         """One image at one scale through the batcher, whole (in the request's queue slot while it is unused) or
-        as tiles (their own flow control; the slot is given back): its instances and its tile count."""
+        as tiles (their own flow control; the slot is given back): its instances and its tile count. The
+        preprocessing and finishing metrics record the pass that answers the request (``decode_s`` given), not
+        a ``scale=auto`` first pass (None)."""
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.cpu_pool, self.prepare, image, model, scale)
+        record = decode_s is not None
+        prepared = await loop.run_in_executor(self.cpu_pool, self.prepare, image, model, scale, decode_s)
         if isinstance(prepared, TiledImage):
             slot.release()
-            return await self.segment_tiles(prepared, model, options, deadline), len(prepared.plan.tiles)
+            instances = await self.segment_tiles(prepared, model, options, deadline, record)
+            return instances, len(prepared.plan.tiles)
         outputs = await self.predict(prepared, model, slot, deadline)
-        return await loop.run_in_executor(self.cpu_pool, partial(self.finish, outputs, prepared, model, options)), 1
+        finish = partial(self.finish, outputs, prepared, model, options, record)
+        return await loop.run_in_executor(self.cpu_pool, finish), 1
 
     async def choose_scale(
         self, image: Image.Image, model: LoadedModel, options: SegmentOptions, slot: Reservation, deadline: float
@@ -289,7 +301,7 @@ class SegmentService:
         if options.scale != "auto":
             return options.scale
         first_pass = replace(options, mask_format="none", score_threshold=0.0, max_detections=None)
-        instances, _ = await self.run(image, model, first_pass, 1.0, slot, deadline)
+        instances, _ = await self.run(image, model, first_pass, 1.0, slot, deadline, decode_s=None)
         boxes = np.array([i.box for i in instances], dtype=np.float32).reshape(-1, 4)
         scores = np.array([i.score for i in instances], dtype=np.float32)
         return model.rule.estimate_scale(boxes, scores, (image.size[1], image.size[0])) or 1.0
@@ -328,9 +340,10 @@ class SegmentService:
         }
 
     def finish(
-        self, outputs: Outputs, prepared: PreparedImage, model: LoadedModel, options: SegmentOptions
+        self, outputs: Outputs, prepared: PreparedImage, model: LoadedModel, options: SegmentOptions, record: bool
     ) -> list[finishing.Instance]:
-        """Paste, threshold and encode the masks in the original frame (worker thread)."""
+        """Paste, threshold and encode the masks in the original frame (worker thread); ``record``: into the
+        finishing metric."""
         started = time.perf_counter()
         instances = finishing.finish_image(
             outputs["num_dets"],
@@ -343,14 +356,16 @@ class SegmentService:
             max_detections=options.max_detections,
             **self.finishing_options(model, options),
         )
-        self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
+        if record:
+            self.metrics.mask_finishing.labels(model.name).observe(time.perf_counter() - started)
         return instances
 
     async def segment_tiles(
-        self, tiled: TiledImage, model: LoadedModel, options: SegmentOptions, deadline: float
+        self, tiled: TiledImage, model: LoadedModel, options: SegmentOptions, deadline: float, record: bool
     ) -> list[finishing.Instance]:
         """Run the tiles through the model's batcher, finish each in the full frame as it arrives, and merge
-        (``model.tiling.merge_tiles``): at most the model's detections per tile, or the request's cap."""
+        (``model.tiling.merge_tiles``): at most the model's detections per tile, or the request's cap;
+        ``record``: the finishing time into its metric."""
         plan, finish_options = tiled.plan, self.finishing_options(model, options)
 
         def finish(outputs: Outputs, tile: Tile) -> list[finishing.Instance]:
@@ -373,7 +388,8 @@ class SegmentService:
         limit = model.metadata.max_detections * len(plan.tiles)
         limit = limit if options.max_detections is None else min(limit, options.max_detections)
         instances = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, merge_tiles, plan, per_tile, limit)
-        self.metrics.mask_finishing.labels(model.name).observe(finishing_s + time.perf_counter() - started)
+        if record:
+            self.metrics.mask_finishing.labels(model.name).observe(finishing_s + time.perf_counter() - started)
         return instances
 
     @staticmethod
@@ -441,11 +457,11 @@ class SegmentService:
             self.metrics.in_flight.labels(label).inc()
             try:
                 data = await self.read_body(request)
-                image = await loop.run_in_executor(self.cpu_pool, self.decode, data, model, options.channel)
+                image, decode_s = await loop.run_in_executor(self.cpu_pool, self.decode, data, model, options.channel)
                 del data
                 deadline = arrived + options.timeout_s
                 scale = await self.choose_scale(image, model, options, slot, deadline)
-                instances, tiles = await self.run(image, model, options, scale, slot, deadline)
+                instances, tiles = await self.run(image, model, options, scale, slot, deadline, decode_s)
                 self.metrics.tiles.labels(model.name).observe(tiles)
                 answer = self.answer(instances, (image.size[1], image.size[0]), scale, model)
                 if options.picture:

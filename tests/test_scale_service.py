@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -167,3 +168,26 @@ def test_channels(server, field: np.ndarray) -> None:
     assert missing.status_code == 422 and "channel 2" in missing.json()["error"]
     stack_of_planes = post(process.url, tiff(np.stack([field] * 6), photometric="minisblack"), model="cells")
     assert stack_of_planes.status_code == 422 and "single plane" in stack_of_planes.json()["error"]
+
+
+def test_each_answered_request_is_one_preprocessing_and_one_finishing_observation(server, field: np.ndarray) -> None:
+    """Decode and resize are one preprocessing observation per request, and a scale=auto first pass adds
+    none, so the histograms count requests, as their help says."""
+    process, _ = server
+
+    def counts() -> tuple[float, float]:
+        samples = {
+            (s.name, s.labels.get("model")): s.value
+            for family in text_string_to_metric_families(httpx.get(f"{process.url}/metrics").text)
+            for s in family.samples
+        }
+        return (
+            samples[("onestage_preprocess_duration_seconds_count", "cells")],
+            samples[("onestage_mask_finishing_seconds_count", "cells")],
+        )
+
+    before = counts()
+    for scale in ("0.5", "auto", "1"):  # whole, auto (first pass, then the answer), tiled
+        assert post(process.url, tiff(field), model="cells", scale=scale).status_code == 200
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
