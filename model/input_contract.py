@@ -34,7 +34,7 @@ from model.config import Config
 from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
 
 
-def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+def resized_shape(height: int, width: int, short_edge: float, max_size: float) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge: shorter side to ``short_edge``, longer side at most ``max_size``; at
     least one pixel a side (an image thinner than 1 : max_size would otherwise lose its short side)."""
     scale = short_edge / min(height, width)

@@ -15,7 +15,8 @@ from model.checkpoint import load_checkpoint
 from model.config import Config
 from model.input_contract import InputContract, check_scale
 from model.intensity import load_rgb
-from training.evaluate import EvalSpec
+from tests.conftest import VOC_COCO
+from training.evaluate import EvalSpec, eval_dataset
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models"
 # The metadata record of an EmbedMask graph exported before the contract had its own type (format 1).
@@ -126,3 +127,14 @@ def test_auto_scale_brings_the_median_object_to_the_training_size() -> None:
     assert microscopy_contract(object_size=None).estimate_scale(boxes, scores, (400, 400)) is None
     tiny = np.array([[0, 0, 1, 1]] * 3, np.float32)
     assert contract.estimate_scale(tiny, np.ones(3), (400, 400)) == 10.0  # within the accepted range
+
+
+def test_evaluation_sizes_images_as_the_service_at_any_scale() -> None:
+    """``training.evaluate --scale`` feeds the model the sizes the service's contract gives (no rounding of its
+    own), here on the VOC photos at a scale whose short side is fractional (256 x 0.3 = 76.8)."""
+    contract = InputContract(size_divisibility=32, min_size=256, max_size=512, pad_value=[124, 116, 104])
+    spec = EvalSpec(category_ids=[1], mask_kind="box28", mask_threshold=0.5, box_padding=2, input=contract)
+    dataset = eval_dataset(str(VOC_COCO / "annotations.json"), str(VOC_COCO), spec, scale=0.3)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        assert sample.input_size == contract.resized_shape(*sample.original_size, scale=0.3)

@@ -86,14 +86,15 @@ class EvalSpec:
 
 
 def eval_dataset(annotations: str, images: str, spec: EvalSpec, scale: float = 1.0) -> CocoInstanceDataset:
-    """The evaluation images at the model's test size times ``scale`` (pycocotools' chatter goes to stderr)."""
+    """The evaluation images at the model's test size times ``scale``, the sizes ``InputContract.resized_shape``
+    gives the service (pycocotools' chatter goes to stderr)."""
     contract = spec.input
     with contextlib.redirect_stdout(sys.stderr):
         return CocoInstanceDataset(
             annotations,
             images,
-            [round(contract.min_size * scale)],
-            round(contract.max_size * scale),
+            [contract.min_size * scale],
+            contract.max_size * scale,
             0.0,
             train=False,
             resize=contract.resize,
