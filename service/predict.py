@@ -210,12 +210,21 @@ class LocalPredictor:
         except ImageRejected as error:
             raise PredictFailed(error.message) from None
         if self.scale == "auto":
-            instances, scale = segment_auto(model.runtime, image, self.spec, model.buckets, self.tile_overlap)
+            instances, scale = segment_auto(
+                model.runtime, image, self.spec, model.buckets, self.tile_overlap, score_threshold=self.score_threshold
+            )
         else:
             scale = float(self.scale)
-            instances = segment_image(model.runtime, image, self.spec, model.buckets, self.tile_overlap, scale)
-        kept = [i for i in instances if i.score >= self.score_threshold][: self.max_detections]
-        return SegmentService.answer(kept, image.shape[:2], scale, model)
+            instances = segment_image(
+                model.runtime,
+                image,
+                self.spec,
+                model.buckets,
+                self.tile_overlap,
+                scale,
+                score_threshold=self.score_threshold,
+            )
+        return SegmentService.answer(instances[: self.max_detections], image.shape[:2], scale, model)
 
 
 Predictor = Callable[[bytes], SegmentResponse]

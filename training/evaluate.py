@@ -118,13 +118,15 @@ def tile_plans(
     return plans
 
 
-def finishing_options(spec: EvalSpec, masks: bool = True) -> dict[str, Any]:
-    """``finish_image`` keywords for this model (masks off: boxes only, as a ``scale=auto`` first pass)."""
+def finishing_options(spec: EvalSpec, masks: bool = True, score_threshold: float = 0.0) -> dict[str, Any]:
+    """``finish_image`` keywords for this model (masks off: boxes only, as a ``scale=auto`` first pass; below
+    ``score_threshold`` nothing is finished, as in the service)."""
     return {
         "mask_kind": spec.mask_kind or "box28",
         "mask_threshold": spec.mask_threshold,
         "mask_format": "rle" if spec.mask_kind is not None and masks else "none",
         "box_padding": spec.box_padding,
+        "score_threshold": score_threshold,
     }
 
 
@@ -137,11 +139,12 @@ def segment_image(
     scale: float = 1.0,
     batch_size: int = 1,
     masks: bool = True,
+    score_threshold: float = 0.0,
 ) -> list[Instance]:
     """One decoded ``[H, W, 3]`` uint8 image at the model's size times ``scale``: whole when it fits a bucket,
-    else tiled and merged (``model.tiling``)."""
+    else tiled and merged (``model.tiling``); detections below ``score_threshold`` are dropped unfinished."""
     height, width = image.shape[:2]
-    contract, options = spec.input, finishing_options(spec, masks)
+    contract, options = spec.input, finishing_options(spec, masks, score_threshold)
     input_size = contract.resized_shape(height, width, scale)
     plan = plan_tiles((height, width), input_size, buckets, overlap)
     if plan is not None:
@@ -171,14 +174,19 @@ def segment_auto(
     buckets: list[tuple[int, int]],
     overlap: int,
     batch_size: int = 1,
+    score_threshold: float = 0.0,
 ) -> tuple[list[Instance], float]:
     """``scale=auto``: a boxes-only first pass at the model's own size, then the image at the scale that
     brings its median object to the training objects' median size (``InputContract.estimate_scale``; the
-    model's own size when that finds too few objects). Returns the instances and the scale used."""
+    model's own size when that finds too few objects), keeping detections from ``score_threshold``. Returns
+    the instances and the scale used."""
     first = segment_image(runtime, image, spec, buckets, overlap, 1.0, batch_size, masks=False)
     boxes = np.array([i.box for i in first], dtype=np.float32).reshape(-1, 4)
     scale = spec.input.estimate_scale(boxes, np.array([i.score for i in first]), image.shape[:2]) or 1.0
-    return segment_image(runtime, image, spec, buckets, overlap, scale, batch_size), scale
+    instances = segment_image(
+        runtime, image, spec, buckets, overlap, scale, batch_size, score_threshold=score_threshold
+    )
+    return instances, scale
 
 
 def predict(
