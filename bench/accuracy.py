@@ -1,8 +1,8 @@
-"""A fair peer: torchvision's Mask R-CNN on our backbone, data, schedule and input sizes, beside our runs.
+"""A fair peer: torchvision's Mask R-CNN on our backbone, data, schedule and input contract, beside our models.
 
     python -m bench.accuracy [--config CONFIG] [key=value ...] [--iterations N] [--output-dir DIR]
-        [--resume | --skip-train] [--ours models/meinst_nucleus models/embedmask_nucleus] [--race-rounds 8]
-        [--output JSON]
+        [--resume | --skip-train] [--ours CHECKPOINT ...] [--data data/nucleus] [--scales 1 1.25 1.5 ...]
+        [--race-rounds 8] [--output JSON]
 
 The peer is ``torchvision.models.detection.MaskRCNN`` with torchvision's default RPN, box and mask heads
 (two classes: background + nucleus), its mask head narrowed to our head width (``head.channels``, 64 in
@@ -12,29 +12,32 @@ the CPU recipe, as our recipe narrows our heads; ``--mask-head-channels 256`` gi
   read by ``model.backbone.load_imagenet_state`` from the config's file (sha256-checked, no download), the
   same early blocks frozen (``backbone.freeze_at``), and an FPN of our width (``fpn.out_channels``). As
   Mask R-CNN is designed, the FPN takes C2-C5 (strides 4-32) and adds a max-pooled P6;
-- the same data: ``CocoInstanceDataset`` with its resize (shorter side drawn from ``data.min_size_train``,
-  longer side capped) and flip, ``TrainingSampler`` with the config's seed, ``collate``; the padded batch
-  is cut back to each image's size and Mask R-CNN's own resize is disabled, so it trains and tests on
-  exactly our pixels, normalised with our pixel mean/std;
+- the same data: ``CocoInstanceDataset.from_config`` exactly as ``training.train`` builds it (the recipe's
+  size rule and scale jitter, percentile intensity with its jitter, flips and quarter turns),
+  ``TrainingSampler`` with the config's seed, ``collate``; the padded batch is cut back to each image's size
+  and Mask R-CNN's own resize is disabled, so it trains and tests on exactly our pixels, normalised with our
+  pixel mean/std;
 - the same solver: ``training.solver`` SGD and warmup/step schedule from the config, the same batch.
 
 The default config and overrides are those of our nucleus runs (configs/meinst_MNV2_nucleus.yaml
 solver.max_iter=400 solver.steps=[300,370] solver.warmup_iters=50); ``--iterations`` stops earlier on
 that schedule (a smoke test). ``<output-dir>/model.pt`` is written atomically every 50 iterations and at
-the end; ``--resume`` continues a killed run from it, ``--skip-train`` evaluates it as it is. The logged
-seconds per iteration (``logged_seconds_per_iter`` in the JSON) cover data loading, forward, backward and
-the step, as our training logs' do: the peer's median over iterations after the first, ours the median of
-the logged 20-iteration windows after the first iteration. Validation runs at ``data.min_size_test``;
-Mask R-CNN's masks are pasted in the original image frame by torchvision and thresholded at 0.5, then
-COCO-RLE encoded and scored with COCOeval (``training.evaluate.coco_metrics``, the function our runs use).
+the end; ``--resume`` continues a killed run from it, ``--skip-train`` evaluates it as it is.
 
-Our runs' numbers come from their ``metrics.jsonl`` (the evaluation at their last iteration). Their logged
-speeds were taken under different load (our two runs shared the cores; the peer ran beside other work), so
-the table's speed is a race instead (``--race-rounds``, default 8; data loading is outside it): Mask R-CNN,
-MEInst and EmbedMask, each built from its config with its optimizer, take training steps (forward,
-backward, SGD step) on the same in-memory batches of our loader, interleaved step by step in one process
-and in rotating order, so that load on a shared machine hits all three alike; the first round is a
-warm-up. The table is printed and saved, with machine info, to ``bench/results/accuracy.json``.
+Evaluation, the same for the peer and for each of our checkpoints (``--ours``): the test scale (input
+pixels per image pixel; ``/segment?scale=`` takes it relative to the recipe's own) is chosen per model among
+``--scales`` by segm AP on the whole raw val fields, and the model is then scored at that scale on the test
+tiles and the whole raw test fields of ``--data`` (``python -m training.nucleus``). Ours run their fused
+graph in onnxruntime by ``training.evaluate``'s path (fields larger than the largest shape bucket are
+tiled); the peer runs every image whole, its masks pasted in the original frame by torchvision and
+thresholded at 0.5. Both are COCO-RLE encoded and scored with ``training.evaluate.coco_metrics``.
+
+Speed: the runs' logged seconds per iteration were taken under different load, so the table's speed is a
+race (``--race-rounds``, default 8; data loading is outside it): Mask R-CNN, MEInst and EmbedMask, each built
+from its config with its optimizer, take training steps (forward, backward, SGD step) on the same in-memory
+batches of our loader, interleaved step by step in one process and in rotating order, so that load on a
+shared machine hits all three alike; the first round is a warm-up. Training wall-clock is that speed times
+each run's iterations. The table is printed and saved, with machine info, to ``bench/results/accuracy.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,15 +72,21 @@ from model.backbone import load_imagenet_state
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
+from model.input_contract import InputContract
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
-from training.evaluate import EvalSpec, coco_metrics, eval_dataset
+from training.evaluate import EvalSpec, coco_metrics, eval_dataset, evaluate, make_runtime
 from training.solver import build_optimizer, build_scheduler
 from training.train import iteration_seed
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/meinst_MNV2_nucleus.yaml"
 DEFAULT_OVERRIDES = ["solver.max_iter=400", "solver.steps=[300,370]", "solver.warmup_iters=50"]
-DEFAULT_OURS = ["models/meinst_nucleus", "models/embedmask_nucleus"]  # the bundled runs (their training logs)
+DEFAULT_OURS = ["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"]  # the bundled models
+DEFAULT_DATA = "data/nucleus"
+# Test scales (input pixels per image pixel) tried on the val fields; each model is tested at its best.
+DEFAULT_SCALES = [1.0, 1.25, 1.5, 1.75, 2.0]
+TUNING_SPLIT = "val_fields"  # whole raw fields of the val band
+TEST_SPLITS = ("test", "test_fields")  # test tiles and whole raw test fields
 # Our two recipes for the speed race; MEInst takes the bundled codec (the codec does not change the speed).
 RACE_CONFIGS = {"meinst_nucleus": DEFAULT_CONFIG, "embedmask_nucleus": "configs/embedmask_MNV2_nucleus.yaml"}
 RACE_CODEC = "models/meinst_nucleus/codec.npz"
@@ -199,16 +209,11 @@ def train_maskrcnn(model: MaskRCNN, cfg: Config, iterations: int, checkpoint_pat
 
 
 def train_loader(cfg: Config, start_iter: int = 0) -> torch.utils.data.DataLoader:
-    """Our training data stream (dataset, sampler, collate) from the config, from ``start_iter`` on."""
+    """Our training data stream (dataset, sampler, collate) from the config, from ``start_iter`` on: the same
+    ``CocoInstanceDataset.from_config`` and padding as ``training.train``, so the peer sees our pixels."""
     with contextlib.redirect_stdout(sys.stderr):
-        dataset = CocoInstanceDataset(
-            cfg.data.train_annotations,
-            cfg.data.train_images,
-            cfg.data.min_size_train,
-            cfg.data.max_size_train,
-            cfg.data.hflip_prob,
-            train=True,
-            seed=cfg.seed,
+        dataset = CocoInstanceDataset.from_config(
+            cfg.data, cfg.data.train_annotations, cfg.data.train_images, train=True, seed=cfg.seed
         )
     return torch.utils.data.DataLoader(
         dataset,
@@ -217,7 +222,7 @@ def train_loader(cfg: Config, start_iter: int = 0) -> torch.utils.data.DataLoade
         collate_fn=partial(
             collate,
             size_divisibility=cfg.data.size_divisibility,
-            pad_value=tuple(round(m) for m in cfg.model.pixel_mean),
+            pad_value=tuple(InputContract.from_config(cfg).pad_value),
         ),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
@@ -264,7 +269,8 @@ def speed_race(cfg: Config, mask_head_channels: int, rounds: int, overrides: lis
 
 @torch.no_grad()
 def predict_maskrcnn(model: MaskRCNN, dataset: CocoInstanceDataset) -> list[dict[str, Any]]:
-    """COCO result records in original pixels: GeneralizedRCNN.forward with the original frame as target size."""
+    """COCO result records in original pixels: GeneralizedRCNN.forward with the original frame as target size.
+    Every image runs whole (a 160x1100 field at scale 2 is still small for it): the peer's best case."""
     model.eval()
     results = []
     for index in range(len(dataset)):
@@ -294,39 +300,70 @@ def predict_maskrcnn(model: MaskRCNN, dataset: CocoInstanceDataset) -> list[dict
     return results
 
 
-def ours_row(run_dir: Path) -> dict[str, Any]:
-    """Our run's last evaluation and its median logged seconds per iteration (first-iteration record left out),
-    from a run directory's ``metrics.jsonl`` or a bundled model's copy of it, ``train_log.jsonl``."""
-    log_path = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else run_dir / "train_log.jsonl"
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    timings = [r for r in records if "seconds_per_iter" in r]
-    evals = [r for r in records if "eval" in r]
-    if not timings or not evals:
-        raise ValueError(f"{log_path} has no timing or no evaluation record yet")
-    last_eval = max(evals, key=lambda r: r["iteration"])
-    steady = [r["seconds_per_iter"] for r in timings if r["iteration"] > 1] or [timings[0]["seconds_per_iter"]]
-    iterations = max(r["iteration"] for r in timings)
-    seconds = statistics.median(steady)
-    batch = timings[0]["images_per_s"] * timings[0]["seconds_per_iter"]
-    return metrics_row(run_dir.name, last_eval["eval"], seconds, round(batch), iterations, last_eval["iteration"])
+Metrics = dict[str, dict[str, float | None]]
+# (split name, input pixels per image pixel) -> bbox/segm metrics
+Evaluator = Callable[[str, float], Metrics]
 
 
-def metrics_row(
-    method: str, metrics: dict[str, Any], seconds: float, batch: int, iterations: int, eval_iteration: int
-) -> dict[str, Any]:
-    return {
+def peer_evaluator(model: MaskRCNN, cfg: Config, data_dir: Path) -> Evaluator:
+    """The peer on a split of ``data_dir`` at a pixel scale, sized and normalised by the recipe's input contract."""
+    spec = EvalSpec.from_config(cfg, [])
+
+    def run(split: str, pixel_scale: float) -> Metrics:
+        scale = pixel_scale / spec.input.scale
+        dataset = eval_dataset(str(data_dir / f"{split}.json"), str(data_dir / split), spec, scale)
+        results = predict_maskrcnn(model, dataset)
+        return {iou_type: coco_metrics(dataset, results, iou_type) for iou_type in ("bbox", "segm")}
+
+    return run
+
+
+def ours_evaluator(checkpoint: str, data_dir: Path) -> Evaluator:
+    """Our checkpoint's fused graph in onnxruntime on a split at a pixel scale: ``training.evaluate``'s own
+    path (images larger than the largest shape bucket are tiled)."""
+    runtime, spec, _ = make_runtime("onnxruntime", checkpoint, "cpu")
+
+    def run(split: str, pixel_scale: float) -> Metrics:
+        scale = pixel_scale / spec.input.scale
+        dataset = eval_dataset(str(data_dir / f"{split}.json"), str(data_dir / split), spec, scale)
+        return evaluate(runtime, dataset, spec, scale=scale)
+
+    return run
+
+
+def tuned_row(method: str, run: Evaluator, scales: list[float]) -> dict[str, Any]:
+    """The model's metrics on the test splits at the pixel scale that gives the best segm AP on the val fields."""
+    tuning = {}
+    for scale in scales:
+        tuning[scale] = run(TUNING_SPLIT, scale)
+        print(
+            f"{method} {TUNING_SPLIT} scale {scale}: segm AP {tuning[scale]['segm']['AP']:.1f} "
+            f"bbox AP {tuning[scale]['bbox']['AP']:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    best = max(scales, key=lambda scale: tuning[scale]["segm"]["AP"] or 0.0)
+    row: dict[str, Any] = {
         "method": method,
-        "bbox_AP": metrics["bbox"]["AP"],
-        "segm_AP": metrics["segm"]["AP"],
-        "segm_AP50": metrics["segm"]["AP50"],
-        "bbox_AP50": metrics["bbox"]["AP50"],
-        "seconds_per_iter": seconds,
-        "images_per_s": batch / seconds,
-        "iterations": iterations,
-        "images_seen": iterations * batch,
-        "eval_iteration": eval_iteration,
-        "metrics": metrics,
+        "scale": best,
+        "tuning": {str(scale): metrics for scale, metrics in tuning.items()},
     }
+    for split in TEST_SPLITS:
+        row[split] = run(split, best)
+        print(f"{method} {split} scale {best}: segm AP {row[split]['segm']['AP']:.1f}", file=sys.stderr, flush=True)
+    return row
+
+
+def logged_seconds_per_iter(checkpoint: Path) -> float | None:
+    """Median logged seconds per iteration (first record left out) of a run directory's ``metrics.jsonl`` or a
+    bundled model's copy of it, ``train_log.jsonl``, next to the checkpoint; None when there is none."""
+    for name in ("metrics.jsonl", "train_log.jsonl"):
+        path = checkpoint.parent / name
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            steady = [r["seconds_per_iter"] for r in records if "seconds_per_iter" in r and r["iteration"] > 1]
+            return statistics.median(steady) if steady else None
+    return None
 
 
 def machine() -> dict[str, Any]:
@@ -348,13 +385,20 @@ def machine() -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     """A markdown table (as BENCHMARKS.md shows it); speed relative to the peer's seconds per iteration."""
     peer = next((r["seconds_per_iter"] for r in rows if r["method"] == PEER), None)
-    print("| method | bbox AP | segm AP | segm AP50 | s/iter | images/s | speed vs Mask R-CNN | images seen |")
+    print(
+        "| method | test scale (val) | test tiles segm / bbox AP | test fields segm / bbox AP | images seen "
+        "| s/iter (race) | training wall-clock at race speed | speed vs Mask R-CNN |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{peer / r['seconds_per_iter']:.2f}x" if peer else "-"
+        tiles, fields = r["test"], r["test_fields"]
+        ratio = f"{peer / r['seconds_per_iter']:.2f}x" if peer and r["seconds_per_iter"] else "-"
+        speed = f"{r['seconds_per_iter']:.2f}" if r["seconds_per_iter"] else "-"
+        wall = f"{r['seconds_per_iter'] * r['iterations'] / 60:.1f} min" if r["seconds_per_iter"] else "-"
         print(
-            f"| {r['method']} | {r['bbox_AP']:.1f} | {r['segm_AP']:.1f} | {r['segm_AP50']:.1f} | "
-            f"{r['seconds_per_iter']:.2f} | {r['images_per_s']:.2f} | {ratio} | {r['images_seen']} |"
+            f"| {r['method']} | {r['scale']} | {tiles['segm']['AP']:.1f} / {tiles['bbox']['AP']:.1f} "
+            f"| {fields['segm']['AP']:.1f} / {fields['bbox']['AP']:.1f} | {r['images_seen']} | {speed} | {wall} "
+            f"| {ratio} |"
         )
 
 
@@ -382,8 +426,14 @@ def main(argv: list[str] | None = None) -> None:
             "256 = torchvision's)"
         ),
     )
+    parser.add_argument("--ours", nargs="*", default=DEFAULT_OURS, help="our checkpoints to evaluate beside it")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="the nucleus builder's output (val_fields, test, ...)")
     parser.add_argument(
-        "--ours", nargs="*", default=DEFAULT_OURS, help="our run directories (metrics.jsonl or train_log.jsonl)"
+        "--scales",
+        type=float,
+        nargs="+",
+        default=DEFAULT_SCALES,
+        help="test scales (input pixels per image pixel) tried on the val fields; each model is tested at its best",
     )
     parser.add_argument(
         "--race-rounds",
@@ -398,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     iterations = args.iterations or cfg.solver.max_iter
     output_dir = Path(args.output_dir)
     checkpoint_path = output_dir / "model.pt"
+    data_dir = Path(args.data)
     info = machine()
 
     torch.manual_seed(cfg.seed)
@@ -410,27 +461,23 @@ def main(argv: list[str] | None = None) -> None:
     else:
         seconds = train_maskrcnn(model, cfg, iterations, checkpoint_path, args.resume)
 
-    val_set = eval_dataset(cfg.data.val_annotations, cfg.data.val_images, EvalSpec.from_config(cfg, []))
-    results = predict_maskrcnn(model, val_set)
-    (output_dir / "val_results.json").write_text(json.dumps(results))
-    metrics = {iou_type: coco_metrics(val_set, results, iou_type) for iou_type in ("bbox", "segm")}
-    steady = seconds[1:] or seconds
-    rows = [metrics_row(PEER, metrics, statistics.median(steady), cfg.solver.ims_per_batch, iterations, iterations)]
-
-    missing = []
-    for run in args.ours:
-        try:
-            rows.append(ours_row(Path(run)))
-        except (OSError, ValueError) as error:
-            missing.append(f"{run}: {error}")
-            print(f"skipping {run}: {error}", file=sys.stderr)
+    peer_row = tuned_row(PEER, peer_evaluator(model, cfg, data_dir), args.scales)
+    peer_seconds = statistics.median(seconds[1:] or seconds)
+    peer_row |= {"iterations": iterations, "images_seen": iterations * cfg.solver.ims_per_batch}
+    peer_row |= {"seconds_per_iter": peer_seconds, "logged_seconds_per_iter": peer_seconds}
+    rows = [peer_row]
+    for path in args.ours:
+        checkpoint = load_checkpoint(path)
+        row = tuned_row(Path(path).parent.name, ours_evaluator(path, data_dir), args.scales)
+        logged = logged_seconds_per_iter(Path(path))
+        row |= {"iterations": checkpoint["iteration"], "images_seen": checkpoint["samples_consumed"]}
+        row |= {"seconds_per_iter": logged, "logged_seconds_per_iter": logged, "checkpoint": path}
+        rows.append(row)
 
     race = speed_race(cfg, mask_head_channels, args.race_rounds, args.overrides) if args.race_rounds > 0 else {}
     for row in rows:
-        row["logged_seconds_per_iter"] = row["seconds_per_iter"]
-        if row["method"] in race:
+        if row["method"] in race:  # the race names our recipes as the bundled models' folders
             row["seconds_per_iter"] = statistics.median(race[row["method"]])
-            row["images_per_s"] = cfg.solver.ims_per_batch / row["seconds_per_iter"]
             row["race_seconds"] = race[row["method"]]
 
     info["load_average_at_end"] = list(os.getloadavg())
@@ -446,9 +493,10 @@ def main(argv: list[str] | None = None) -> None:
             "ims_per_batch": cfg.solver.ims_per_batch,
             "checkpoint": str(checkpoint_path),
         },
+        "scales_tried": args.scales,
+        "tuning_split": TUNING_SPLIT,
         "speed": "race (interleaved training steps in one process)" if race else "logged by each run",
         "rows": rows,
-        "missing": missing,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
