@@ -34,8 +34,9 @@ thresholded at 0.5. Both are COCO-RLE encoded and scored with ``training.evaluat
 
 Speed: the runs' logged seconds per iteration were taken under different load, so the table's speed is a
 race (``--race-rounds``, default 8; data loading is outside it): Mask R-CNN, MEInst and EmbedMask, each built
-from its config with its optimizer, take training steps (forward, backward, SGD step) on the same in-memory
-batches of our loader, interleaved step by step in one process and in rotating order, so that load on a
+from its config with its optimizer, take training steps (forward, backward, SGD step) on in-memory batches
+of the data pipeline each was trained with (the peer's config is the one stored in its checkpoint; our two
+recipes share one), interleaved step by step in one process and in rotating order, so that load on a
 shared machine hits all three alike; the first round is a warm-up. Training wall-clock is that speed times
 each run's iterations. The table is printed and saved, with machine info, to ``bench/results/accuracy.json``.
 """
@@ -84,7 +85,7 @@ DEFAULT_OVERRIDES = ["solver.max_iter=400", "solver.steps=[300,370]", "solver.wa
 DEFAULT_OURS = ["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"]  # the bundled models
 DEFAULT_DATA = "data/nucleus"
 # Test scales (input pixels per image pixel) tried on the val fields; each model is tested at its best.
-DEFAULT_SCALES = [1.0, 1.25, 1.5, 1.75, 2.0]
+DEFAULT_SCALES = [1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
 TUNING_SPLIT = "val_fields"  # whole raw fields of the val band
 TEST_SPLITS = ("test", "test_fields")  # test tiles and whole raw test fields
 # Our two recipes for the speed race; MEInst takes the bundled codec (the codec does not change the speed).
@@ -230,8 +231,9 @@ def train_loader(cfg: Config, start_iter: int = 0) -> torch.utils.data.DataLoade
 
 
 def speed_race(cfg: Config, mask_head_channels: int, rounds: int, overrides: list[str]) -> dict[str, list[float]]:
-    """Seconds per training step of the peer and of our two recipes on the same batches, interleaved in one
-    process (see the module docstring). Returns each model's step times after the warm-up round."""
+    """Seconds per training step of the peer (on batches of its config ``cfg``) and of our two recipes (on
+    batches of theirs, the same for both), interleaved in one process (see the module docstring). Returns each
+    model's step times after the warm-up round."""
     steppers: dict[str, Any] = {}
     torch.manual_seed(cfg.seed)
     peer = build_maskrcnn(cfg, mask_head_channels).train()
@@ -247,16 +249,17 @@ def speed_race(cfg: Config, mask_head_channels: int, rounds: int, overrides: lis
             build_optimizer(model, ours_cfg.solver),
             lambda model, batch: model(batch.images, batch.targets),
         )
-    batches = iter(train_loader(cfg))
+    # MEInst's and EmbedMask's recipes share their data section, so one of their loaders feeds both.
+    peer_batches, our_batches = iter(train_loader(cfg)), iter(train_loader(ours_cfg))
     times: dict[str, list[float]] = {name: [] for name in steppers}
     names = list(steppers)
     for round_index in range(rounds + 1):
-        batch = next(batches)
+        batches = {PEER: next(peer_batches), "ours": next(our_batches)}
         for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
             model, optimizer, forward = steppers[name]
             torch.manual_seed(iteration_seed(cfg.seed, round_index, 0))
             start = time.perf_counter()
-            losses = forward(model, batch)
+            losses = forward(model, batches[PEER if name == PEER else "ours"])
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
@@ -458,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = load_checkpoint(checkpoint_path)
         model.load_state_dict(checkpoint["model"])
         seconds, iterations = checkpoint["seconds_per_iter"], checkpoint["iteration"]
+        cfg = Config.model_validate(checkpoint["config"])  # the data pipeline it was trained with
     else:
         seconds = train_maskrcnn(model, cfg, iterations, checkpoint_path, args.resume)
 
@@ -491,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
             "mask_head_channels": mask_head_channels,
             "iterations": iterations,
             "ims_per_batch": cfg.solver.ims_per_batch,
+            "scale_train": cfg.data.scale_train,
             "checkpoint": str(checkpoint_path),
         },
         "scales_tried": args.scales,
