@@ -235,7 +235,6 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
             threads=settings.inference_threads,
             streams=streams,
             cache_dir=cache / "openvino",
-            batch_sizes=(1, settings.max_batch_size),
         )
         providers = list(runtime.providers)
     else:
