@@ -22,6 +22,10 @@ Variants (OpenVINO: CPU, ``INFERENCE_PRECISION_HINT`` bf16 where the CPU has it,
 - ``dynamic_batch``: one engine per bucket, batch dimension ``1..--batch``, height and width static.
 - ``batch1``: one static batch-1 engine per bucket; a batch runs as consecutive batch-1 inferences.
 - ``batch1_release``: as ``batch1``, and ``CompiledModel.release_memory()`` after every inference.
+- ``batch1_ir``: as ``batch1``, the graph read as OpenVINO IR (``ov.save_model`` without fp16 compression
+  into a temporary directory, then ``read_model``, which maps the weights file) instead of ONNX.
+- ``batch1_nosnippets``: as ``batch1`` with the CPU plugin's internal ``SNIPPETS_MODE=DISABLE`` (not a
+  documented setting; measured to see what the plugin's generated kernels cost).
 - ``runtime``: ``export.openvino_runtime.OpenVinoRuntime`` as the service builds it (batch-1 engines).
 - ``ort``: onnxruntime's ``CPUExecutionProvider``, one session of ``--threads`` threads per stream (memory
   arena off), as the service runs it.
@@ -34,8 +38,10 @@ Variants (OpenVINO: CPU, ``INFERENCE_PRECISION_HINT`` bf16 where the CPU has it,
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +56,8 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = (
     "static",
+    "batch1_ir",
+    "batch1_nosnippets",
     "dynamic_batch",
     "batch1",
     "batch1_release",
@@ -85,6 +93,13 @@ def openvino_infer(variant: str, graph: str, batch: int, streams: int, threads: 
         "NUM_STREAMS": streams,
         "INFERENCE_NUM_THREADS": streams * threads,
     }
+    if variant == "batch1_nosnippets":
+        config["SNIPPETS_MODE"] = "DISABLE"
+    if variant == "batch1_ir":
+        ir = Path(tempfile.mkdtemp(prefix="onestage-ir-")) / "graph.xml"
+        atexit.register(shutil.rmtree, ir.parent, True)
+        ov.save_model(core.read_model(graph), ir, compress_to_fp16=False)
+        graph = str(ir)
     model = core.read_model(graph)
     name = model.inputs[0].get_any_name()
     engines: dict[tuple[int, int, int], Any] = {}
