@@ -14,9 +14,9 @@ each compiled blob on disk, so a restart loads them instead of compiling again.
 
 Why batch 1 only: a batch of B images runs as B consecutive batch-1 inferences on one infer request. The
 engines used to be one per (batch size, height, width), batch 1 and the service's largest batch, and that
-is what made OpenVINO expensive to keep: every compiled engine holds its own copy of the whole graph
-(compiled at 64x64, so with next to no activations, an EmbedMask engine still added 44 MB with one stream
-and 70 MB with two), and a static batch-8 engine holds the activations of eight images besides. Measured
+is what made OpenVINO expensive to keep: every compiled engine holds its own copy of the whole graph for
+each stream (a batch-1 EmbedMask engine added 65 MB on average with one stream and 103 MB with two, little
+of it activations), and a static batch-8 engine holds the activations of eight images besides. Measured
 on this repository's 2-core AMD EPYC (bf16, one thread per stream, each bundled model alone with all eight
 default buckets warmed, ``VmRSS``; ``python -m bench.openvino_memory``,
 ``bench/results/openvino_memory_*.json``):
@@ -27,11 +27,13 @@ default buckets warmed, ``VmRSS``; ``python -m bench.openvino_memory``,
     batch 1 per bucket (this module)        720 / 1019 MB           638 /  900 MB
     onnxruntime, one session per stream     306 /  396 MB           272 /  349 MB
 
-Batching buys nothing on the CPU here: eight batch-1 inferences took 1.10x the time of one static batch-8
+Batching buys nothing on the CPU here: eight batch-1 inferences took 1.09-1.11x the time of one static batch-8
 inference at 256x256 and 0.91-0.94x at 512x512 (fastest of 15 interleaved rounds, one thread;
-``bench/results/openvino_latency_*.json``), and a dynamic batch dimension was no faster than either. Batch 1
-stays 1.5-1.8x faster than onnxruntime's. The graph's fixed cost per engine is also why OpenVINO still needs
-more memory than onnxruntime, which frees its activations after each run and holds one graph per session.
+``bench/results/openvino_latency_*.json``), and a dynamic batch dimension was no faster than static batch 8. Batch 1
+stays 1.5-1.8x faster than onnxruntime's. The graph's fixed cost per engine and stream is also why OpenVINO
+still needs more memory than onnxruntime, which frees its activations after each run and holds one graph per
+session: both bundled models loaded and warmed as the service does (two streams) held 1.75 GB against
+0.50 GB (``bench/results/openvino_memory_service.json``), which is why ``runtime=auto`` stays onnxruntime.
 
 Precision: ``INFERENCE_PRECISION_HINT`` bf16 when the device lists ``BF16`` among its
 ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX), else f32; either can be forced. OpenVINO keeps NMS,
