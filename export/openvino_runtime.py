@@ -1,19 +1,39 @@
-"""The fused ONNX graph in OpenVINO on the CPU: one static engine per input shape, bf16 where the CPU has it.
+"""The fused ONNX graph in OpenVINO on the CPU: one static batch-1 engine per height x width, bf16 where the
+CPU has it.
 
 OpenVINO reads the exported ``.onnx`` file as it is (``NonMaxSuppression`` and the dynamic batch, height and
 width survive the conversion), so the graph contract is the one onnxruntime sees: uint8 RGB
 ``images [B, 3, H, W]`` (H, W multiples of 32) in, ``num_dets``, ``boxes``, ``scores``, ``classes`` and
 ``masks`` out, and the same ``metadata`` record.
 
-Why one engine per shape: an engine compiled for one static shape is 1.5-1.9x faster than a dynamic one
-alternating between sizes, so every (batch size, height, width) gets its own compiled model, made from a
-clone of the read model reshaped to that shape. Engines are compiled on first use of their shape (the
-service does that for every bucket during warm-up) and kept; OpenVINO's model cache (``CACHE_DIR``)
-stores each compiled blob on disk, so a restart loads them instead of compiling again.
+Why static shapes: an engine compiled for one static shape is 1.5-1.9x faster than a dynamic one alternating
+between sizes, so every height x width (the service's shape buckets) gets its own compiled model, made from
+a clone of the read model reshaped to that shape. Engines are compiled on first use of their shape (the
+service does that for every bucket during warm-up) and kept; OpenVINO's model cache (``CACHE_DIR``) stores
+each compiled blob on disk, so a restart loads them instead of compiling again.
 
-A batch whose size has no engine runs as consecutive chunks of the compiled ``batch_sizes`` (largest
-first, batch 1 for the rest), so the batcher may form any batch size without a compile in the middle of
-serving.
+Why batch 1 only: a batch of B images runs as B consecutive batch-1 inferences on one infer request. The
+engines used to be one per (batch size, height, width), batch 1 and the service's largest batch, and that
+is what made OpenVINO expensive to keep: every compiled engine holds its own copy of the whole graph for
+each stream (a batch-1 EmbedMask engine added 65 MB on average with one stream and 103 MB with two, little
+of it activations), and a static batch-8 engine holds the activations of eight images besides. Measured
+on this repository's 2-core AMD EPYC (bf16, one thread per stream, each bundled model alone with all eight
+default buckets warmed, ``VmRSS``; ``python -m bench.openvino_memory``,
+``bench/results/openvino_memory_*.json``):
+
+    engines                            EmbedMask 1 / 2 streams   MEInst 1 / 2 streams
+    batch 1 and 8 per bucket (before)      2019 / 3163 MB          1538 / 2406 MB
+    batch 1..8 dynamic, one per bucket     1842 / 3472 MB          1458 / 2275 MB
+    batch 1 per bucket (this module)        720 / 1019 MB           638 /  900 MB
+    onnxruntime, one session per stream     306 /  396 MB           272 /  349 MB
+
+Batching buys nothing on the CPU here: eight batch-1 inferences took 1.09-1.11x the time of one static batch-8
+inference at 256x256 and 0.91-0.94x at 512x512 (fastest of 15 interleaved rounds, one thread;
+``bench/results/openvino_latency_*.json``), and a dynamic batch dimension was no faster than static batch 8. Batch 1
+stays 1.5-1.8x faster than onnxruntime's. The graph's fixed cost per engine and stream is also why OpenVINO
+still needs more memory than onnxruntime, which frees its activations after each run and holds one graph per
+session: both bundled models loaded and warmed as the service does (two streams) held 1.75 GB against
+0.50 GB (``bench/results/openvino_memory_service.json``), which is why ``runtime=auto`` stays onnxruntime.
 
 Precision: ``INFERENCE_PRECISION_HINT`` bf16 when the device lists ``BF16`` among its
 ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX), else f32; either can be forced. OpenVINO keeps NMS,
@@ -21,7 +41,8 @@ TopK and the box decode in f32 and runs the convolutions in bf16.
 
 Streams: each engine runs ``streams`` inference streams of ``threads`` threads each
 (``NUM_STREAMS`` and ``INFERENCE_NUM_THREADS`` = streams x threads), with one infer request per stream;
-up to ``streams`` calls to ``infer`` from different threads run at the same time, each on its own stream.
+up to ``streams`` calls to ``infer`` from different threads run at the same time, each on its own stream
+(a batch stays on one stream, image after image).
 """
 
 from __future__ import annotations
@@ -30,7 +51,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,27 +91,35 @@ def resolve_precision(
 
 @dataclass
 class _Engine:
-    """One compiled static shape and its idle infer requests (one per stream)."""
+    """One compiled height x width (batch 1) and its idle infer requests (one per stream)."""
 
     compiled: ov.CompiledModel
     idle: queue.SimpleQueue[ov.InferRequest]
 
-    def run(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        """The outputs of ``batch`` (exactly the engine's shape), copied out of the request's buffers."""
+    def run(self, batch: np.ndarray, count: int) -> list[np.ndarray]:
+        """The ``count`` outputs of ``batch`` (any size, the engine's height and width), one image after the
+        other on one infer request, copied out of its buffers into arrays of the whole batch."""
         request = self.idle.get()  # blocks while every stream of this engine is busy
         try:
-            request.infer({0: batch})
-            return [request.get_output_tensor(i).data.copy() for i in range(len(names))]
+            outputs: list[np.ndarray] = []
+            for index in range(len(batch)):
+                request.infer({0: batch[index : index + 1]})
+                tensors = [request.get_output_tensor(i).data for i in range(count)]
+                if not outputs:
+                    outputs = [np.empty((len(batch), *t.shape[1:]), dtype=t.dtype) for t in tensors]
+                for output, tensor in zip(outputs, tensors):
+                    output[index] = tensor[0]
+            return outputs
         finally:
             self.idle.put(request)
 
 
 class OpenVinoRuntime:
-    """An exported ``.onnx`` graph compiled by OpenVINO, one engine per input shape (see the module doc).
+    """An exported ``.onnx`` graph compiled by OpenVINO, one batch-1 engine per height x width (see the
+    module doc).
 
     ``threads`` is the thread count of each stream (None: OpenVINO's choice); ``cache_dir`` holds OpenVINO's
-    model cache (None: no cache); ``batch_sizes`` are the batch sizes compiled for each new height x width
-    (1 is always among them).
+    model cache (None: no cache).
     """
 
     def __init__(
@@ -102,7 +130,6 @@ class OpenVinoRuntime:
         threads: int | None = None,
         streams: int = 1,
         cache_dir: str | Path | None = None,
-        batch_sizes: Sequence[int] = (1,),
     ) -> None:
         if streams < 1 or (threads is not None and threads < 1):
             raise ValueError(f"streams and threads must be >= 1, got streams={streams} threads={threads}")
@@ -113,10 +140,9 @@ class OpenVinoRuntime:
             self._core.set_property({"CACHE_DIR": str(cache_dir)})
         self.precision = resolve_precision(precision, self._core)
         self.streams, self.threads = streams, threads
-        self.batch_sizes = sorted({1, *batch_sizes}, reverse=True)
         self._model = self._core.read_model(str(path))
         self.output_names = [output.get_any_name() for output in self._model.outputs]
-        self._engines: dict[tuple[int, int, int], _Engine] = {}
+        self._engines: dict[tuple[int, int], _Engine] = {}
         self._compiling = threading.Lock()
         self.providers = [f"OpenVINO {ov.__version__} {DEVICE} {self.precision} {streams}x{threads or 'auto'} threads"]
 
@@ -133,9 +159,9 @@ class OpenVinoRuntime:
             config["INFERENCE_NUM_THREADS"] = self.streams * self.threads
         return config
 
-    def engine(self, batch: int, height: int, width: int) -> _Engine:
-        """The engine of one static shape, compiled (or loaded from the model cache) on first use."""
-        key = (batch, height, width)
+    def engine(self, height: int, width: int) -> _Engine:
+        """The batch-1 engine of one height x width, compiled (or loaded from the model cache) on first use."""
+        key = (height, width)
         engine = self._engines.get(key)
         if engine is not None:
             return engine
@@ -143,15 +169,14 @@ class OpenVinoRuntime:
             if key not in self._engines:
                 started = time.perf_counter()
                 model = self._model.clone()
-                model.reshape({self.metadata.input_name: ov.PartialShape([batch, 3, height, width])})
+                model.reshape({self.metadata.input_name: ov.PartialShape([1, 3, height, width])})
                 compiled = self._core.compile_model(model, DEVICE, self.config)
                 idle: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()
                 for _ in range(self.streams):
                     idle.put(compiled.create_infer_request())
                 self._engines[key] = _Engine(compiled, idle)
                 log.info(
-                    "OpenVINO engine %dx3x%dx%d (%s) ready in %.2f s",
-                    batch,
+                    "OpenVINO engine 1x3x%dx%d (%s) ready in %.2f s",
                     height,
                     width,
                     self.precision,
@@ -160,21 +185,14 @@ class OpenVinoRuntime:
             return self._engines[key]
 
     @property
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """The (batch, height, width) of every compiled engine."""
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (height, width) of every compiled engine."""
         return sorted(self._engines)
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         batch = check_images(images, self.metadata.input.size_divisibility)
         count, _, height, width = batch.shape
-        for size in self.batch_sizes:  # every batch size of a new height x width at once, as warm-up expects
-            self.engine(size, height, width)
-        if count in self.batch_sizes:
-            return dict(zip(self.output_names, self._engines[(count, height, width)].run(batch, self.output_names)))
-        chunks: list[list[np.ndarray]] = []
-        start = 0
-        while start < count:
-            size = next(s for s in self.batch_sizes if s <= count - start)
-            chunks.append(self._engines[(size, height, width)].run(batch[start : start + size], self.output_names))
-            start += size
-        return {name: np.concatenate([chunk[i] for chunk in chunks]) for i, name in enumerate(self.output_names)}
+        if count == 0:
+            raise ValueError("images must hold at least one image, got an empty batch")
+        outputs = self.engine(height, width).run(batch, len(self.output_names))
+        return dict(zip(self.output_names, outputs))

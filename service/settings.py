@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "auto",
         description="auto: TensorRT for engine paths, else onnxruntime (CUDA when usable); onnxruntime; "
-        "openvino (CPU, bf16 where the CPU has it; one engine per bucket and batch size, so it needs far more memory); "
+        "openvino (CPU, bf16 where the CPU has it; one batch-1 engine per bucket, about 3.5x onnxruntime's memory); "
         "tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch (CUDA when available, "
         "else CPU; .pt paths only)",
     )
