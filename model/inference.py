@@ -109,8 +109,12 @@ def select_detections(levels: list[LevelPredictions], cfg: HeadConfig, score_mod
     slot = kept_image * cfg.max_detections + rank
 
     def scatter(values: torch.Tensor) -> torch.Tensor:
-        out = values.new_zeros((batch * cfg.max_detections, *values.shape[1:]))
-        out[slot] = values[keep]
+        # scatter, not `out[slot] = values[keep]`: the legacy exporter lowers that index_put with a Reshape
+        # to the traced number of kept detections when the tracing sample keeps exactly one, which breaks
+        # the graph on every other input.
+        kept = values[keep]
+        index = slot.reshape(-1, *([1] * (kept.dim() - 1))).expand_as(kept)
+        out = values.new_zeros((batch * cfg.max_detections, *values.shape[1:])).scatter(0, index, kept)
         return out.reshape(batch, cfg.max_detections, *values.shape[1:])
 
     num_dets = one_hot.sum(0).long().clamp(max=cfg.max_detections)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ from export.metadata import GraphMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx
 from export.parity import compare_outputs
 from export.runtimes import OnnxRuntime
+from model.config import HeadConfig
+from model.inference import LevelPredictions, select_detections
 from model.runtime import TorchRuntime
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_detector
 
@@ -146,3 +149,50 @@ def test_parity_check_reports_each_kind_of_difference(exported: Exported) -> Non
     masks = outputs["masks"].copy()
     masks[0, 5] = masks[0, 5] * 0.5 if exported.cfg.model.method == "meinst" else masks[0, 5] - 1.0  # shrink one mask
     assert [p.split(":")[0] for p in problems(masks=masks)] == ["image 0 slot 5"]
+
+
+class _Selection(torch.nn.Module):
+    """``select_detections`` over one level, as a traceable module: logits [B,1,H,W] (0 = certain) in."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, _, height, width = logits.shape
+        regression = torch.ones(batch, 4, height, width)
+        extras = logits.expand(-1, 3, -1, -1) * torch.arange(3.0)[None, :, None, None]
+        level = LevelPredictions(logits, regression, torch.zeros_like(logits) + 5.0, extras, stride=8)
+        found = select_detections([level], self.cfg, "sqrt")
+        return found.num_dets, found.boxes, found.scores, found.extras
+
+
+def test_graph_traced_on_a_single_detection_serves_many(tmp_path: Path) -> None:
+    """The graph must not depend on how many detections the tracing sample kept: traced on a sample that
+    keeps exactly one (as a well-trained model can on the exporter's random sample), it must still give
+    eager PyTorch's outputs on inputs that keep many, at other sizes and batch sizes."""
+    cfg = HeadConfig(max_detections=10)
+    module = _Selection(cfg).eval()
+    sample = torch.full((1, 1, 4, 4), -20.0)
+    sample[0, 0, 1, 1] = 0.0  # the only location above the score threshold
+    path = tmp_path / "selection.onnx"
+    with torch.no_grad():
+        assert int(module(sample)[0]) == 1
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(path),
+            dynamo=False,
+            input_names=["logits"],
+            output_names=["num_dets", "boxes", "scores", "extras"],
+            dynamic_axes={"logits": {0: "B", 2: "H", 3: "W"}},
+        )
+    generator = torch.Generator().manual_seed(0)
+    many = torch.rand((3, 1, 6, 8), generator=generator) * 4.0 - 2.0  # most locations pass
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"logits": many.numpy()})
+    with torch.no_grad():
+        expected = module(many)
+    assert (expected[0] > 1).all()
+    for got, want in zip(outputs, expected):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
