@@ -33,7 +33,8 @@ inference at 256x256 and 0.91-0.94x at 512x512 (fastest of 15 interleaved rounds
 stays 1.5-1.8x faster than onnxruntime's. The graph's fixed cost per engine and stream is also why OpenVINO
 still needs more memory than onnxruntime, which frees its activations after each run and holds one graph per
 session: both bundled models loaded and warmed as the service does (two streams) held 1.75 GB against
-0.50 GB (``bench/results/openvino_memory_service.json``), which is why ``runtime=auto`` stays onnxruntime.
+0.50 GB (``bench/results/openvino_memory_service.json``). The service's ``runtime=auto`` takes OpenVINO only
+on a CPU with bf16, where that memory buys its speed (``service.models.choose_runtime``).
 
 Precision: ``INFERENCE_PRECISION_HINT`` bf16 when the device lists ``BF16`` among its
 ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX), else f32; either can be forced. OpenVINO keeps NMS,

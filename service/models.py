@@ -11,6 +11,7 @@ for first-run allocation or engine setup.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import subprocess
@@ -25,7 +26,7 @@ import numpy as np
 
 from export import tensorrt_build
 from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
-from export.runtimes import OnnxRuntime, TensorRTRuntime
+from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
 from model.input_contract import InputContract
 from model.runtime_protocol import Runtime
 from model.tiling import check_overlap
@@ -174,15 +175,27 @@ def model_buckets(spec: ModelSpec, settings: Settings, rule: InputContract) -> l
 
 
 def choose_runtime(settings: Settings, graph_suffix: str) -> RuntimeName:
-    """The runtime for a graph file: the configured one, or for ``auto`` TensorRT for engines, else
-    onnxruntime (CUDA where usable). OpenVINO is opt-in: even with one batch-1 engine per bucket, the two
-    bundled models' default buckets held 1.75 GB warm with two streams, against 0.50 GB for onnxruntime
-    (``bench/results/openvino_memory_service.json``)."""
+    """The runtime for a graph file: the configured one, or for ``auto`` TensorRT for engines; onnxruntime
+    when onnxruntime ``providers`` are configured, or on CUDA where it can use a device; OpenVINO on a CPU
+    that computes in bf16, where the package is installed; else onnxruntime.
+
+    Why bf16 only: OpenVINO's bf16 engines were 1.5-1.8x faster per image than onnxruntime on this
+    project's CPU, its fp32 ones no faster, and either holds about 3.5x onnxruntime's memory (1.75 GB
+    against 0.50 GB for the two bundled models warm: ``bench/results/openvino_memory_service.json``)."""
     if settings.runtime != "auto":
         return settings.runtime
     if graph_suffix in ENGINE_SUFFIXES:
         return "tensorrt"
-    return "onnxruntime"
+    if settings.providers or "CUDAExecutionProvider" in default_providers() or not openvino_installed():
+        return "onnxruntime"
+    from export.openvino_runtime import cpu_has_bf16
+
+    return "openvino" if cpu_has_bf16() else "onnxruntime"
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported (found without importing it)."""
+    return importlib.util.find_spec("openvino") is not None
 
 
 def prepare_graph(spec: ModelSpec, settings: Settings) -> Path:

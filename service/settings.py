@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     )
     runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"] = Field(
         "auto",
-        description="auto: TensorRT for engine paths, else onnxruntime (CUDA when usable); onnxruntime; "
+        description="auto: TensorRT for engine paths; else onnxruntime with configured providers or CUDA when usable; "
+        "else OpenVINO on a CPU with bf16 when installed; else onnxruntime. onnxruntime; "
         "openvino (CPU, bf16 where the CPU has it; one batch-1 engine per bucket, about 3.5x onnxruntime's memory); "
         "tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch (CUDA when available, "
         "else CPU; .pt paths only)",

@@ -104,14 +104,14 @@ def confident(outputs: dict[str, np.ndarray], image: int) -> dict[str, np.ndarra
 
 @pytest.fixture(scope="module")
 def hela_tiles(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    """Three 256x256 HeLa nucleus tiles (raw 16-bit, read by the bundled models' percentile rule) as a uint8
-    batch; the train band is the one tall enough for 256-pixel tiles."""
+    """Three 256x256 HeLa nucleus tiles (raw 16-bit, read by the bundled models' percentile rule) as
+    ``[H, W, 3]`` uint8 images; the train band is the one tall enough for 256-pixel tiles."""
     from training.nucleus import build
 
     root = tmp_path_factory.mktemp("hela")
     build(str(root), tile=256, frames=1)
     tiles = sorted((root / "train").glob("*.png"))[:3]
-    return np.stack([decode_rgb8(t.read_bytes(), "percentile").transpose(2, 0, 1) for t in tiles])
+    return np.stack([decode_rgb8(t.read_bytes(), "percentile") for t in tiles])
 
 
 @pytest.mark.skipif(
@@ -121,22 +121,29 @@ def hela_tiles(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
 @pytest.mark.parametrize("method", ["meinst", "embedmask"])
 def test_bf16_keeps_what_users_see_on_a_trained_model(method: str, hela_tiles: np.ndarray, tmp_path: Path) -> None:
     graph = export_checkpoint(REPO / "models" / f"{method}_nucleus" / "model.pt", tmp_path / f"{method}.onnx")
-    reference = OnnxRuntime(graph, providers=["CPUExecutionProvider"]).infer(hela_tiles)
+    reference_runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"])
+    contract = reference_runtime.metadata.input
+    batch = np.stack([contract.resize_image(tile) for tile in hela_tiles])  # at the model's own scale
+    input_size = batch.shape[2:]
+    reference = reference_runtime.infer(batch)
     runtime = OpenVinoRuntime(graph, precision="bf16", threads=1)
     assert runtime.precision == "bf16"
-    candidate = runtime.infer(hela_tiles)
+    candidate = runtime.infer(batch)
     ious: list[float] = []
     for image in range(len(hela_tiles)):
         ours, theirs = confident(reference, image), confident(candidate, image)
-        pairs, problems = match_image(ours, theirs, 0, rtol=0.0, atol=2.0)  # same class, box corners within 2 px
+        # same class, box corners within 2 pixels of the image (4 input pixels at the models' 1.75-2x scales)
+        pairs, problems = match_image(ours, theirs, 0, rtol=0.0, atol=4.0)
         assert problems == []
         scores = np.array([[ours["scores"][0, a], theirs["scores"][0, b]] for a, b in pairs])
         assert (
             np.abs(scores[:, 0] - scores[:, 1]).max() <= 0.03
         )  # bf16 convolutions: up to 0.023 seen on the bundled models
-        ious += mask_ious(ours, theirs, 0, pairs, runtime.metadata, input_size=(256, 256), image_size=(256, 256))
+        ious += mask_ious(ours, theirs, 0, pairs, runtime.metadata, input_size=input_size, image_size=input_size)
     assert len(ious) >= 15
-    assert np.median(ious) >= 0.97 and min(ious) >= 0.9, sorted(ious)[:5]
+    # bf16 convolutions move a mask's border by a pixel here and there: the median instance keeps IoU 0.99
+    # with the bundled models at their own scale, the worst (a small nucleus in MEInst's 28x28 grid) 0.898.
+    assert np.median(ious) >= 0.98 and min(ious) >= 0.85, sorted(ious)[:5]
 
 
 def test_service_serves_through_openvino(tmp_path: Path) -> None:
@@ -183,3 +190,28 @@ def test_evaluation_runs_the_checkpoints_graph_through_openvino(tmp_path: Path) 
         == []
     )
     assert expected["num_dets"].min() > 0 and spec.mask_kind == runtime.metadata.mask_kind
+
+
+def test_auto_picks_openvino_only_on_a_bf16_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runtime=auto``: OpenVINO where it is installed and the CPU computes in bf16 (its only speed-up over
+    onnxruntime here, bought with memory), onnxruntime on CUDA, on CPUs without bf16, without the package or
+    when onnxruntime providers are configured, TensorRT for engines, and a configured runtime as it is."""
+    import export.openvino_runtime as openvino_runtime
+    import service.models as models
+
+    monkeypatch.setattr(models, "default_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(models, "openvino_installed", lambda: True)
+    monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: True)
+    auto = Settings(runtime="auto")
+    assert models.choose_runtime(auto, ".onnx") == "openvino"
+    assert models.choose_runtime(auto, ".plan") == "tensorrt"
+    assert models.choose_runtime(Settings(runtime="onnxruntime"), ".onnx") == "onnxruntime"
+    assert models.choose_runtime(Settings(providers=["CPUExecutionProvider"]), ".onnx") == "onnxruntime"
+    monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: False)
+    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
+    monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models, "default_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
+    monkeypatch.setattr(models, "default_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(models, "openvino_installed", lambda: False)
+    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
