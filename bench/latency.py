@@ -44,7 +44,7 @@ from export.onnx_export import export_onnx
 from export.runtimes import OnnxRuntime
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from model.finishing import finish_image
+from model.finishing import finish_outputs
 from model.input_contract import resized_shape
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
@@ -132,12 +132,8 @@ def finish(
     count = 0
     for i, (input_size, original) in enumerate(zip(inputs, originals)):
         count += len(
-            finish_image(
-                outputs["num_dets"][i],
-                outputs["boxes"][i],
-                outputs["scores"][i],
-                outputs["classes"][i],
-                outputs["masks"][i],
+            finish_outputs(
+                {name: value[i] for name, value in outputs.items()},
                 mask_kind=metadata.mask_kind,
                 input_size=tuple(input_size),
                 image_size=original,

@@ -40,7 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from model.finishing import finish_image
+from model.finishing import finish_outputs
 from service.imaging import decode_image, pad_batch, prepare_image
 from service.launcher import ServiceProcess
 from service.models import cached_name, export_checkpoint, load_model
@@ -245,12 +245,8 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
         count = 0
         for i in range(batch):
             count += len(
-                finish_image(
-                    outputs["num_dets"][i],
-                    outputs["boxes"][i],
-                    outputs["scores"][i],
-                    outputs["classes"][i],
-                    outputs["masks"][i],
+                finish_outputs(
+                    {name: value[i] for name, value in outputs.items()},
                     mask_kind=meta.mask_kind,
                     input_size=prepared.input_size,
                     image_size=prepared.original_size,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -381,3 +382,11 @@ def finish_image(
         )
         for k, counts, area, rle in zip(order, runs.counts, runs.areas, rles)
     ]
+
+
+def finish_outputs(outputs: Mapping[str, np.ndarray], **options: Any) -> list[Instance]:
+    """``finish_image`` of one image's graph outputs, keyed by the graph's output names (``masks`` absent for
+    a boxes-only graph); ``options`` are ``finish_image``'s keywords."""
+    return finish_image(
+        outputs["num_dets"], outputs["boxes"], outputs["scores"], outputs["classes"], outputs.get("masks"), **options
+    )

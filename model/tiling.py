@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from model.finishing import Instance, finish_image
+from model.finishing import Instance, finish_outputs
 from model.input_contract import InputContract
 
 # Mask IoU above which two instances of one class from neighbouring tiles are the same object.
@@ -202,17 +202,13 @@ def finish_tile(outputs: Outputs, plan: TilePlan, tile: Tile, **options: object)
     """One tile's graph outputs (one batch element) -> its instances in the full frame; `options` are
     `finish_image`'s (mask kind and threshold, score threshold, mask format, box padding, workers).
     No per-tile `max_detections`: the cap applies to the merged answer."""
-    return finish_image(
-        outputs["num_dets"],
-        outputs["boxes"],
-        outputs["scores"],
-        outputs["classes"],
-        outputs.get("masks"),
+    return finish_outputs(
+        outputs,
         input_size=tile.input_size,
         image_size=tile.size,
         origin=tile.origin,
         frame_size=plan.image_size,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 

@@ -345,12 +345,8 @@ class SegmentService:
         """Paste, threshold and encode the masks in the original frame (worker thread); ``record``: into the
         finishing metric."""
         started = time.perf_counter()
-        instances = finishing.finish_image(
-            outputs["num_dets"],
-            outputs["boxes"],
-            outputs["scores"],
-            outputs["classes"],
-            outputs.get("masks"),
+        instances = finishing.finish_outputs(
+            outputs,
             input_size=prepared.input_size,
             image_size=prepared.original_size,
             max_detections=options.max_detections,
