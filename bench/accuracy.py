@@ -109,6 +109,17 @@ class SizedInputTransform(GeneralizedRCNNTransform):
     def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):  # type: ignore[override]
         return image, target
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> SizedInputTransform:
+        """Our pixel mean/std and padding divisibility (the sizes only matter to the disabled resize)."""
+        return cls(
+            min_size=cfg.data.min_size_test,
+            max_size=cfg.data.max_size_test,
+            image_mean=cfg.model.pixel_mean,
+            image_std=cfg.model.pixel_std,
+            size_divisible=cfg.data.size_divisibility,
+        )
+
 
 def build_maskrcnn(cfg: Config, mask_head_channels: int, imagenet: bool = True) -> MaskRCNN:
     """Mask R-CNN on our MobileNetV2 (ImageNet weights, frozen BN, frozen early blocks) with a C2-C5 FPN,
@@ -132,13 +143,7 @@ def build_maskrcnn(cfg: Config, mask_head_channels: int, imagenet: bool = True) 
         mask_head=MaskRCNNHeads(backbone.out_channels, [mask_head_channels] * 4, dilation=1),
         mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
     )
-    model.transform = SizedInputTransform(
-        min_size=cfg.data.min_size_test,
-        max_size=cfg.data.max_size_test,
-        image_mean=cfg.model.pixel_mean,
-        image_std=cfg.model.pixel_std,
-        size_divisible=cfg.data.size_divisibility,
-    )
+    model.transform = SizedInputTransform.from_config(cfg)
     return model
 
 

@@ -473,13 +473,7 @@ def maskrcnn_peer(backbone: str, cfg: Any) -> Any:
     if backbone == "mnv2":
         return build_maskrcnn(cfg, cfg.model.head.channels, imagenet=False)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=cfg.model.num_classes + 1)
-    model.transform = SizedInputTransform(
-        min_size=cfg.data.min_size_test,
-        max_size=cfg.data.max_size_test,
-        image_mean=cfg.model.pixel_mean,
-        image_std=cfg.model.pixel_std,
-        size_divisible=cfg.data.size_divisibility,
-    )
+    model.transform = SizedInputTransform.from_config(cfg)
     return model
 
 
