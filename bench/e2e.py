@@ -71,7 +71,7 @@ from bench.latency import bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
 from export.runtimes import OnnxRuntime
-from model.finishing import finish_image
+from model.finishing import finish_outputs
 from service.imaging import PreparedImage, decode_image, image_size, pad_batch, prepare_image
 from service.settings import Settings
 
@@ -158,12 +158,8 @@ class OursPipeline:
         outputs = {name: value[0] for name, value in self.runtime.infer(batch).items()}
         clock.lap("graph")
         meta = self.metadata
-        instances = finish_image(
-            outputs["num_dets"],
-            outputs["boxes"],
-            outputs["scores"],
-            outputs["classes"],
-            outputs["masks"],
+        instances = finish_outputs(
+            outputs,
             mask_kind=meta.mask_kind,
             input_size=prepared.input_size,
             image_size=prepared.original_size,

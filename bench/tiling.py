@@ -35,7 +35,7 @@ import tifffile
 from PIL import Image
 
 from export.runtimes import OnnxRuntime
-from model.finishing import compile_kernel, finish_image
+from model.finishing import compile_kernel, finish_outputs
 from model.intensity import stretch_to_uint8
 from model.tiling import (
     DEFAULT_TILE_OVERLAP,
@@ -114,8 +114,8 @@ def shrunk_run(runtime: OnnxRuntime, image: Image.Image) -> dict[str, float]:
     divisor = meta.input.size_divisibility
     bucket = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
     out = runtime.infer(pad_batch([pixels], bucket, meta.input.pad_value))
-    instances = finish_image(
-        *(out[k][0] for k in ("num_dets", "boxes", "scores", "classes", "masks")),
+    instances = finish_outputs(
+        {name: value[0] for name, value in out.items()},
         mask_kind=meta.mask_kind,
         input_size=(h, w),
         image_size=(height, width),

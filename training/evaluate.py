@@ -36,7 +36,7 @@ from export.onnx_export import export_onnx
 from export.runtimes import OnnxRuntime
 from model.checkpoint import load_detector
 from model.config import Config
-from model.finishing import Instance, finish_image
+from model.finishing import Instance, finish_outputs
 from model.input_contract import InputContract, scale_argument
 from model.mask_contract import MaskKind
 from model.methods import mask_method_class
@@ -154,13 +154,8 @@ def segment_image(
     pixels = contract.resize_image(image, scale)
     padded = tuple(-(-side // contract.size_divisibility) * contract.size_divisibility for side in input_size)
     outputs = runtime.infer(pad_batch([pixels], padded, tuple(contract.pad_value)))
-    first = {name: value[0] for name, value in outputs.items()}
-    return finish_image(
-        first["num_dets"],
-        first["boxes"],
-        first["scores"],
-        first["classes"],
-        first.get("masks") if masks else None,
+    return finish_outputs(
+        {name: value[0] for name, value in outputs.items()},  # masks=False: mask_format "none" never reads them
         input_size=input_size,
         image_size=(height, width),
         **options,
@@ -235,12 +230,8 @@ def predict(
     for batch in tqdm(loader, desc="evaluate", unit="batch", file=sys.stderr, leave=False):
         outputs = runtime.infer(batch.images.numpy())
         for i, image_id in enumerate(batch.image_ids):
-            instances = finish_image(
-                outputs["num_dets"][i],
-                outputs["boxes"][i],
-                outputs["scores"][i],
-                outputs["classes"][i],
-                outputs["masks"][i] if spec.mask_kind is not None else None,
+            instances = finish_outputs(
+                {name: value[i] for name, value in outputs.items()},
                 input_size=batch.input_sizes[i],
                 image_size=batch.original_sizes[i],
                 **options,
