@@ -69,13 +69,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
+from inference.predictor import Predictor, in_process_options
 from model.backbone import load_imagenet_state
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
 from model.input_contract import InputContract
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
-from training.evaluate import EvalSpec, coco_metrics, eval_dataset, evaluate, make_runtime
+from training.evaluate import coco_metrics, evaluate, load_coco
 from training.solver import build_optimizer, build_scheduler
 from training.train import iteration_seed
 
@@ -313,28 +314,44 @@ Metrics = dict[str, dict[str, float | None]]
 Evaluator = Callable[[str, float], Metrics]
 
 
+def peer_dataset(cfg: Config, annotations: str, images: str, scale: float) -> CocoInstanceDataset:
+    """A split at the recipe's test size times ``scale``, decoded by its intensity rule: the peer's input."""
+    contract = InputContract.from_config(cfg)
+    with contextlib.redirect_stdout(sys.stderr):
+        return CocoInstanceDataset(
+            annotations,
+            images,
+            [contract.min_size * scale],
+            contract.max_size * scale,
+            0.0,
+            train=False,
+            resize=contract.resize,
+            scales=(contract.scale * scale,) * 2,
+            intensity=contract.intensity,
+            percentiles=contract.percentiles,
+        )
+
+
 def peer_evaluator(model: MaskRCNN, cfg: Config, data_dir: Path) -> Evaluator:
     """The peer on a split of ``data_dir`` at a pixel scale, sized and normalised by the recipe's input contract."""
-    spec = EvalSpec.from_config(cfg, [])
 
     def run(split: str, pixel_scale: float) -> Metrics:
-        scale = pixel_scale / spec.input.scale
-        dataset = eval_dataset(str(data_dir / f"{split}.json"), str(data_dir / split), spec, scale)
+        scale = pixel_scale / cfg.data.scale_test
+        dataset = peer_dataset(cfg, str(data_dir / f"{split}.json"), str(data_dir / split), scale)
         results = predict_maskrcnn(model, dataset)
-        return {iou_type: coco_metrics(dataset, results, iou_type) for iou_type in ("bbox", "segm")}
+        return {iou_type: coco_metrics(dataset.coco, results, iou_type) for iou_type in ("bbox", "segm")}
 
     return run
 
 
 def ours_evaluator(checkpoint: str, data_dir: Path) -> Evaluator:
-    """Our checkpoint's fused graph in onnxruntime on a split at a pixel scale: ``training.evaluate``'s own
-    path (images larger than the largest shape bucket are tiled)."""
-    runtime, spec, _ = make_runtime("onnxruntime", checkpoint, "cpu")
+    """Our checkpoint's fused graph in onnxruntime on a split at a pixel scale, through ``inference.Predictor``
+    (what the service answers: images larger than the largest shape bucket are tiled)."""
+    predictor = Predictor.open(checkpoint, in_process_options(engine="onnxruntime"))
 
     def run(split: str, pixel_scale: float) -> Metrics:
-        scale = pixel_scale / spec.input.scale
-        dataset = eval_dataset(str(data_dir / f"{split}.json"), str(data_dir / split), spec, scale)
-        return evaluate(runtime, dataset, spec, scale=scale)
+        scale = pixel_scale / predictor.metadata.input.scale
+        return evaluate(predictor, load_coco(data_dir / f"{split}.json"), data_dir / split, scale=scale)
 
     return run
 

@@ -22,7 +22,7 @@ part's status, time and what it skipped. The parts, in order:
   SGD step), MEInst, EmbedMask and torchvision's Mask R-CNN on the same backbone and input size, interleaved
   on the same batches of HeLa tiles resized by each recipe's training rule: MobileNetV2 (ImageNet weights
   not needed for speed) and ResNet-50 (random init), batch 8;
-- ``serve``: ``bench.serve`` against ``python -m service --runtime torch`` on the GPU with the bundled
+- ``serve``: ``bench.serve`` against ``python -m service --runtime.engine torch`` on the GPU with the bundled
   models, concurrency 1/16/64, batching on (8) and off, p50/p99 and where the time goes (decode, queue,
   batch run, finishing, from the service's metrics);
 - ``graphs``: CUDA graphs and ``torch.compile`` of the network part against eager, batch 1, fp16, per
@@ -330,18 +330,19 @@ def junit_cases(path: Path) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- parity
 def run_parity(part: Part, plan: Plan, work: Path) -> None:
-    from export.onnx_export import export_onnx
+    from export.onnx_export import build_metadata, export_onnx
     from export.runtimes import OnnxRuntime
+    from inference.predictor import Predictor
     from model.checkpoint import load_detector
     from model.runtime import TorchRuntime
-    from training.evaluate import EvalSpec, eval_dataset, evaluate
+    from training.evaluate import evaluate, load_coco
 
     annotations, images = nucleus_val(work, plan)
+    coco = load_coco(annotations)
     target = device()
     for method, checkpoint in BUNDLED.items():
         model, cfg, metadata = load_detector(checkpoint)
-        spec = EvalSpec.from_config(cfg, metadata["category_ids"])
-        dataset = eval_dataset(str(annotations), str(images), spec)
+        graph_metadata = build_metadata(cfg, metadata)
         graph = work / f"{method}.onnx"
         reference: dict[str, Any] | None = None
         runs = [("onnxruntime-cpu", "fp32")] + [("torch-" + target.type, p) for p in plan.precisions]
@@ -358,12 +359,12 @@ def run_parity(part: Part, plan: Plan, work: Path) -> None:
                         load_detector(checkpoint)[0], target, precision=precision, channels_last=target.type == "cuda"
                     )  # type: ignore[arg-type]
                 started = time.perf_counter()
-                metrics = evaluate(runtime, dataset, spec)
+                metrics = evaluate(Predictor(runtime, graph_metadata), coco, images)
                 row = {
                     "model": method,
                     "runtime": runtime_name,
                     "precision": precision,
-                    "images": len(dataset),
+                    "images": len(coco.getImgIds()),
                     "seconds": round(time.perf_counter() - started, 2),
                     "bbox_AP": metrics["bbox"]["AP"],
                     "segm_AP": metrics["segm"]["AP"],
@@ -583,7 +584,7 @@ def run_serve(part: Part, plan: Plan, work: Path) -> None:
                 max_delay_ms=0.0,
                 concurrency=list(plan.serve_concurrency),
                 requests=plan.serve_requests,
-                service_args="--runtime torch",
+                service_args="--runtime.engine torch",
                 max_batch_size=max_batch_size,
             )
             for row in serve.serve_runs(args, specs, data, max_batch_size):

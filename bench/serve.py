@@ -15,11 +15,11 @@ request when the last one is answered) at each concurrency, one model at a time,
 p50/p95/p99 latency, and from the server's /metrics the mean batch size it ran and where the time went
 (decode and resize, queue wait, one batch through the runtime, mask finishing; means in ms).
 
-With no server running, the same graph is timed in this process (onnxruntime, same image, padded into the
-same bucket): batch 1 and ``max_batch_size`` images per ``infer`` call, alone and followed by
-``finish_image`` of every image (the work the service must do per request besides HTTP), with the
-service's onnxruntime thread count and with onnxruntime's default; the summary divides the service's
-throughput at the highest concurrency by the best of these. Models: the
+With no server running, the same engine is timed in this process (the service's runtime options, the same
+image planned into the same bucket by the pipeline): batch 1 and ``max_batch_size`` images per ``infer``
+call, alone and followed by the pass's finishing of every image (the work the service must do per request
+besides HTTP), with the service's thread count per stream and with every core; the summary divides the
+service's throughput at the highest concurrency by the best of these. Models: the
 bundled ``models/`` checkpoints by default, ``--tiny`` for random-weight ones (tests/service_models.py)
 at the bundled models' input size. Prints a table and writes ``bench/results/serve.json``.
 """
@@ -40,10 +40,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from model.finishing import finish_outputs
-from service.imaging import decode_image, pad_batch, prepare_image
+from inference.pipeline import SegmentOptions
+from inference.predictor import Predictor
+from inference.runtime import cached_name, export_checkpoint, usable_cores
+from inference.sizing import pad_batch
 from service.launcher import ServiceProcess
-from service.models import cached_name, export_checkpoint, load_model
 from service.settings import ModelSpec, Settings, bundled_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -226,50 +227,32 @@ def serve_runs(
 
 
 def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str, Any]:
-    """The runtime alone in this process: images/s at batch 1 and max, without and with mask finishing,
-    with the service's onnxruntime thread count and with onnxruntime's default (all cores)."""
-    from export.runtimes import OnnxRuntime
-
+    """The engine alone in this process, on the service's own pipeline steps for the image (decode, plan into
+    its bucket; after each runtime call, the pass's finishing): images/s at batch 1 and max, without and with
+    finishing, with the service's thread count per stream and with every core in one stream."""
     settings = Settings(models=[spec], cache_dir=args.cache_dir, warmup=False, max_batch_size=args.max_batch_size)
-    model = load_model(spec, settings)
-    prepared = prepare_image(decode_image(data, settings.max_image_pixels), model.rule, model.buckets)
-    meta = model.metadata
-    result: dict[str, Any] = {
-        "model": spec.name,
-        "bucket": list(prepared.bucket),
-        "graph": str(model.graph_path),
-        "runs": [],
-    }
-
-    def finish(outputs: dict[str, np.ndarray], batch: int) -> int:
-        count = 0
-        for i in range(batch):
-            count += len(
-                finish_outputs(
-                    {name: value[i] for name, value in outputs.items()},
-                    mask_kind=meta.mask_kind,
-                    input_size=prepared.input_size,
-                    image_size=prepared.original_size,
-                    mask_threshold=meta.mask_threshold,
-                    box_padding=meta.box_padding or 0,
-                )
-            )
-        return count
-
-    for threads in (settings.inference_threads, None):
-        runtime = OnnxRuntime(model.graph_path, providers=settings.providers, threads=threads)
+    result: dict[str, Any] = {"model": spec.name, "runs": []}
+    service_threads = settings.runtime_options(spec).threads
+    for threads in (service_threads, usable_cores()):
+        options = settings.runtime_options(spec).model_copy(update={"streams": 1, "threads": threads})
+        predictor = Predictor.open(
+            spec.path, options, cache_dir=args.cache_dir, buckets=settings.model_buckets(spec), batch_size=8
+        )
+        pipeline = predictor.pipeline
+        step = pipeline.plan(pipeline.decode(data), 1.0, SegmentOptions(), pipeline.score_threshold)
+        result.update(bucket=list(step.bucket), graph=str(predictor.opened.graph_path if predictor.opened else ""))
         for batch in sorted({1, args.max_batch_size}):
-            images = pad_batch([prepared.pixels] * batch, prepared.bucket, model.rule.pad_value)
-            runtime.infer(images)  # first run allocates
+            images = pad_batch([step.inputs[0]] * batch, step.bucket, pipeline.contract.pad_value)
+            predictor.runtime.infer(images)  # first run allocates
             infer_times, pipeline_times, instances = [], [], 0
             for _ in range(args.raw_repeats):
                 started = time.perf_counter()
-                outputs = runtime.infer(images)
+                outputs = predictor.runtime.infer(images)
                 infer_times.append(time.perf_counter() - started)
-                instances = finish(outputs, batch)
+                instances = sum(len(step.finish(0, {k: v[i] for k, v in outputs.items()})) for i in range(batch))
                 pipeline_times.append(time.perf_counter() - started)
             run = {
-                "threads": threads or "default",
+                "threads": threads,
                 "batch": batch,
                 "infer_images_per_s": batch / statistics.median(infer_times),
                 "infer_and_finish_images_per_s": batch / statistics.median(pipeline_times),
@@ -277,7 +260,7 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
             }
             result["runs"].append(run)
             print(
-                f"  {spec.name:10s} raw threads {str(run['threads']):8s} batch {batch:<2d} "
+                f"  {spec.name:10s} engine alone, {threads} thread(s), batch {batch:<2d} "
                 f"infer {run['infer_images_per_s']:7.1f} img/s   "
                 f"infer+finish {run['infer_and_finish_images_per_s']:7.1f} img/s  "
                 f"({run['instances_per_image']:.0f} instances/img)",
@@ -294,7 +277,7 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
     configs: dict[str, list[str]] = json.loads(args.configs)
     for spec in specs:  # export once here, not in every server at once
         if spec.path.suffix == ".pt":
-            export_checkpoint(spec.path, args.cache_dir / cached_name(spec, ".onnx"))
+            export_checkpoint(spec.path, args.cache_dir / cached_name(spec.path, ".onnx"))
     models = json.dumps([spec.model_dump(mode="json") for spec in specs])
     common = [
         "--models",
@@ -388,7 +371,9 @@ def main() -> None:
     )
     parser.add_argument("--raw-repeats", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
-    parser.add_argument("--service-args", default="", help='more flags for python -m service, e.g. "--runtime torch"')
+    parser.add_argument(
+        "--service-args", default="", help='more flags for python -m service, e.g. "--runtime.engine torch"'
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
 

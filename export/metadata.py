@@ -36,7 +36,10 @@ class GraphMetadata(BaseModel):
     mask_kind: MaskKind | None  # None: boxes only (plain FCOS)
     class_names: list[str]
     category_ids: list[int]  # dataset id of each contiguous class index
-    score_threshold: float
+    score_threshold: float  # the graph's candidate threshold (what it returns at all)
+    # The threshold answers default to, chosen on the validation split (best F1); None in graphs exported before
+    # checkpoints recorded one (callers then use inference.pipeline.FALLBACK_SCORE_THRESHOLD).
+    recommended_score_threshold: float | None = None
     nms_threshold: float
     max_detections: int
     pre_nms_topk: int  # candidates per FPN level before NMS

@@ -69,6 +69,8 @@ def finished_masks(
     One ``finish_image`` call finishes them all; each slot goes in with a distinct, decreasing stand-in
     score, which comes back on its instance and names the slot.
     """
+    if metadata.mask_kind is None:
+        raise ValueError("a boxes-only graph has no masks to finish")
     tags = 1.0 - np.arange(len(slots)) / (len(slots) + 1.0)
     instances = finish_image(
         len(slots),
@@ -83,7 +85,9 @@ def finished_masks(
         box_padding=metadata.box_padding or 0,
     )
     return {
-        slots[int(np.argmin(np.abs(tags - i.score)))]: {**i.rle, "counts": i.rle["counts"].encode()} for i in instances
+        slots[int(np.argmin(np.abs(tags - i.score)))]: {**rle, "counts": rle["counts"].encode()}
+        for i in instances
+        if (rle := i.rle) is not None  # always, with mask_format "rle"
     }
 
 

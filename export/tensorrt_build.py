@@ -205,7 +205,8 @@ def engine_tensor_specs(engine_path: str | Path) -> tuple[list[TensorSpec], list
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(engine_path).read_bytes())
     if engine is None:
         raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
-    inputs, outputs = [], []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         spec = TensorSpec(name, types[engine.get_tensor_dtype(name)], tuple(engine.get_tensor_shape(name)))

@@ -22,7 +22,7 @@ PLATFORMS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
     "tensorrt": ("tensorrt_plan", "model.plan"),
 }
-ONNX_TO_TRITON = {
+ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.INT32: "TYPE_INT32",
     onnx.TensorProto.INT64: "TYPE_INT64",

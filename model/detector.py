@@ -25,6 +25,9 @@ from model.methods import build_mask_method
 class OneStageDetector(nn.Module):
     """Takes uint8 RGB images [B, 3, H, W] (H, W multiples of 32) and normalises them itself."""
 
+    pixel_mean: torch.Tensor  # [1, 3, 1, 1] buffers
+    pixel_std: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -65,7 +68,7 @@ class OneStageDetector(nn.Module):
         gts: list[InstanceTargets],
     ) -> dict[str, torch.Tensor]:
         image_shape = (images.shape[2], images.shape[3])
-        locations = compute_locations([tuple(f.shape[2:]) for f in features], self.cfg.head, images.device)
+        locations = compute_locations([(f.shape[2], f.shape[3]) for f in features], self.cfg.head, images.device)
         assigned = [
             assign_image(
                 gt,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import HeadConfig
-from model.layers import Scale, conv_tower, init_normal, prior_bias
+from model.layers import Scale, conv_tower, init_bias, init_normal, prior_bias
 
 
 @dataclass
@@ -36,7 +36,7 @@ class FCOSHead(nn.Module):
         self.ctrness = nn.Conv2d(ch, 1, 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in cfg.strides])
         init_normal(self)
-        nn.init.constant_(self.cls_logits.bias, prior_bias(cfg.prior_prob))
+        init_bias(self.cls_logits, prior_bias(cfg.prior_prob))
 
     def forward(self, features: list[torch.Tensor]) -> FCOSHeadOutputs:
         out = FCOSHeadOutputs([], [], [], [])

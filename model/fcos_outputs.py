@@ -33,9 +33,7 @@ class Locations:
     level_sizes: list[int]  # number of locations on each level
 
 
-def level_points(
-    height: int | torch.Tensor, width: int | torch.Tensor, stride: int, device: torch.device
-) -> torch.Tensor:
+def level_points(height: int, width: int, stride: int, device: torch.device) -> torch.Tensor:
     """Locations (x, y) = (j*s + s//2, i*s + s//2) of a level's cells, row-major, [H*W, 2]."""
     ys = torch.arange(height, device=device, dtype=torch.float32) * stride + stride // 2
     xs = torch.arange(width, device=device, dtype=torch.float32) * stride + stride // 2

@@ -267,7 +267,9 @@ def upsample_logprob_rles(
     # torch runs a per-corner kernel when the output's height + width <= 128, else a separable one.
     mode = mask_kernel.INTERPOLATE_PER_CORNER if sum(canvas) <= 128 else mask_kernel.INTERPOLATE_SEPARABLE
     frame = frame or Frame.of(image_size)
-    return _threshold_rle(logprobs, index, *taps, float(np.float32(math.log(threshold))), True, mode, frame, workers)
+    rows, cols = taps
+    log_threshold = float(np.float32(math.log(threshold)))
+    return _threshold_rle(logprobs, index, rows, cols, log_threshold, True, mode, frame, workers)
 
 
 def encode_rles(counts: list[np.ndarray], image_size: tuple[int, int]) -> list[dict[str, Any]]:
@@ -351,7 +353,7 @@ def finish_image(
     order = np.flatnonzero(keep & (scores >= score_threshold))
     order = order[np.argsort(-scores[order], kind="stable")][:max_detections].tolist()
 
-    if mask_format == "none":
+    if mask_format == "none" or masks is None:  # (no masks with another format was refused above)
         runs = RunLengths([None] * len(order), [None] * len(order))  # type: ignore[list-item]
     elif mask_kind == "box28":
         runs = paste_box28_rles(masks[order], scaled[order], image_size, threshold, workers, frame)

@@ -43,6 +43,13 @@ class Detections:
     masks: torch.Tensor | None = None  # MEInst [B, K, 28, 28] probabilities; EmbedMask [B, K, H/4, W/4] log-probs
 
 
+def detection_extras(detections: Detections) -> torch.Tensor:
+    """The method outputs gathered with each detection [B, K, E], which a mask method's detections carry."""
+    if detections.extras is None:
+        raise ValueError("these detections carry no mask-method outputs (extras)")
+    return detections.extras
+
+
 def _level_candidates(
     level: LevelPredictions, cfg: HeadConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -81,7 +88,8 @@ def select_detections(levels: list[LevelPredictions], cfg: HeadConfig, score_mod
     ranking = torch.cat([c[0] for c in per_level], dim=1)  # [B, L*k]
     boxes = torch.cat([c[1] for c in per_level], dim=1)
     classes = torch.cat([c[2] for c in per_level], dim=1)
-    extras = torch.cat([c[3] for c in per_level], dim=1) if per_level[0][3] is not None else None
+    level_extras = [c[3] for c in per_level if c[3] is not None]  # every level's, or none
+    extras = torch.cat(level_extras, dim=1) if level_extras else None
     batch, num_candidates = ranking.shape
     num_classes = levels[0].logits.shape[1]
 

@@ -10,10 +10,10 @@ that every path prepares images the same way:
    ``ResizeShortestEdge`` at test time: the short side to ``min_size``, the long side capped at
    ``max_size``) or "scale" for microscopy at a known pixel size (every image multiplied by ``scale``,
    1.0 for recipes trained at native size). A caller's own scale multiplies either (another
-   magnification); ``estimate_scale`` finds one from a first pass (``scale=auto``). PIL bilinear resampling;
+   magnification); ``inference.scale`` estimates one per image (``scale=auto``). PIL bilinear resampling;
 3. lay out as ``[3, h, w]`` uint8 RGB and pad bottom/right to multiples of ``size_divisibility`` with
    ``pad_value`` (the rounded pixel mean, so padding normalises to about zero). Images larger than the
-   largest shape a server runs are tiled (``model.tiling``), never shrunk.
+   largest shape a server runs are tiled (``inference.tiling``), never shrunk.
 
 The model normalises pixels itself, so the contract ends at uint8. Pure numpy/PIL: no torch at import.
 The record is stored as the ``input`` field of ``export.metadata.GraphMetadata``; its JSON field names are
@@ -56,15 +56,12 @@ def resize_rgb(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.nda
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     height, width = size
-    resized = image.resize((width, height), Image.BILINEAR)
+    resized = image.resize((width, height), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))
 
 
 # Caller scales accepted (a factor on the rule's own size): a tenth to ten times the magnification.
 SCALE_LIMITS = (0.1, 10.0)
-# scale=auto: the first pass's detections at least this confident, and at least this many of them.
-AUTO_MIN_SCORE = 0.3
-AUTO_MIN_OBJECTS = 3
 
 
 def check_scale(scale: float) -> float:
@@ -151,26 +148,3 @@ class InputContract(BaseModel):
         """An RGB image (PIL, or ``[H, W, 3]`` uint8) at the model's input size: [3, h, w] uint8, unpadded."""
         height, width = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else image.shape[:2]
         return resize_rgb(image, self.resized_shape(height, width, scale))
-
-    def estimate_scale(
-        self, boxes: np.ndarray, scores: np.ndarray, image_size: tuple[int, int], scale: float = 1.0
-    ) -> float | None:
-        """``scale=auto``: the caller scale at which the median confident detection of a first pass (``boxes``
-        xyxy in image pixels and ``scores``, run at caller scale ``scale``) would have the training objects'
-        median size, within ``SCALE_LIMITS``; None when the contract records no object size or the pass found
-        fewer than ``AUTO_MIN_OBJECTS`` objects scoring at least ``AUTO_MIN_SCORE`` (the caller keeps its
-        scale)."""
-        if self.object_size is None:
-            return None
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[np.asarray(scores) >= AUTO_MIN_SCORE]
-        if len(boxes) < AUTO_MIN_OBJECTS:
-            return None
-        sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
-        height, width = image_size
-        per_pixel = np.sqrt(
-            np.prod(self.resized_shape(height, width, scale)) / (height * width)
-        )  # input px per image px
-        measured = float(np.median(sides)) * per_pixel
-        if measured <= 0:
-            return None
-        return float(np.clip(scale * self.object_size / measured, *SCALE_LIMITS))

@@ -48,3 +48,10 @@ def prior_bias(prior_prob: float) -> float:
 def flatten_levels(maps: list[torch.Tensor]) -> torch.Tensor:
     """[B, C, H_l, W_l] per level -> [B, sum(H_l*W_l), C], levels concatenated in order."""
     return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
+def init_bias(conv: nn.Conv2d, value: float) -> None:
+    """Set a convolution's bias (built with one) to ``value``."""
+    if conv.bias is None:
+        raise ValueError("this convolution has no bias to initialise")
+    nn.init.constant_(conv.bias, value)

@@ -18,6 +18,8 @@ reference ops, so the kernel only has to reproduce the arithmetic of each pixel'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
@@ -31,16 +33,20 @@ MARGIN = 2.0**-19
 _OUT, _IN, _EDGE = 0, 1, 2  # a rectangle of pixels between the same four cells: all out, all in, or look closer
 
 
-@intrinsic
-def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+def _fma_typing(typingctx, a, b, c):
     """float32 a * b + c rounded once (LLVM's fma: the instruction, or libm's exact fmaf)."""
     if not (a == b == c == types.float32):
         return None
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         return builder.fma(*args)
 
     return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+# What the compiled code calls; typed for the checker as the function it lowers to (numba's intrinsic object
+# takes the typing context as its first parameter, which callers never pass).
+_fma: Callable[[np.float32, np.float32, np.float32], np.float32] = intrinsic(_fma_typing)  # type: ignore[assignment]
 
 
 @njit(nogil=True, cache=True)
@@ -207,7 +213,7 @@ def threshold_rle(
                                         on = False
                                     else:
                                         exact = _exact(mode, v00, v01, v10, v11, wy0, wy1, wx0, wx1)
-                                        on = exact > threshold if strict else exact >= threshold
+                                        on = bool(exact > threshold if strict else exact >= threshold)
                                     if on:
                                         m = _append(ones_start, ones_end, m, p, p + 1)
                     column = (col_start[k] + j) * height + row_start[k]  # frame index of local row 0

@@ -17,11 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.errors import error_response
 from service.metrics import UNKNOWN_MODEL
 from service.request_log import RequestLogMiddleware
 from service.routes import metrics_router, protected, router
 from service.security import Authenticator, add_cors, require_api_key
-from service.segment_service import SegmentService, error_response
+from service.segment_service import SegmentService
 from service.settings import Settings
 from service.web import mount_page
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.imaging import pad_batch
+from inference.sizing import pad_batch
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,15 @@ class DynamicBatcher:
             await self._worker
         await asyncio.gather(*self._running)
 
+    def _refuse(self) -> QueueFull:
+        if self._stopping:
+            return QueueFull(f"model {self.name!r} is shutting down")
+        return QueueFull(f"model {self.name!r} queue is full ({self.max_queue_size} waiting)")
+
     def reserve(self) -> Reservation:
         """Hold a queue slot for a request whose image is still to be read and decoded; raises ``QueueFull``."""
         if self.full:
-            raise QueueFull(self.name)
+            raise self._refuse()
         self._reserved += 1
         return Reservation(self)
 
@@ -111,7 +116,7 @@ class DynamicBatcher:
         """Queue one more image of an admitted request (a tile, or a second pass) without a reserved slot;
         raises ``QueueFull``."""
         if self.full:
-            raise QueueFull(self.name)
+            raise self._refuse()
         return self._enqueue(pixels, bucket)
 
     def _unreserve(self) -> None:

@@ -8,6 +8,7 @@ exports. Each app owns a ``CollectorRegistry`` (its batch-size buckets depend on
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -139,7 +140,7 @@ class Metrics:
 
 
 def _collector(
-    spec: MetricSpec, buckets: dict[str, tuple[float, ...] | list[float]], registry: CollectorRegistry
+    spec: MetricSpec, buckets: Mapping[str, Sequence[float]], registry: CollectorRegistry
 ) -> Histogram | Gauge | Counter | Info:
     """The collector of one table row. prometheus_client adds the ``_total`` (counter) and ``_info`` (info)
     suffixes itself, and an info family's keys are the values passed to ``info``, not constructor labels."""

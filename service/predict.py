@@ -6,8 +6,8 @@ label PNG, and for the whole run one COCO results file.
 
 `--url` sends every image to a running service (`--concurrency` requests at a time); `--checkpoint` runs
 a training checkpoint (exported to ONNX into `--cache-dir` first, as the service does), an exported
-`.onnx` graph or a TensorRT engine in this process, through the service's own decode, resize, runtime and
-mask finishing, so both modes give the service's answers.
+`.onnx` graph or a TensorRT engine in this process through `inference.Predictor`, the service's own
+pipeline, so both modes give the service's answers. Both default to the model's recommended score threshold.
 
 Written under `--out`: `<name>.overlay.png` (the image with each instance in its own colour) and
 `<name>.labels.png` (uint16: 0 background, instance i = i in score order) per image; `results.json`, the
@@ -34,14 +34,17 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from inference.cli import add_runtime_arguments, runtime_options
+from inference.decode import decode_image
+from inference.errors import InputError
+from inference.pipeline import DEFAULT_SCALE, SegmentOptions
+from inference.predictor import Predictor
+from inference.runtime import RuntimeOptions, default_cache_dir
 from model.input_contract import InputContract, scale_argument
-from service.imaging import ImageRejected, decode_image
 from service.render import label_image, overlay_image, png_bytes
 from service.schemas import RLE, SegmentResponse
-from service.settings import ModelSpec, Settings, default_cache_dir
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-DEFAULT_MAX_IMAGE_PIXELS = Settings.model_fields["max_image_pixels"].default
 # A service from before models advertised their input contract served photo models: 8-bit RGB, as PIL decodes.
 PHOTO_CONTRACT = InputContract(size_divisibility=32, min_size=800, max_size=1333, pad_value=[124, 116, 104])
 API_KEY_ENV = "ONESTAGE_API_KEY"
@@ -108,13 +111,7 @@ class RemotePredictor:
     """`POST /segment` on a running service (httpx's client is thread-safe: one pool for all workers)."""
 
     def __init__(
-        self,
-        url: str,
-        model: str | None,
-        api_key: str | None,
-        score_threshold: float,
-        max_detections: int | None,
-        scale: float | str = 1.0,
+        self, url: str, model: str | None, api_key: str | None, options: SegmentOptions, channel: int | None = None
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120.0)
@@ -134,12 +131,19 @@ class RemotePredictor:
         self.categories = [{"id": i, "name": n} for i, n in zip(meta["category_ids"], meta["class_names"])]
         # How the model reads images, to draw the overlays on what it saw (a photo model's rule if not told).
         self.contract = InputContract.model_validate(meta["input"]) if meta.get("input") else PHOTO_CONTRACT
-        self.params: dict[str, Any] = {"model": self.model, "score_threshold": score_threshold, "scale": str(scale)}
-        if max_detections is not None:
-            self.params["max_detections"] = max_detections
-        self.max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS  # the service checks its own limit
+        self.channel = options.channel
+        self.params: dict[str, Any] = {"model": self.model, "scale": str(options.scale)}
+        optional = {
+            "score_threshold": options.score_threshold,
+            "max_detections": options.max_detections,
+            "channel": options.channel,
+        }
+        self.params.update({key: value for key, value in optional.items() if value is not None})
 
-    def __call__(self, data: bytes) -> SegmentResponse:
+    def __call__(self, data: bytes) -> tuple[np.ndarray, SegmentResponse]:
+        # The overlay's background: the 8-bit image the model reads, oriented as the service sees it (the
+        # service checks its own pixel limit).
+        image = decode_image(data, self.contract, self.channel)
         try:
             response = self.client.post(
                 "/segment", content=data, params=self.params, headers={"Content-Type": "application/octet-stream"}
@@ -152,98 +156,48 @@ class RemotePredictor:
             except (ValueError, KeyError, TypeError):
                 detail = response.text[:300]
             raise PredictFailed(f"HTTP {response.status_code}: {detail}")
-        return SegmentResponse.model_validate_json(response.content)
+        return image, SegmentResponse.model_validate_json(response.content)
 
 
 class LocalPredictor:
-    """The model in this process, through the service's steps (decode by its contract, resize into a bucket or
-    tile, runtime, finishing, merge) at batch 1."""
+    """The model in this process through ``inference.Predictor``: the service's pipeline (decode by the
+    model's contract, resize into a bucket or tile, runtime, finishing, merge), one image at a time."""
 
-    def __init__(
-        self,
-        checkpoint: Path,
-        cache_dir: Path,
-        score_threshold: float,
-        max_detections: int | None,
-        scale: float | str = 1.0,
-        runtime: str = "auto",
-    ) -> None:
-        from service.models import load_model
-        from training.evaluate import EvalSpec
-
+    def __init__(self, checkpoint: Path, cache_dir: Path, options: SegmentOptions, runtime: RuntimeOptions) -> None:
         if not checkpoint.is_file():
             raise SetupFailed(f"{checkpoint} not found")
-        name = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
-        name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)[:64] or "model"
-        settings = Settings(
-            models=[ModelSpec(name=name, path=checkpoint)],
-            cache_dir=cache_dir,
-            warmup=False,
-            max_batch_size=1,
-            runtime=runtime,
-        )
         try:
-            self.loaded = load_model(settings.models[0], settings)
+            self.predictor = Predictor.open(checkpoint, runtime, cache_dir=cache_dir)
         except Exception as error:  # a file that is no checkpoint or graph: say so, not with a traceback
             raise SetupFailed(f"cannot load {checkpoint}: {type(error).__name__}: {error}") from error
-        self.model = name
-        meta = self.loaded.metadata
-        if scale == "auto" and meta.input.object_size is None:
-            raise SetupFailed(
-                f"--scale auto needs a model that records its training object size; {checkpoint} does not"
-            )
-        self.contract = meta.input
-        self.spec = EvalSpec(meta.category_ids, meta.mask_kind, meta.mask_threshold, meta.box_padding or 0, meta.input)
-        self.categories = [{"id": i, "name": n} for i, n in zip(meta.category_ids, meta.class_names)]
-        self.score_threshold, self.max_detections, self.scale = score_threshold, max_detections, scale
-        self.max_image_pixels, self.tile_overlap = settings.max_image_pixels, settings.tile_overlap
-
-    def __call__(self, data: bytes) -> SegmentResponse:
-        """Decode by the model's contract, then the service's whole-or-tiled path at the asked (or estimated)
-        scale, as ``training.evaluate`` runs it (batch 1)."""
-        from service.segment_service import SegmentService
-        from training.evaluate import segment_auto, segment_image
-
-        model = self.loaded
         try:
-            image = np.asarray(decode_image(data, self.max_image_pixels, self.contract))
-        except ImageRejected as error:
-            raise PredictFailed(error.message) from None
-        if self.scale == "auto":
-            instances, scale = segment_auto(
-                model.runtime, image, self.spec, model.buckets, self.tile_overlap, score_threshold=self.score_threshold
-            )
-        else:
-            scale = float(self.scale)
-            instances = segment_image(
-                model.runtime,
-                image,
-                self.spec,
-                model.buckets,
-                self.tile_overlap,
-                scale,
-                score_threshold=self.score_threshold,
-            )
-        return SegmentService.answer(instances[: self.max_detections], image.shape[:2], scale, model)
+            self.predictor.pipeline.check(options)
+        except InputError as error:
+            raise SetupFailed(f"{checkpoint}: {error}") from None
+        self.model = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
+        meta = self.predictor.metadata
+        self.categories = [{"id": i, "name": n} for i, n in zip(meta.category_ids, meta.class_names)]
+        self.options = options
+
+    def __call__(self, data: bytes) -> tuple[np.ndarray, SegmentResponse]:
+        image = self.predictor.pipeline.decode(data, self.options.channel)
+        segmentation = self.predictor(image, self.options)
+        opened = self.predictor.opened
+        version = opened.version if opened is not None else ""
+        return image, SegmentResponse.from_segmentation(segmentation, self.model, version, self.predictor.metadata)
 
 
-Predictor = Callable[[bytes], SegmentResponse]
+Segmenter = Callable[[bytes], tuple[np.ndarray, SegmentResponse]]
 
 
 # ------------------------------------------------------------------ one image, the run
-def run_job(job: Job, predict: Predictor, max_image_pixels: int, out: Path) -> Done:
+def run_job(job: Job, segment: Segmenter, out: Path) -> Done:
     """Read, segment and draw one image; every failure becomes the Done's error, never an exception."""
     try:
-        data = job.path.read_bytes()
-        # The overlay's background: the 8-bit image the model reads (its intensity rule), oriented as the
-        # service sees it.
-        image = np.asarray(decode_image(data, max_image_pixels, predict.contract))
-        answer = predict(data)
+        image, answer = segment(job.path.read_bytes())
         (out / f"{job.name}.overlay.png").write_bytes(png_bytes(overlay_image(image, answer)))
         (out / f"{job.name}.labels.png").write_bytes(png_bytes(label_image(answer)))
-    except ImageRejected as error:
-        return Done(job, None, error.message)
-    except (PredictFailed, OSError) as error:
+    except (InputError, PredictFailed, OSError) as error:
         return Done(job, None, str(error))
     except Exception as error:  # noqa: BLE001 -- whatever else one image provokes, the run goes on
         return Done(job, None, f"{type(error).__name__}: {error}")
@@ -294,15 +248,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
     parser.add_argument("--model", help="--url: the served model (default: the service's first)")
     parser.add_argument(
-        "--score-threshold", type=float, default=0.3, help="drop detections scoring below this (default 0.3)"
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="drop detections scoring below this (default: the model's recommended threshold, chosen on its "
+        "validation split, as the service and its page default to)",
     )
     parser.add_argument("--max-detections", type=int, default=None, help="keep at most this many per image")
     parser.add_argument(
         "--scale",
         type=scale_argument,
-        default=1.0,
+        default=DEFAULT_SCALE,
         help="a factor on the model's own input size (0.1-10; e.g. 0.5 for images at twice the training "
-        "magnification) or 'auto' (default 1)",
+        f"magnification) or 'auto' (default {DEFAULT_SCALE})",
+    )
+    parser.add_argument(
+        "--channel", type=int, default=None, help="microscopy models: the channel of a multi-channel image to segment"
     )
     parser.add_argument("--concurrency", type=int, default=4, help="--url: requests in flight at once (default 4)")
     parser.add_argument(
@@ -310,12 +271,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get(API_KEY_ENV),
         help=f"--url: sent as a Bearer token (default: ${API_KEY_ENV})",
     )
-    parser.add_argument(
-        "--runtime",
-        choices=Settings.model_fields["runtime"].annotation.__args__,
-        default="auto",
-        help="--checkpoint: the runtime, as the service's --runtime (default auto: onnxruntime)",
-    )
+    add_runtime_arguments(parser)
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -323,7 +279,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="--checkpoint: where a .pt is exported to ONNX (default: the service's)",
     )
     args = parser.parse_args(argv)
-    if not 0 <= args.score_threshold <= 1:
+    if args.score_threshold is not None and not 0 <= args.score_threshold <= 1:
         parser.error("--score-threshold must be in [0, 1]")
     if args.concurrency < 1 or (args.max_detections is not None and args.max_detections < 1):
         parser.error("--concurrency and --max-detections must be at least 1")
@@ -338,17 +294,19 @@ def main(argv: list[str]) -> int:
     if not paths:
         print("error: no images to segment", file=sys.stderr)
         return 2
+    options = SegmentOptions(
+        score_threshold=args.score_threshold,
+        max_detections=args.max_detections,
+        scale=args.scale,
+        channel=args.channel,
+    )
     predict: RemotePredictor | LocalPredictor
     try:
         if args.url:
-            predict = RemotePredictor(
-                args.url, args.model, args.api_key, args.score_threshold, args.max_detections, args.scale
-            )
+            predict = RemotePredictor(args.url, args.model, args.api_key, options)
         else:
             cache_dir = args.cache_dir or default_cache_dir()
-            predict = LocalPredictor(
-                args.checkpoint, cache_dir, args.score_threshold, args.max_detections, args.scale, args.runtime
-            )
+            predict = LocalPredictor(args.checkpoint, cache_dir, options, runtime_options(args))
     except SetupFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -358,7 +316,7 @@ def main(argv: list[str]) -> int:
     jobs = plan_jobs(paths)
     done: list[Done] = []
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), unit="image", desc=predict.model) as bar:
-        futures = [pool.submit(run_job, job, predict, predict.max_image_pixels, args.out) for job in jobs]
+        futures = [pool.submit(run_job, job, predict, args.out) for job in jobs]
         for future in as_completed(futures):
             result = future.result()
             if result.error is not None:

@@ -2,7 +2,7 @@
 
 Takes the same settings as ``python -m service`` (flags or ``ONESTAGE_*``) and does what a first start would
 do before loading the runtimes: export every configured checkpoint to ONNX into ``cache_dir``, build the
-TensorRT engines when ``runtime=tensorrt``, and compile the mask finishing kernel into numba's cache. A
+TensorRT engines for models on the tensorrt engine, and compile the mask finishing kernel into numba's cache. A
 server started afterwards on that cache finds every graph in place, so it never imports torch (the
 Kubernetes Deployment runs this as its init container). Exits 1 naming the models that failed.
 """
@@ -13,8 +13,8 @@ import logging
 import sys
 import time
 
+from inference.runtime import prepare_graph
 from model import finishing
-from service.models import prepare_graph
 from service.settings import load_settings
 
 log = logging.getLogger("service.prepare")
@@ -27,7 +27,13 @@ def main(argv: list[str]) -> int:
     for spec in settings.models:
         started = time.perf_counter()
         try:
-            graph = prepare_graph(spec, settings)
+            graph = prepare_graph(
+                spec.path,
+                settings.runtime_options(spec),
+                settings.cache_dir,
+                max_batch_size=settings.max_batch_size,
+                buckets=settings.model_buckets(spec),
+            )
         except Exception:
             log.exception("model %s: preparing %s failed", spec.name, spec.path)
             failed.append(spec.name)

@@ -16,7 +16,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inference.pipeline import SegmentOptions
 from model.input_contract import parse_scale
+from service.body import Body
+from service.kserve import model_metadata as describe
 from service.models import ModelEntry
 from service.schemas import (
     AnswerMaskFormat,
@@ -28,7 +31,7 @@ from service.schemas import (
     Render,
     SegmentResponse,
 )
-from service.segment_service import SegmentOptions, SegmentService
+from service.segment_service import SegmentRequest, SegmentService
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -38,7 +41,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
-        422: "invalid query parameter, or render=overlay with mask_format polygon or label",
+        422: "invalid query parameter, render=overlay with mask_format polygon or label, scale=auto for a model "
+        "without a recorded object size, or pixels the model cannot read (a stack, a missing channel)",
         500: "the runtime failed",
         503: "queue full or model not ready (see Retry-After)",
         504: "the request waited past its deadline",
@@ -105,10 +109,18 @@ def scale_query(text: str) -> float | Literal["auto"]:
 
 @protected.post("/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
 async def segment(
-    request: Request,
+    body: Body,
     service: Service,
     model: Annotated[str | None, Query(description="model name (GET /models); default: the first configured")] = None,
-    score_threshold: Annotated[float, Query(ge=0, le=1, description="drop detections scoring below this")] = 0.0,
+    score_threshold: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=1,
+            description="drop detections scoring below this (default: the model's recommended_score_threshold, "
+            "GET /v2/models/{name})",
+        ),
+    ] = None,
     max_detections: Annotated[
         int | None, Query(ge=1, le=10000, description="keep at most this many (highest scores)")
     ] = None,
@@ -148,9 +160,13 @@ async def segment(
     limit = service.settings.request_timeout_s
     timeout_s = limit if timeout_ms is None else min(timeout_ms / 1000, limit)
     options = SegmentOptions(
-        score_threshold, max_detections, mask_format, timeout_s, render, scale_query(scale), channel
+        score_threshold=score_threshold,
+        max_detections=max_detections,
+        mask_format="rle" if mask_format == "label" else mask_format,  # labels are painted from RLE
+        scale=scale_query(scale),
+        channel=channel,
     )
-    return await service.segment(request, model, options)
+    return await service.segment(body, model, SegmentRequest(options, mask_format, timeout_s, render))
 
 
 @router.get("/v2/health/live", response_model=Liveness)
@@ -168,7 +184,7 @@ async def ready(service: Service) -> JSONResponse:
 
 @protected.get("/v2/models/{name}", response_model=ModelMetadata, responses={404: {"model": ErrorResponse}})
 async def model_metadata(service: Service, entry: Entry) -> ModelMetadata:
-    return service.model_metadata(entry)
+    return describe(entry)
 
 
 @router.get(
@@ -184,7 +200,7 @@ async def model_ready(service: Service, entry: Entry) -> JSONResponse:
 
 @protected.get("/models", response_model=ModelList)
 async def models(service: Service) -> ModelList:
-    return ModelList(models=[service.model_metadata(entry) for entry in service.registry.entries.values()])
+    return ModelList(models=[describe(entry) for entry in service.registry.entries.values()])
 
 
 @metrics_router.get("/metrics", response_class=Response)

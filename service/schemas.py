@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from export.metadata import GraphMetadata
+from inference.pipeline import Segmentation
+from model.finishing import Instance as FinishedInstance
 from model.input_contract import InputContract
 from model.mask_contract import MaskFormat
 
@@ -41,7 +44,41 @@ class SegmentResponse(BaseModel):
         description="the factor on the model's own input size this image ran at (the request's, or the one "
         "scale=auto chose)"
     )
+    score_threshold: float = Field(description="detections scoring below this were dropped")
     instances: list[Instance] = Field(description="in descending score order")
+    warnings: list[str] = Field(
+        default_factory=list, description="why the answer may not be what was asked or expected, in words"
+    )
+
+    @classmethod
+    def from_segmentation(
+        cls, segmentation: Segmentation, model: str, version: str, metadata: GraphMetadata
+    ) -> SegmentResponse:
+        """The answer to one image: ``segmentation``'s instances with the model's category ids and names."""
+        names, ids = metadata.class_names, metadata.category_ids
+
+        def encode(instance: FinishedInstance) -> Instance:
+            x0, y0, x1, y1 = instance.box
+            return Instance(
+                bbox=(x0, y0, x1 - x0, y1 - y0),
+                score=instance.score,
+                category_id=ids[instance.class_index],
+                category_name=names[instance.class_index],
+                area=instance.area,
+                segmentation=RLE(**instance.rle) if instance.rle is not None else instance.polygons,
+            )
+
+        height, width = segmentation.image_size
+        return cls(
+            model=model,
+            version=version,
+            width=width,
+            height=height,
+            scale=segmentation.scale,
+            score_threshold=segmentation.score_threshold,
+            instances=[encode(i) for i in segmentation.instances],
+            warnings=segmentation.warnings,
+        )
 
 
 class ErrorResponse(BaseModel):
@@ -62,13 +99,17 @@ class ModelMetadata(BaseModel):
     platform: str | None
     state: Literal["loading", "ready", "failed"]
     error: str | None = None
-    runtime: str | None = None
+    runtime: str | None = Field(None, description="the engine that runs the model")
+    precision: str | None = Field(None, description="what the engine computes in")
     providers: list[str] = []
     method: str | None = None
     mask_kind: str | None = None
     class_names: list[str] = []
     category_ids: list[int] = []
-    score_threshold: float | None = None
+    score_threshold: float | None = Field(None, description="the graph's candidate threshold")
+    recommended_score_threshold: float | None = Field(
+        None, description="what /segment's score_threshold defaults to: chosen on the model's validation split"
+    )
     mask_threshold: float | None = None
     max_detections: int | None = None
     min_size: int | None = Field(None, description="shorter side after resize")

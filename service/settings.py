@@ -7,15 +7,16 @@ Flags win over the environment, which wins over the defaults below. List and obj
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.tiling import DEFAULT_TILE_OVERLAP
+from inference.decode import DEFAULT_MAX_IMAGE_PIXELS
+from inference.runtime import RuntimeOptions, default_cache_dir, usable_cores
+from inference.tiling import DEFAULT_TILE_OVERLAP
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODELS = REPO / "models"
@@ -34,19 +35,27 @@ def parse_bucket(text: str) -> tuple[int, int]:
 class ModelSpec(BaseModel):
     """One served model. ``path`` is a training checkpoint (``.pt``, exported to ONNX into ``cache_dir`` on
     start), an exported graph (``.onnx``) or a TensorRT engine (``.plan``/``.engine`` with its ``.json``
-    sidecar); ``buckets`` overrides the global shape buckets for this model."""
+    sidecar); ``buckets`` overrides the global shape buckets for this model, ``runtime`` the service's
+    runtime options (only the keys given, e.g. ``{"engine": "onnxruntime"}``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     path: Path
     buckets: list[str] | None = None
+    runtime: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("buckets")
     @classmethod
     def _buckets_parse(cls, value: list[str] | None) -> list[str] | None:
         for bucket in value or []:
             parse_bucket(bucket)
+        return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        RuntimeOptions.model_validate(value)  # unknown keys and bad values fail here, at start-up
         return value
 
 
@@ -58,37 +67,15 @@ def bundled_models() -> list[ModelSpec]:
     ]
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _spare_cores() -> int:
     """The cores onnxruntime's default thread count (half of them) leaves to the request threads."""
-    return max(_cores() - _cores() // 2, 1)
-
-
-def default_threads_per_stream() -> int:
-    """Inference threads per stream: 1 up to 7 usable cores, then a quarter of them (see ``default_streams``)."""
-    return max(_cores() // 4, 1)
-
-
-def default_streams() -> int:
-    """Parallel inference streams: the usable cores divided by the threads per stream (2 x 1 on 2 cores,
-    4 x 2 on 8, 4 x 4 on 16). On few cores a second batch in flight uses a core better than a second
-    thread inside one batch (a second onnxruntime thread made the 2-core service slower); beyond 4 streams
-    the per-stream threads grow instead, so that a lone request still gets a quarter of the machine.
-    Request decoding and mask finishing share the cores with the streams (~15-25% of a request's CPU time).
-    """
-    return max(_cores() // default_threads_per_stream(), 1)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onestage"
+    return max(usable_cores() - usable_cores() // 2, 1)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ONESTAGE_",
+        env_nested_delimiter="__",
         cli_prog_name="python -m service",
         cli_kebab_case=True,
         cli_implicit_flags=True,
@@ -105,59 +92,11 @@ class Settings(BaseSettings):
         default_factory=default_cache_dir,
         description="where checkpoints are exported to ONNX, TensorRT engines built and OpenVINO's model cache kept",
     )
-    runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"] = Field(
-        "auto",
-        description="auto: TensorRT for engine paths; else onnxruntime with configured providers or CUDA when usable; "
-        "else OpenVINO on a CPU with bf16 when installed; else onnxruntime. onnxruntime; "
-        "openvino (CPU, bf16 where the CPU has it; one batch-1 engine per bucket, about 3.5x onnxruntime's memory); "
-        "tensorrt: build/load TensorRT engines (GPU hosts); torch: the checkpoint in PyTorch (CUDA when available, "
-        "else CPU; .pt paths only)",
+    runtime: RuntimeOptions = Field(
+        default_factory=RuntimeOptions,
+        description="how every model runs unless its models entry overrides it (--runtime.engine, "
+        "--runtime.precision, ...; ONESTAGE_RUNTIME__ENGINE=..., or ONESTAGE_RUNTIME='{\"engine\": ...}')",
     )
-    torch_precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="runtime=torch: autocast of the network part (selection, NMS and mask decode stay float32)"
-    )
-    torch_channels_last: bool | None = Field(
-        None,
-        description=(
-            "runtime=torch: NHWC weights and inputs "
-            "(default: on CUDA devices only; on the CPU it slowed the bundled models 2x)"
-        ),
-    )
-    torch_cuda_graphs: bool = Field(
-        False,
-        description=(
-            "runtime=torch on CUDA: capture the network part per input shape (warm-up captures every batch size)"
-        ),
-    )
-    torch_compile: bool = Field(
-        False, description="runtime=torch: torch.compile the network part (compiles during warm-up)"
-    )
-    providers: list[str] | None = Field(
-        None, description="onnxruntime execution providers, in order (default: CUDA if usable, then CPU)"
-    )
-    inference_streams: int = Field(
-        default_factory=default_streams,
-        ge=1,
-        le=64,
-        description="batches of one model in flight at once on the CPU runtimes (OpenVINO streams, or onnxruntime "
-        "sessions); default: the cores divided by inference_threads",
-    )
-    inference_threads: int = Field(
-        default_factory=default_threads_per_stream,
-        ge=1,
-        description="threads of each inference stream (onnxruntime intra-op threads, OpenVINO INFERENCE_NUM_THREADS / "
-        "streams); default 1 up to 7 cores, then a quarter of the cores",
-    )
-    openvino_precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto",
-        description="OpenVINO's inference precision: auto is bf16 where the CPU has it (AVX-512 BF16, AMX), else fp32",
-    )
-    ort_cpu_arena: bool = Field(
-        False,
-        description="keep onnxruntime's CPU memory arena: activations stay reserved for the largest batch and bucket "
-        "seen (about 0.4 GB per bundled model once warm); off, they return to the system after each batch",
-    )
-    tensorrt_fp16: bool = Field(False, description="build TensorRT engines with FP16 convolution trunks")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the batcher forms (1 turns batching off)")
     max_delay_ms: float = Field(
         0.0,
@@ -181,7 +120,9 @@ class Settings(BaseSettings):
         20 * 2**20, ge=1024, description="largest request body, checked while it streams in (413)"
     )
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest decoded image (width x height), checked from the header (413)"
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="largest decoded image (width x height), checked from the header (413)",
     )
     tile_overlap: int = Field(
         DEFAULT_TILE_OVERLAP,
@@ -252,6 +193,15 @@ class Settings(BaseSettings):
                 )
         return value
 
+    def runtime_options(self, spec: ModelSpec) -> RuntimeOptions:
+        """``spec``'s runtime options: the service's, with the model's own overrides."""
+        return RuntimeOptions.model_validate({**self.runtime.model_dump(), **spec.runtime})
+
+    def model_buckets(self, spec: ModelSpec) -> list[tuple[int, int]] | None:
+        """``spec``'s shape buckets, or the service's, or None (the model's defaults)."""
+        texts = spec.buckets if spec.buckets is not None else self.buckets
+        return [parse_bucket(text) for text in texts] or None
+
     @field_validator("models")
     @classmethod
     def _names_unique(cls, value: list[ModelSpec]) -> list[ModelSpec]:
@@ -259,6 +209,13 @@ class Settings(BaseSettings):
         if not names or len(set(names)) != len(names):
             raise ValueError(f"models need distinct names and at least one entry, got {names}")
         return value
+
+
+def environment_names() -> set[str]:
+    """Every environment variable the settings read: ``ONESTAGE_<NAME>``, and ``ONESTAGE_RUNTIME__<OPTION>`` for
+    each runtime option (deployment files are checked against it)."""
+    names = {f"ONESTAGE_{name.upper()}" for name in Settings.model_fields}
+    return names | {f"ONESTAGE_RUNTIME__{name.upper()}" for name in RuntimeOptions.model_fields}
 
 
 def load_settings(argv: list[str] | None) -> Settings:

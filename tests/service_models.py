@@ -74,9 +74,11 @@ def tiny_checkpoint(
     seed: int = 0,
     extra: tuple[str, ...] = (),
     object_size: float | None = None,
+    recommended_score_threshold: float | None = 0.0,
 ) -> Path:
     """Write a random-weight `method` ("meinst" or "embedmask") checkpoint to `path` and return it; `extra`
-    config overrides (e.g. a microscopy input contract) and the training objects' median size it records."""
+    config overrides (e.g. a microscopy input contract), the training objects' median size and the score
+    threshold answers default to that it records (0 by default: every detection, so tests see them all)."""
     model, cfg = tiny_detector(
         method,
         seed=seed,
@@ -96,6 +98,7 @@ def tiny_checkpoint(
             "iteration": 0,
             "metrics": {},
             "object_size": object_size,
+            "recommended_score_threshold": recommended_score_threshold,
         },
         path,
     )

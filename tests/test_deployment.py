@@ -30,7 +30,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.launcher import ServiceProcess, free_port
-from service.settings import Settings, bundled_models
+from service.settings import Settings, bundled_models, environment_names
 from tests.service_models import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,9 +371,9 @@ def test_gpu_service_reserves_a_gpu_and_the_cpu_override_drops_it() -> None:
     configs = configurations()
     devices = configs["gpu"]["services"][SERVICE]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert environment(configs["gpu"]["services"][SERVICE])["ONESTAGE_RUNTIME"] == "tensorrt"
+    assert environment(configs["gpu"]["services"][SERVICE])["ONESTAGE_RUNTIME__ENGINE"] == "tensorrt"
     cpu = configs["cpu"]["services"][SERVICE]
-    assert "deploy" not in cpu and environment(cpu)["ONESTAGE_RUNTIME"] == "auto"  # OpenVINO on bf16 CPUs
+    assert "deploy" not in cpu and environment(cpu)["ONESTAGE_RUNTIME__ENGINE"] == "auto"  # OpenVINO on bf16 CPUs
     assert configs["gpu"]["services"][SERVICE]["image"] != cpu["image"]
     # `docker compose up` starts the service, Prometheus and Grafana; DCGM only under its profile
     services = configs["gpu"]["services"]
@@ -385,13 +385,13 @@ def test_gpu_service_reserves_a_gpu_and_the_cpu_override_drops_it() -> None:
 def test_compose_environment_is_valid_service_settings(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     service = configurations()[variant]["services"][SERVICE]
     env = environment(service)
-    fields = {f"ONESTAGE_{name.upper()}" for name in Settings.model_fields}
+    fields = environment_names()
     assert set(env) <= fields, f"not service settings: {set(env) - fields}"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.host == "0.0.0.0"
-    assert settings.runtime == env["ONESTAGE_RUNTIME"]
+    assert settings.runtime.engine == env["ONESTAGE_RUNTIME__ENGINE"]
     # the engine cache lives in the named volume, at the image's cache directory
     image_env = env_values(variant_instructions(variant))
     assert str(settings.cache_dir) == image_env["ONESTAGE_CACHE_DIR"]

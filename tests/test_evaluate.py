@@ -1,4 +1,5 @@
-"""Evaluation: COCO metrics through the runtime interface, the results file, and the CLI on a checkpoint."""
+"""Evaluation: COCO metrics through the Predictor (any runtime), the results file, the best-F1 operating point,
+and the CLI on a checkpoint."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from export.metadata import DETECTION_OUTPUTS, MASK_OUTPUT, GraphMetadata
+from inference.predictor import Predictor
 from model.checkpoint import save_checkpoint
 from model.config import load_config
 from model.detector import OneStageDetector
 from model.input_contract import InputContract, resized_shape
-from training.evaluate import EvalSpec, eval_dataset, evaluate, main
+from training.evaluate import best_f1_threshold, evaluate, load_coco, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -64,13 +67,21 @@ def dataset_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(root / "annotations.json"), str(root)
 
 
-def spec(mask_kind: str | None) -> EvalSpec:
-    return EvalSpec(
-        category_ids=[3, 7],
+def metadata(mask_kind: str | None, category_ids: tuple[int, int] = (3, 7)) -> GraphMetadata:
+    return GraphMetadata(
+        method="meinst" if mask_kind else "fcos",
         mask_kind=mask_kind,
+        class_names=["three", "seven"],
+        category_ids=list(category_ids),
+        score_threshold=0.05,
+        nms_threshold=0.6,
+        max_detections=3,
+        pre_nms_topk=1000,
+        strides=[8, 16, 32, 64, 128],
         mask_threshold=0.5 if mask_kind else None,
-        box_padding=2,
+        mask_size=28 if mask_kind else None,
         input=InputContract(pad_value=[124, 116, 104], size_divisibility=32, min_size=MIN_SIZE, max_size=MAX_SIZE),
+        output_names=[*DETECTION_OUTPUTS, *([MASK_OUTPUT] if mask_kind else [])],
     )
 
 
@@ -112,10 +123,8 @@ def test_ground_truth_answers_score_100_and_the_results_file_is_coco(
 ) -> None:
     annotations, images = dataset_files
     results_path = tmp_path / "results.json"
-    dataset = eval_dataset(annotations, images, spec("box28"))
-    metrics = evaluate(
-        GroundTruthRuntime(with_masks=True), dataset, spec("box28"), batch_size=2, results_path=results_path
-    )
+    predictor = Predictor(GroundTruthRuntime(with_masks=True), metadata("box28"), batch_size=2)
+    metrics = evaluate(predictor, load_coco(annotations), images, results_path=results_path)
     for iou_type in ("bbox", "segm"):
         assert metrics[iou_type]["AP"] == pytest.approx(100.0)
         assert metrics[iou_type]["AP75"] == pytest.approx(100.0)
@@ -133,9 +142,9 @@ def test_ground_truth_answers_score_100_and_the_results_file_is_coco(
 
 def test_boxes_only_and_no_detections(dataset_files: tuple[str, str]) -> None:
     annotations, images = dataset_files
-    dataset = eval_dataset(annotations, images, spec(None))
-    metrics = evaluate(GroundTruthRuntime(with_masks=False), dataset, spec(None), batch_size=3)
-    assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] == pytest.approx(100.0)
+    coco = load_coco(annotations)
+    metrics = evaluate(Predictor(GroundTruthRuntime(with_masks=False), metadata(None), batch_size=3), coco, images)
+    assert set(metrics) == {"bbox", "f1"} and metrics["bbox"]["AP"] == pytest.approx(100.0)
 
     class Blind(GroundTruthRuntime):
         def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,10 +152,11 @@ def test_boxes_only_and_no_detections(dataset_files: tuple[str, str]) -> None:
             out["num_dets"][:] = 0
             return out
 
-    metrics = evaluate(Blind(with_masks=True), dataset, spec("box28"))
+    metrics = evaluate(Predictor(Blind(with_masks=True), metadata("box28")), coco, images)
     assert metrics["segm"] == {name: 0.0 for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    assert metrics["f1"]["f1"] == 0.0
     with pytest.raises(ValueError, match="category ids"):
-        evaluate(Blind(with_masks=True), dataset, EvalSpec(**{**spec("box28").__dict__, "category_ids": [1, 2]}))
+        evaluate(Predictor(Blind(with_masks=True), metadata("box28", (1, 2))), coco, images)
 
 
 def test_cli_prints_one_json_line_for_a_checkpoint(dataset_files: tuple[str, str], tmp_path: Path) -> None:
@@ -198,12 +208,17 @@ def test_cli_prints_one_json_line_for_a_checkpoint(dataset_files: tuple[str, str
                 str(tmp_path / "results.json"),
                 "--batch-size",
                 "2",
+                "--runtime",
+                "onnxruntime",
+                "--cache-dir",
+                str(tmp_path / "cache"),
             ]
         )
     lines = stdout.getvalue().splitlines()
     assert len(lines) == 1
     summary = json.loads(lines[0])
-    assert summary["images"] == 3 and summary["iteration"] == 0
+    assert summary["images"] == 3 and summary["runtime"] == "onnxruntime" and summary["score_threshold"] == 0.0
+    assert 0.0 <= summary["f1"]["threshold"] <= 1.0
     for iou_type in ("bbox", "segm"):
         assert set(summary[iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     results = json.loads((tmp_path / "results.json").read_text())
@@ -212,3 +227,24 @@ def test_cli_prints_one_json_line_for_a_checkpoint(dataset_files: tuple[str, str
         r["segmentation"]["size"] == [IMAGES[r["image_id"] - 1][1], IMAGES[r["image_id"] - 1][2]] for r in results
     )
     COCO(annotations).loadRes(results)
+
+
+def test_best_f1_threshold_is_where_false_detections_start_to_cost_more_than_they_find(
+    dataset_files: tuple[str, str],
+) -> None:
+    """Three true objects found at 0.9, 0.8, 0.6 and two false detections at 0.7 and 0.5: F1 is 2*2/(2+3)=0.8 at
+    0.8, 2*3/(4+3)=0.857 at 0.6 and 2*3/(5+3)=0.75 at 0.5, so the best threshold is 0.6."""
+    annotations, _ = dataset_files
+    coco = COCO(annotations)
+    truths = [a for a in coco.dataset["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": score}
+        for a, score in zip(truths, (0.9, 0.8, 0.6))
+    ]
+    results += [
+        {"image_id": 3, "category_id": 3, "bbox": [1, 1, 5, 5], "score": 0.7},
+        {"image_id": 3, "category_id": 7, "bbox": [20, 20, 5, 5], "score": 0.5},
+    ]
+    best = best_f1_threshold(coco, results, "bbox")
+    assert best["threshold"] == pytest.approx(0.6)
+    assert best["f1"] == pytest.approx(6 / 7) and best["precision"] == pytest.approx(0.75) and best["recall"] == 1.0

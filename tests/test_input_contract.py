@@ -11,12 +11,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from export.metadata import GraphMetadata
+from export.onnx_export import build_metadata
+from inference.pipeline import ImagePipeline, SegmentOptions
+from inference.scale import estimate_scale
 from model.checkpoint import load_checkpoint
 from model.config import Config
 from model.input_contract import InputContract, check_scale
 from model.intensity import load_rgb
 from tests.conftest import VOC_COCO
-from training.evaluate import EvalSpec, eval_dataset
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models"
 # The metadata record of an EmbedMask graph exported before the contract had its own type (format 1).
@@ -48,7 +50,7 @@ def test_bundled_checkpoints_give_their_config_test_size(name: str) -> None:
     contract = InputContract.from_config(cfg)
     assert (contract.min_size, contract.max_size, contract.size_divisibility) == (256, 512, 32)
     assert contract.pad_value == [round(m) for m in cfg.model.pixel_mean]
-    assert EvalSpec.from_config(cfg, checkpoint["category_ids"]).input == contract
+    assert build_metadata(cfg, checkpoint).input.model_copy(update={"object_size": None}) == contract
 
 
 def test_resize_keeps_the_short_side_rule_and_the_pixels() -> None:
@@ -120,21 +122,32 @@ def test_auto_scale_brings_the_median_object_to_the_training_size() -> None:
     contract = microscopy_contract()
     boxes = np.array([[10, 10, 70, 70], [100, 100, 160, 160], [200, 10, 260, 70], [0, 0, 5, 5]], np.float32)
     scores = np.array([0.9, 0.8, 0.7, 0.1])
-    assert contract.estimate_scale(boxes, scores, (400, 400)) == pytest.approx(0.5)
+    assert estimate_scale(contract, boxes, scores, (400, 400)) == pytest.approx(0.5)
     # The same detections made in a first pass at scale 0.5: the image pixels are the same, so is the answer.
-    assert contract.estimate_scale(boxes, scores, (400, 400), scale=0.5) == pytest.approx(0.5)
-    assert contract.estimate_scale(boxes[:2], scores[:2], (400, 400)) is None
-    assert microscopy_contract(object_size=None).estimate_scale(boxes, scores, (400, 400)) is None
+    assert estimate_scale(contract, boxes, scores, (400, 400), scale=0.5) == pytest.approx(0.5)
+    assert estimate_scale(contract, boxes[:2], scores[:2], (400, 400)) is None
+    assert estimate_scale(microscopy_contract(object_size=None), boxes, scores, (400, 400)) is None
     tiny = np.array([[0, 0, 1, 1]] * 3, np.float32)
-    assert contract.estimate_scale(tiny, np.ones(3), (400, 400)) == 10.0  # within the accepted range
+    assert estimate_scale(contract, tiny, np.ones(3), (400, 400)) == 10.0  # within the accepted range
 
 
-def test_evaluation_sizes_images_as_the_service_at_any_scale() -> None:
-    """``training.evaluate --scale`` feeds the model the sizes the service's contract gives (no rounding of its
-    own), here on the VOC photos at a scale whose short side is fractional (256 x 0.3 = 76.8)."""
+def test_every_entry_point_sizes_images_by_the_contract_at_any_scale() -> None:
+    """The pipeline (which the service, evaluation and the predict CLI all run) feeds the model the sizes the
+    contract gives (no rounding of its own), here on the VOC photos at a scale whose short side is fractional
+    (256 x 0.3 = 76.8), each padded into the smallest bucket that holds it."""
     contract = InputContract(size_divisibility=32, min_size=256, max_size=512, pad_value=[124, 116, 104])
-    spec = EvalSpec(category_ids=[1], mask_kind="box28", mask_threshold=0.5, box_padding=2, input=contract)
-    dataset = eval_dataset(str(VOC_COCO / "annotations.json"), str(VOC_COCO), spec, scale=0.3)
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        assert sample.input_size == contract.resized_shape(*sample.original_size, scale=0.3)
+    cfg = Config.model_validate(load_checkpoint(BUNDLED / "meinst_nucleus" / "model.pt")["config"])
+    metadata = build_metadata(cfg, {"class_names": ["nucleus"], "category_ids": [1]}).model_copy(
+        update={"input": contract}
+    )
+    pipeline = ImagePipeline(metadata)
+    photos = sorted(VOC_COCO.glob("JPEGImages/*.jpg"))
+    assert len(photos) == 3
+    for path in photos:
+        image = pipeline.decode(path.read_bytes())
+        step = pipeline.plan(image, 0.3, SegmentOptions(scale=0.3), 0.0)
+        size = contract.resized_shape(*image.shape[:2], scale=0.3)
+        assert step.plan is None and step.inputs[0].shape[1:] == size
+        assert step.bucket == min(
+            (b for b in pipeline.buckets if b[0] >= size[0] and b[1] >= size[1]), key=lambda b: b[0] * b[1]
+        )

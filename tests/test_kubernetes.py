@@ -32,7 +32,7 @@ from referencing import Registry, Resource
 
 from service.app import create_app
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, environment_names
 from tests.test_deployment import (
     DOCKERFILE,
     dashboard_queries,
@@ -131,7 +131,7 @@ def settings_env(resources: list[dict[str, Any]]) -> dict[str, str]:
 
 def parse_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
     """``env`` through the service's own settings class; every ONESTAGE_* key must be a setting."""
-    fields = {f"ONESTAGE_{name.upper()}" for name in Settings.model_fields}
+    fields = environment_names()
     ours = {k: v for k, v in env.items() if k.startswith("ONESTAGE_")}
     assert set(ours) <= fields, f"not service settings: {set(ours) - fields}"
     assert set(env) - set(ours) <= {"NUMBA_CACHE_DIR"}, f"unexpected variables {set(env) - set(ours)}"
@@ -273,7 +273,7 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     resources = rendered[variant]
     env = settings_env(resources)
     settings = parse_settings(env, monkeypatch)
-    assert settings.host == "0.0.0.0" and settings.runtime == {"gpu": "tensorrt", "cpu": "onnxruntime"}[variant]
+    assert settings.host == "0.0.0.0" and settings.runtime.engine == {"gpu": "tensorrt", "cpu": "onnxruntime"}[variant]
     pod = one(resources, "Deployment")["spec"]["template"]["spec"]
     server, prepare = container(pod, "onestage"), container(pod, "prepare", init=True)
     assert server["command"] == ["python", "-m", "service"] and prepare["command"] == [
@@ -308,7 +308,7 @@ def test_environment_ports_and_mounts_match_the_service_settings(
     gpus = server["resources"]["limits"].get("nvidia.com/gpu")
     assert gpus == (1 if variant == "gpu" else None)
     if variant == "cpu":  # thread pools sized to the CPU request, not to the node
-        threads = settings.inference_streams * settings.inference_threads + settings.cpu_workers
+        threads = settings.runtime.streams * settings.runtime.threads + settings.cpu_workers
         assert threads <= int(server["resources"]["requests"]["cpu"])
 
 

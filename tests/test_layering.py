@@ -1,22 +1,36 @@
 """The package layering, read from the source with ``ast`` so that an import pointing the wrong way cannot come back.
 
-Arrows point down only: ``model`` <- ``export`` <- ``training`` <- ``service``. Every import counts, including
-those inside functions and under ``TYPE_CHECKING``. And the service's ONNX serving path imports no torch at
-module level (only a training checkpoint to export, or a TensorRT engine, needs it).
+The house is a tree: ``model`` <- ``export`` <- ``inference`` <- {``training``, ``service``}, with ``bench`` above
+them all; ``training`` and ``service`` are siblings and neither imports the other. ``ALLOWED`` is the whole
+table. Every import counts, including those inside functions and under ``TYPE_CHECKING``. And the serving
+path imports no torch: the service at module level, and ``service.predict`` on an exported graph not at all
+(only a training checkpoint to export, or a TensorRT engine, needs it).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("model", "export", "training", "service")  # each may import only itself and the ones before it
+# What each package may import (itself included); tests/ may import anything.
+ALLOWED: dict[str, set[str]] = {
+    "model": {"model"},
+    "export": {"model", "export"},
+    "inference": {"model", "export", "inference"},
+    "training": {"model", "export", "inference", "training"},
+    "service": {"model", "export", "inference", "service"},
+    "bench": {"model", "export", "inference", "training", "service", "bench"},
+}
+LAYERS = tuple(ALLOWED)
 SERVING_ENTRY = "service.__main__"
 TORCH = ("torch", "torchvision")
 
@@ -46,8 +60,8 @@ def package_sources() -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_imports_point_down_only(layer: str) -> None:
-    allowed = set(LAYERS[: LAYERS.index(layer) + 1])
+def test_imports_follow_the_table(layer: str) -> None:
+    allowed = ALLOWED[layer]
     wrong = []
     for name, path in package_sources().items():
         if name.split(".")[0] != layer:
@@ -104,3 +118,26 @@ def test_service_starts_without_loading_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_predict_on_an_exported_graph_never_loads_torch(tmp_path: Path) -> None:
+    """``python -m service.predict --checkpoint model.onnx`` segments in a process that never imports torch:
+    the in-process predictor is the torch-free pipeline (a .pt would be exported in a child process)."""
+    from inference.runtime import export_checkpoint
+    from tests.service_models import tiny_checkpoint
+
+    graph = export_checkpoint(tiny_checkpoint("meinst", tmp_path / "tiny.pt"), tmp_path / "tiny.onnx")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    code = (
+        "import sys\n"
+        "from service.predict import main\n"
+        f"status = main([{str(tmp_path / 'photo.png')!r}, '--checkpoint', {str(graph)!r}, '--out', {str(out)!r},"
+        " '--runtime', 'onnxruntime', '--score-threshold', '0'])\n"
+        "print(status, sorted({'torch', 'torchvision'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr
+    assert (out / "photo.overlay.png").is_file() and json.loads((out / "results.json").read_text())

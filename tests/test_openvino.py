@@ -24,8 +24,9 @@ from export.onnx_export import export_onnx
 from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16, resolve_precision
 from export.parity import compare_outputs, mask_ious, match_image
 from export.runtimes import OnnxRuntime
+from inference.runtime import RuntimeOptions, export_checkpoint, open_runtime
 from model.intensity import decode_rgb8
-from service.models import export_checkpoint, load_model
+from service.models import load_model
 from service.settings import ModelSpec, Settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint, tiny_detector
 
@@ -160,20 +161,17 @@ def test_bf16_keeps_what_users_see_on_a_trained_model(method: str, hela_tiles: n
 
 
 def test_service_serves_through_openvino(tmp_path: Path) -> None:
-    """``--runtime openvino``: one batch-1 engine per bucket, compiled at warm-up into the cache directory,
+    """``--runtime.engine openvino``: one batch-1 engine per bucket, compiled at warm-up into the cache directory,
     and a batch of 3 answered image by image as onnxruntime answers it."""
     spec = ModelSpec(name="tiny", path=tiny_checkpoint("meinst", tmp_path / "tiny.pt"), buckets=["128x128", "128x192"])
     settings = Settings(
         models=[spec],
         cache_dir=tmp_path / "cache",
-        runtime="openvino",
-        openvino_precision="fp32",
+        runtime=RuntimeOptions(engine="openvino", precision="fp32", streams=2, threads=1),
         max_batch_size=2,
-        inference_streams=2,
-        inference_threads=1,
     )
-    model = load_model(spec, settings)
-    assert (model.runtime_name, model.streams) == ("openvino", 2)
+    model, _ = load_model(spec, settings)
+    assert (model.engine, model.streams, model.precision) == ("openvino", 2, "fp32")
     assert isinstance(model.runtime, OpenVinoRuntime)
     assert model.runtime.shapes == [(128, 128), (128, 192)]
     assert any((tmp_path / "cache" / "openvino").iterdir())
@@ -189,42 +187,61 @@ def test_service_serves_through_openvino(tmp_path: Path) -> None:
 
 def test_evaluation_runs_the_checkpoints_graph_through_openvino(tmp_path: Path) -> None:
     """``training.evaluate --runtime openvino --precision fp32`` evaluates the same exported graph as
-    ``--runtime onnxruntime``, with the same outputs."""
-    from training.evaluate import make_runtime
-
-    checkpoint = str(tiny_checkpoint("embedmask", tmp_path / "tiny.pt"))
-    runtime, spec, _ = make_runtime("openvino", checkpoint, "cpu", "fp32")
-    reference, _, _ = make_runtime("onnxruntime", checkpoint, "cpu")
-    assert isinstance(runtime, OpenVinoRuntime) and runtime.precision == "fp32"
+    ``--runtime onnxruntime`` (one factory opens both), with the same outputs."""
+    checkpoint = tiny_checkpoint("embedmask", tmp_path / "tiny.pt")
+    opened = open_runtime(checkpoint, RuntimeOptions(engine="openvino", precision="fp32"), tmp_path)
+    reference = open_runtime(checkpoint, RuntimeOptions(engine="onnxruntime"), tmp_path)
+    assert opened.graph_path == reference.graph_path and opened.precision == "fp32"
+    assert isinstance(opened.runtime, OpenVinoRuntime) and opened.runtime.precision == "fp32"
     images = noise_images(2, 128, 160, seed=7)
-    expected = reference.infer(images)
+    expected = reference.runtime.infer(images)
     assert (
-        compare_outputs(expected, runtime.infer(images), runtime.metadata, input_size=(128, 160), image_size=(128, 160))
+        compare_outputs(
+            expected, opened.runtime.infer(images), opened.metadata, input_size=(128, 160), image_size=(128, 160)
+        )
         == []
     )
-    assert expected["num_dets"].min() > 0 and spec.mask_kind == runtime.metadata.mask_kind
+    assert expected["num_dets"].min() > 0 and reference.metadata.mask_kind == opened.metadata.mask_kind
 
 
 def test_auto_picks_openvino_only_on_a_bf16_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``runtime=auto``: OpenVINO where it is installed and the CPU computes in bf16 (its only speed-up over
+    """``engine=auto``: OpenVINO where it is installed and the CPU computes in bf16 (its only speed-up over
     onnxruntime here, bought with memory), onnxruntime on CUDA, on CPUs without bf16, without the package or
-    when onnxruntime providers are configured, TensorRT for engines, and a configured runtime as it is."""
+    when onnxruntime providers are configured, TensorRT for engines, and a configured engine as it is."""
     import export.openvino_runtime as openvino_runtime
-    import service.models as models
+    import inference.runtime as runtime
 
-    monkeypatch.setattr(models, "default_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(models, "openvino_installed", lambda: True)
+    monkeypatch.setattr(runtime, "default_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: True)
     monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: True)
-    auto = Settings(runtime="auto")
-    assert models.choose_runtime(auto, ".onnx") == "openvino"
-    assert models.choose_runtime(auto, ".plan") == "tensorrt"
-    assert models.choose_runtime(Settings(runtime="onnxruntime"), ".onnx") == "onnxruntime"
-    assert models.choose_runtime(Settings(providers=["CPUExecutionProvider"]), ".onnx") == "onnxruntime"
+    auto = RuntimeOptions(engine="auto")
+    assert runtime.choose_engine(auto, ".onnx") == "openvino"
+    assert runtime.choose_engine(auto, ".plan") == "tensorrt"
+    assert runtime.choose_engine(RuntimeOptions(engine="onnxruntime"), ".onnx") == "onnxruntime"
+    assert runtime.choose_engine(RuntimeOptions(providers=["CPUExecutionProvider"]), ".onnx") == "onnxruntime"
     monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: False)
-    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
+    assert runtime.choose_engine(auto, ".onnx") == "onnxruntime"
     monkeypatch.setattr(openvino_runtime, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(models, "default_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
-    monkeypatch.setattr(models, "default_providers", lambda: ["CPUExecutionProvider"])
-    monkeypatch.setattr(models, "openvino_installed", lambda: False)
-    assert models.choose_runtime(auto, ".onnx") == "onnxruntime"
+    monkeypatch.setattr(runtime, "default_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtime.choose_engine(auto, ".onnx") == "onnxruntime"
+    monkeypatch.setattr(runtime, "default_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    assert runtime.choose_engine(auto, ".onnx") == "onnxruntime"
+
+
+def test_service_takes_runtime_options_per_model(tmp_path: Path) -> None:
+    """One service, two models, two engines: the service's options hold unless a model's entry overrides them,
+    key by key; an unknown option or engine is refused before anything loads."""
+    settings = Settings(
+        models=[
+            ModelSpec(name="a", path=tmp_path / "a.onnx"),
+            ModelSpec(name="b", path=tmp_path / "b.onnx", runtime={"engine": "onnxruntime", "threads": 3}),
+        ],
+        runtime=RuntimeOptions(engine="openvino", precision="fp32", streams=2, threads=1),
+    )
+    a, b = (settings.runtime_options(spec) for spec in settings.models)
+    assert (a.engine, a.precision, a.streams, a.threads) == ("openvino", "fp32", 2, 1)
+    assert (b.engine, b.precision, b.streams, b.threads) == ("onnxruntime", "fp32", 2, 3)
+    for bad in ({"engnie": "onnxruntime"}, {"engine": "tensorflow"}, {"streams": 0}):
+        with pytest.raises(ValueError):
+            ModelSpec(name="c", path=tmp_path / "c.onnx", runtime=bad)

@@ -56,9 +56,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         *CPU,
         "--max-batch-size",
         "1",
-        "--inference-streams",
+        "--runtime.streams",
         "1",
-        "--inference-threads",
+        "--runtime.threads",
         "1",
     ]
     processes = {}

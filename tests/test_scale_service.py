@@ -1,6 +1,6 @@
 """The input contract over HTTP: a microscopy model reads raw 16-bit files by its percentile rule, runs them at
-native scale (or the caller's scale, or one estimated with scale=auto) and answers exactly what offline
-evaluation computes; unusable scales and channels get a 4xx that says why."""
+native scale (or the caller's scale, or one estimated with scale=auto) and answers exactly what the in-process
+Predictor (evaluation's and the predict CLI's) computes; unusable scales and channels get a 4xx that says why."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from export.runtimes import OnnxRuntime
+from inference.pipeline import SegmentOptions
+from inference.predictor import Predictor
+from inference.runtime import cached_name
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.intensity import stretch_to_uint8
-from model.tiling import DEFAULT_TILE_OVERLAP, contract_buckets
 from service.launcher import ServiceProcess
-from service.models import cached_name
-from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
-from training.evaluate import EvalSpec, segment_auto, segment_image
 from training.nucleus import HELA_IMAGES, resource
 
 MICROSCOPY = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile")
@@ -57,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServicePr
             json.dumps(models),
             "--cache-dir",
             str(workdir / "cache"),
-            "--providers",
+            "--runtime.providers",
             '["CPUExecutionProvider"]',
             "--max-image-pixels",
             str(MAX_PIXELS),
@@ -66,10 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServicePr
     )
     try:
         process.wait_ready()
-        graphs = {
-            name: workdir / "cache" / cached_name(ModelSpec(name=name, path=path), ".onnx")
-            for name, path in checkpoints.items()
-        }
+        graphs = {name: workdir / "cache" / cached_name(path, ".onnx") for name, path in checkpoints.items()}
         yield process, graphs
     finally:
         process.terminate()
@@ -88,16 +84,12 @@ def post(url: str, data: bytes, **params: object) -> httpx.Response:
 
 
 def offline(graph: Path, image: np.ndarray, scale: float | str) -> tuple[list[tuple], float]:
-    """What evaluation computes for the decoded image: (box, score, rle counts) per instance, and the scale."""
+    """What the in-process Predictor computes for the decoded image with the server's defaults: (box, score, rle
+    counts) per instance, and the scale."""
     runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"])
-    meta = runtime.metadata
-    spec = EvalSpec(meta.category_ids, meta.mask_kind, meta.mask_threshold, meta.box_padding or 0, meta.input)
-    buckets = contract_buckets(meta.input)  # as the server's defaults
-    if scale == "auto":
-        instances, scale = segment_auto(runtime, image, spec, buckets, DEFAULT_TILE_OVERLAP)
-    else:
-        instances = segment_image(runtime, image, spec, buckets, DEFAULT_TILE_OVERLAP, scale)
-    return [(tuple(round(v, 3) for v in i.box), round(i.score, 5), i.rle["counts"]) for i in instances], scale
+    answer = Predictor(runtime, runtime.metadata)(image, SegmentOptions(scale=scale))  # type: ignore[arg-type]
+    instances = answer.instances
+    return [(tuple(round(v, 3) for v in i.box), round(i.score, 5), i.rle["counts"]) for i in instances], answer.scale
 
 
 def served(response: httpx.Response) -> tuple[list[tuple], float]:

@@ -34,9 +34,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.routing import Route
 
+from inference.runtime import export_checkpoint
 from service.keys import KeyFileError, KeyStore, hash_line, parse_line
 from service.launcher import ServiceProcess, free_port
-from service.models import export_checkpoint
 from service.request_log import RequestIdFilter, RequestLogMiddleware
 from service.settings import REPO, Settings
 from tests.service_models import tiny_checkpoint
@@ -44,7 +44,7 @@ from tests.service_models import tiny_checkpoint
 PHOTO = Path(
     "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages/2011_000003.jpg"
 )
-CPU = ["--providers", '["CPUExecutionProvider"]']
+CPU = ["--runtime.providers", '["CPUExecutionProvider"]']
 ORIGIN = "https://page.example"
 ALICE_KEY = "alice-0123456789-abcdefghij"  # in the key file as its named hash
 PLAIN_KEY = "plain-0123456789-klmnopqrst"  # in the key file as itself, unnamed

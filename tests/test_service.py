@@ -27,14 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
 from export.runtimes import OnnxRuntime
+from inference.runtime import cached_name
+from inference.sizing import choose_bucket, default_buckets
 from model.finishing import finish_image
 from model.input_contract import InputContract, resized_shape
 from model.intensity import load_rgb, stretch_to_uint8
-from service.imaging import auto_buckets, choose_bucket
 from service.launcher import ServiceProcess
 from service.metrics import METRICS
-from service.models import cached_name
-from service.settings import ModelSpec, load_settings
+from service.settings import load_settings
 from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
 
 VOC = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
@@ -43,7 +43,7 @@ METHODS = ("meinst", "embedmask")
 MAX_BODY = 2**20
 MAX_PIXELS = 1_000_000
 SLOW_BUCKET = "512x512"  # the tight servers pad every image to this, so a batch takes a while
-CPU = ["--providers", '["CPUExecutionProvider"]']  # as the offline reference runs, also on GPU hosts
+CPU = ["--runtime.providers", '["CPUExecutionProvider"]']  # as the offline reference runs, also on GPU hosts
 
 
 # ---------------------------------------------------------------- servers and helpers
@@ -106,7 +106,7 @@ def server(started: Started) -> ServiceProcess:
 
 def graph(workdir: Path, checkpoints: dict[str, Path], method: str) -> Path:
     """The ONNX graph the first server exported for `method`."""
-    return workdir / "cache" / cached_name(ModelSpec(name=method, path=checkpoints[method]), ".onnx")
+    return workdir / "cache" / cached_name(checkpoints[method], ".onnx")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def tight_servers(
                 *CPU,
                 "--max-batch-size",
                 "1",
-                "--inference-streams",
+                "--runtime.streams",
                 "1",
                 "--max-delay-ms",
                 "0",
@@ -211,9 +211,15 @@ def sixteen_bit_tiff(png: bytes) -> bytes:
 def offline(
     runtime: OnnxRuntime, name: str, version: str, data: bytes, buckets: list[list[int]], **options: Any
 ) -> dict[str, Any]:
-    """The response computed without the service: decode and resize as evaluation does, pad into the
-    model's bucket, run the graph alone, finish with `finish_image`."""
+    """The response computed without the service: decode and resize as the contract says, pad into the
+    model's bucket, run the graph alone, finish with `finish_image` (by default at the model's recommended
+    score threshold, as the service answers)."""
     meta = runtime.metadata
+    options.setdefault("score_threshold", meta.recommended_score_threshold)
+    saturated = (
+        f"the model returned its maximum of {meta.max_detections} detections on 1 of 1 input(s): the image may hold "
+        "more objects than answered"
+    )
     image = load_rgb(io.BytesIO(data))
     width, height = image.size
     h, w = resized_shape(height, width, meta.input.min_size, meta.input.max_size)
@@ -241,6 +247,8 @@ def offline(
         "width": width,
         "height": height,
         "scale": 1.0,
+        "score_threshold": options["score_threshold"],
+        "warnings": [saturated] if int(out["num_dets"][0]) >= meta.max_detections else [],
         "instances": [
             {
                 "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]],
@@ -276,7 +284,7 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_buckets_hold_every_resized_image_in_the_smallest_fit() -> None:
     rule = InputContract(min_size=256, max_size=512, size_divisibility=32, pad_value=[124, 116, 104])
-    buckets = auto_buckets(rule)
+    buckets = default_buckets(rule)
     assert buckets == [(256, 256), (256, 352), (352, 256), (256, 480), (480, 256), (256, 512), (512, 256)]
     for height, width in [(256, 256), (338, 500), (500, 338), (100, 1000), (700, 1100), (2000, 30)]:
         h, w = resized_shape(height, width, rule.min_size, rule.max_size)
@@ -396,12 +404,17 @@ def test_exif_orientation_is_applied_before_inference(server: ServiceProcess) ->
 
 def test_query_options(server: ServiceProcess) -> None:
     data = PHOTO.read_bytes()
-    full = ok(post(server.url, data, model="meinst"))["instances"]
+    recommended = httpx.get(f"{server.url}/v2/models/meinst").json()["recommended_score_threshold"]
+    default = ok(post(server.url, data, model="meinst"))
+    full = ok(post(server.url, data, model="meinst", score_threshold=0))["instances"]
+    assert default["score_threshold"] == recommended and default["instances"] == [
+        i for i in full if i["score"] >= recommended
+    ]
     threshold = sorted(i["score"] for i in full)[len(full) // 2]
     kept = ok(post(server.url, data, model="meinst", score_threshold=threshold))["instances"]
     assert kept == [i for i in full if i["score"] >= threshold]
-    assert ok(post(server.url, data, model="meinst", max_detections=2))["instances"] == full[:2]
-    boxes = ok(post(server.url, data, model="meinst", mask_format="none"))["instances"]
+    assert ok(post(server.url, data, model="meinst", max_detections=2, score_threshold=0))["instances"] == full[:2]
+    boxes = ok(post(server.url, data, model="meinst", mask_format="none", score_threshold=0))["instances"]
     assert [(i["bbox"], i["segmentation"], i["area"]) for i in boxes] == [(i["bbox"], None, None) for i in full]
     polygons = ok(post(server.url, data, model="meinst", mask_format="polygon"))["instances"]
     assert all(p and all(len(ring) >= 6 and len(ring) % 2 == 0 for ring in p["segmentation"]) for p in polygons)

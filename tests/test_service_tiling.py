@@ -1,7 +1,7 @@
 """The service on images larger than every shape bucket: `python -m service` with one 128x128 bucket, so that
 a wide image is cut into tiles that go through the dynamic batcher and come back merged in the full frame,
-as `model.tiling.segment_tiled` computes offline; a 1x1 image and a 40-megapixel image are answered, one
-pixel more than the limit gets 413."""
+as the tiling primitives (`inference.tiling`: plan, cut, finish in the frame, merge) compute offline; a 1x1
+image and a 40-megapixel image are answered, one pixel more than the limit gets 413."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from export.runtimes import OnnxRuntime
+from inference.runtime import cached_name
+from inference.sizing import pad_batch
+from inference.tiling import cut_tile, finish_tile, merge_tiles, plan_tiles
 from model.intensity import decode_rgb8, load_rgb
-from model.tiling import plan_tiles, segment_tiled
 from service.launcher import ServiceProcess
-from service.models import cached_name
-from service.settings import ModelSpec
 from tests.service_models import tiny_checkpoint
 from tests.test_service import CPU, METHODS, metrics, ok, png_header_only, post, value
 
@@ -76,7 +76,7 @@ def server(workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProce
 @pytest.fixture(scope="module")
 def runtimes(server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]) -> dict[str, OnnxRuntime]:
     """The graphs the server exported, run offline."""
-    graphs = {m: workdir / "cache" / cached_name(ModelSpec(name=m, path=checkpoints[m]), ".onnx") for m in METHODS}
+    graphs = {m: workdir / "cache" / cached_name(checkpoints[m], ".onnx") for m in METHODS}
     return {m: OnnxRuntime(graph, providers=["CPUExecutionProvider"]) for m, graph in graphs.items()}
 
 
@@ -100,20 +100,15 @@ def offline_tiled(
     """The instances computed without the service (plan, cut, graph, finish in the frame, merge), as the
     response encodes them, and the number of tiles."""
     meta = runtime.metadata
-    image = load_rgb(io.BytesIO(data))
-    size = (image.size[1], image.size[0])
+    image = np.asarray(load_rgb(io.BytesIO(data)))
+    size = image.shape[:2]
     plan = plan_tiles(size, meta.input.resized_shape(*size), [bucket], overlap)
-    instances = segment_tiled(
-        image,
-        plan,
-        runtime.infer,
-        tuple(meta.input.pad_value),
-        4,
-        meta.max_detections * len(plan.tiles),
-        mask_kind=meta.mask_kind,
-        mask_threshold=meta.mask_threshold,
-        box_padding=meta.box_padding or 0,
-    )
+    options = {"mask_kind": meta.mask_kind, "mask_threshold": meta.mask_threshold, "box_padding": meta.box_padding or 0}
+    per_tile = []
+    for tile in plan.tiles:
+        outputs = runtime.infer(pad_batch([cut_tile(image, tile)], plan.bucket, meta.input.pad_value))
+        per_tile.append(finish_tile({name: value[0] for name, value in outputs.items()}, plan, tile, **options))
+    instances = merge_tiles(plan, per_tile, meta.max_detections * len(plan.tiles))
     encoded = [
         {
             "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]],
@@ -202,7 +197,7 @@ def test_a_one_pixel_a_thin_strip_and_a_40_megapixel_image_are_answered_one_pixe
 def crowded(server: ServiceProcess, workdir: Path, checkpoints: dict[str, Path]) -> Iterator[ServiceProcess]:
     """MEInst alone from the cached graph with one 64x64 bucket (tiles overlapping by 16), batches of up to
     2 and a queue of 3: fewer places than one image's tiles."""
-    graph = workdir / "cache" / cached_name(ModelSpec(name="meinst", path=checkpoints["meinst"]), ".onnx")
+    graph = workdir / "cache" / cached_name(checkpoints["meinst"], ".onnx")
     models = json.dumps([{"name": "meinst", "path": str(graph), "buckets": ["64x64"]}])
     process = ServiceProcess(
         ["--models", models, *CPU, "--max-batch-size", "2", "--max-queue-size", "3", "--tile-overlap", "16"],

@@ -76,12 +76,11 @@ def test_missing_tensorrt_is_a_clear_error(meinst_onnx: Path, tmp_path: Path) ->
 def test_cached_engine_is_rebuilt_when_its_build_changes(
     meinst_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The service's engine cache (service.models.build_engine_cached), with the build itself faked: an
-    engine is reused only while the profile, precision, TensorRT version and GPU it was built for hold."""
+    """The engine cache (inference.runtime.build_engine_cached), with the build itself faked: an engine is
+    reused only while the profile, precision, TensorRT version and GPU it was built for hold."""
     import export.tensorrt_build as trt_build
     from export.metadata import read_onnx_metadata, write_engine_sidecar
-    from service.models import build_engine_cached
-    from service.settings import Settings
+    from inference.runtime import build_engine_cached
 
     machine = {"tensorrt_version": "10.16.1", "device": "NVIDIA H100 sm_90"}
     builds: list[dict] = []
@@ -98,24 +97,21 @@ def test_cached_engine_is_rebuilt_when_its_build_changes(
 
     monkeypatch.setattr(trt_build, "build_identity", identity)
     monkeypatch.setattr(trt_build, "build_engine", fake_build)
-    metadata, target = read_onnx_metadata(meinst_onnx), tmp_path / "cache" / "meinst.plan"
+    target = tmp_path / "cache" / "meinst.plan"
 
-    def serve(**settings: object) -> None:
-        assert (
-            build_engine_cached(meinst_onnx, target, metadata, [(128, 192)], Settings(cache_dir=tmp_path, **settings))
-            == target
-        )
+    def serve(max_batch_size: int, fp16: bool = False) -> None:
+        assert build_engine_cached(meinst_onnx, target, [(128, 192)], max_batch_size, fp16) == target
 
     serve(max_batch_size=4)
     serve(max_batch_size=4)
     assert len(builds) == 1 and builds[0]["profile"]["max"] == [4, 3, 192, 192]
     serve(max_batch_size=8)
-    serve(max_batch_size=8, tensorrt_fp16=True)
+    serve(max_batch_size=8, fp16=True)
     machine["device"] = "NVIDIA L4 sm_89"
-    serve(max_batch_size=8, tensorrt_fp16=True)
+    serve(max_batch_size=8, fp16=True)
     machine["tensorrt_version"] = "10.17.0"
-    serve(max_batch_size=8, tensorrt_fp16=True)
-    serve(max_batch_size=8, tensorrt_fp16=True)
+    serve(max_batch_size=8, fp16=True)
+    serve(max_batch_size=8, fp16=True)
     assert [(b["profile"]["max"][0], b["fp16"], b["device"], b["tensorrt_version"]) for b in builds] == [
         (4, False, "NVIDIA H100 sm_90", "10.16.1"),
         (8, False, "NVIDIA H100 sm_90", "10.16.1"),
@@ -125,7 +121,7 @@ def test_cached_engine_is_rebuilt_when_its_build_changes(
     ]
     later = meinst_onnx.stat().st_mtime + 10  # a newer graph (a new export) is always rebuilt
     os.utime(meinst_onnx, (later, later))
-    serve(max_batch_size=8, tensorrt_fp16=True)
+    serve(max_batch_size=8, fp16=True)
     assert len(builds) == 6
 
 

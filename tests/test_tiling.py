@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,14 +18,18 @@ from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from export.metadata import DETECTION_OUTPUTS, MASK_OUTPUT, GraphMetadata
+from export.onnx_export import build_metadata
+from inference.predictor import Predictor
+from inference.sizing import pad_batch, shape_buckets
+from inference.tiling import TilePlan, check_overlap, cut_tile, finish_tile, merge_tiles, plan_tiles
 from model.finishing import Instance, finish_image
 from model.input_contract import InputContract, resized_shape
 from model.intensity import decode_rgb8
 from model.runtime import TorchRuntime
-from model.tiling import check_overlap, merge_tiles, pad_batch, plan_tiles, segment_tiled, shape_buckets
 from tests.service_models import CATEGORY_IDS, tiny_detector
 from tests.test_finishing import box28_cases, coco_string, logprob_cases
-from training.evaluate import EvalSpec, eval_dataset, evaluate, main
+from training.evaluate import evaluate, load_coco, main
 
 SOME = settings(max_examples=60, deadline=None, derandomize=True)
 
@@ -85,6 +90,20 @@ def test_finishing_a_tile_in_its_frame_equals_pasting_it_at_its_origin(
             ]
             assert [p.polygons for p in placed] == shifted
             break
+
+
+def segment_tiled(
+    image: np.ndarray, plan: TilePlan, infer: Any, pad_value: tuple[int, int, int], batch_size: int, **options: Any
+) -> list[Instance]:
+    """Every tile of ``image`` through ``infer``, ``batch_size`` per call, finished in the frame and merged: the
+    tiling primitives alone, without the pipeline around them."""
+    per_tile: list[list[Instance]] = []
+    for first in range(0, len(plan.tiles), batch_size):
+        tiles = plan.tiles[first : first + batch_size]
+        outputs = infer(pad_batch([cut_tile(image, tile) for tile in tiles], plan.bucket, pad_value))
+        for i, tile in enumerate(tiles):
+            per_tile.append(finish_tile({name: value[i] for name, value in outputs.items()}, plan, tile, **options))
+    return merge_tiles(plan, per_tile)
 
 
 # ---------------------------------------------------------------- the plan
@@ -241,7 +260,7 @@ def test_every_object_comes_out_once_with_its_exact_box_and_mask(size: tuple[int
     pixels, boxes = rectangles_image(np.random.default_rng(seed), size, largest=24)
     plan = plan_tiles(size, size, [(64, 64)], 24)
     runtime = RectangleRuntime()
-    merged = segment_tiled(Image.fromarray(pixels), plan, runtime.infer, (124, 116, 104), 4, None, mask_kind="box28")
+    merged = segment_tiled(pixels, plan, runtime.infer, (124, 116, 104), 4, mask_kind="box28")
     assert sorted(tuple(int(v) for v in i.box) for i in merged) == sorted(boxes)
     for inst in merged:
         assert inst.rle == rectangle_rle(tuple(int(v) for v in inst.box), size)
@@ -278,12 +297,20 @@ def rectangles_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, s
     return str(root / "annotations.json"), str(root)
 
 
-RECTANGLES_SPEC = EvalSpec(
-    category_ids=[1],
+RECTANGLES = GraphMetadata(
+    method="meinst",
     mask_kind="box28",
+    class_names=["rectangle"],
+    category_ids=[1],
+    score_threshold=0.05,
+    nms_threshold=0.6,
+    max_detections=64,
+    pre_nms_topk=1000,
+    strides=[8, 16, 32, 64, 128],
     mask_threshold=0.5,
-    box_padding=2,
+    mask_size=28,
     input=InputContract(pad_value=[124, 116, 104], size_divisibility=32, min_size=64, max_size=200),
+    output_names=[*DETECTION_OUTPUTS, MASK_OUTPUT],
 )
 # 200 wide in 64-pixel tiles overlapping by 20: 5 tiles; 64x64: whole; 180 wide: 4 tiles.
 TILED_ELEMENTS = 5 + 1 + 4
@@ -293,9 +320,10 @@ def test_evaluation_tiles_images_larger_than_the_tile_and_scores_whole_images(
     rectangles_dataset: tuple[str, str],
 ) -> None:
     """COCO AP of a detector that is right on every object stays 100 when the images are tiled."""
-    dataset = eval_dataset(*rectangles_dataset, RECTANGLES_SPEC)
+    annotations, images = rectangles_dataset
     runtime = RectangleRuntime()
-    metrics = evaluate(runtime, dataset, RECTANGLES_SPEC, buckets=[(64, 64)], overlap=20)
+    predictor = Predictor(runtime, RECTANGLES, buckets=[(64, 64)], tile_overlap=20)
+    metrics = evaluate(predictor, load_coco(annotations), images)
     assert metrics["bbox"]["AP"] == metrics["segm"]["AP"] == 100.0
     assert {shape[2:] for shape in runtime.shapes} == {(64, 64)}  # no image ran whole at 64x224 or 64x192
     assert sum(shape[0] for shape in runtime.shapes) == TILED_ELEMENTS
@@ -308,7 +336,12 @@ def test_the_evaluate_command_line_takes_the_tile_size_and_overlap(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     runtime = RectangleRuntime()
-    monkeypatch.setattr("training.evaluate.make_runtime", lambda *args: (runtime, RECTANGLES_SPEC, {"iteration": 0}))
+
+    def rectangle_predictor(path: str, options: Any, **settings: Any) -> Predictor:
+        del settings["cache_dir"]
+        return Predictor(runtime, RECTANGLES, **settings)
+
+    monkeypatch.setattr("training.evaluate.Predictor.open", rectangle_predictor)
     annotations, images = rectangles_dataset
     main(
         [
@@ -329,7 +362,7 @@ def test_the_evaluate_command_line_takes_the_tile_size_and_overlap(
         ]
     )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["segm"]["AP"] == 100.0 and summary["tile_buckets"] == [[64, 64]] and summary["tile_overlap"] == 20
+    assert summary["segm"]["AP"] == 100.0 and summary["buckets"] == [[64, 64]] and summary["tile_overlap"] == 20
     assert {shape[2:] for shape in runtime.shapes} == {(64, 64)} and max(shape[0] for shape in runtime.shapes) == 4
     with pytest.raises(SystemExit):
         main(
@@ -354,7 +387,7 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     nucleus_root: Path, method: str
 ) -> None:
     model, cfg = tiny_detector(method)
-    spec = EvalSpec.from_config(cfg, CATEGORY_IDS)
+    spec = build_metadata(cfg, {"category_ids": CATEGORY_IDS})
     runtime = TorchRuntime(model)
     tile = decode_rgb8(min((nucleus_root / "val").glob("*.png")).read_bytes(), "percentile")
     height, width = tile.shape[:2]
@@ -373,9 +406,7 @@ def test_a_mosaic_of_four_copies_of_a_nucleus_tile_answers_four_times_that_tile(
     mosaic = np.tile(tile, (2, 2, 1))  # the copies meet edge to edge: no overlap keeps each tile on one copy
     plan = plan_tiles(mosaic.shape[:2], mosaic.shape[:2], [bucket], 0)  # the native scale, s = 1
     assert [t.origin for t in plan.tiles] == [(0, 0), (0, width), (height, 0), (height, width)]
-    merged = segment_tiled(
-        Image.fromarray(mosaic), plan, runtime.infer, tuple(spec.input.pad_value), 1, None, **options
-    )
+    merged = segment_tiled(mosaic, plan, runtime.infer, tuple(spec.input.pad_value), 1, **options)
     assert len(merged) == 4 * len(single)
     for dy, dx in ((0, 0), (0, width), (height, 0), (height, width)):
         copy = [

@@ -23,6 +23,7 @@ from export.metadata import GraphMetadata
 from export.onnx_export import build_metadata, export_onnx
 from export.parity import compare_outputs, mask_ious
 from export.runtimes import OnnxRuntime
+from inference.runtime import RuntimeOptions
 from model.checkpoint import load_detector
 from model.intensity import decode_rgb8
 from model.runtime import Precision, TorchRuntime
@@ -152,8 +153,9 @@ def test_runtime_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         TorchRuntime(tiny_detector("meinst")[0], precision="int8")  # type: ignore[arg-type]
     model, cfg = tiny_detector("meinst")
     export_onnx(model, cfg, CHECKPOINT_METADATA, tmp_path / "graph.onnx")
-    with pytest.raises(ValueError, match=r"runtime=torch serves training checkpoints \(.pt\)"):
-        load_model(ModelSpec(name="m", path=tmp_path / "graph.onnx"), Settings(runtime="torch", warmup=False))
+    with pytest.raises(ValueError, match=r"the torch engine runs training checkpoints \(.pt\)"):
+        settings = Settings(runtime=RuntimeOptions(engine="torch"), warmup=False)
+        load_model(ModelSpec(name="m", path=tmp_path / "graph.onnx"), settings)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,7 @@ def torch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
             json.dumps(models),
             "--cache-dir",
             str(workdir / "cache"),
-            "--runtime",
+            "--runtime.engine",
             "torch",
             "--max-batch-size",
             "2",
@@ -293,8 +295,11 @@ def test_half_precisions_keep_the_confident_detections(
 def test_service_warm_up_captures_every_batch_size(tmp_path: Path) -> None:
     spec = ModelSpec(name="embedmask", path=tiny_checkpoint("embedmask", tmp_path / "embedmask.pt"))
     settings = Settings(
-        models=[spec], runtime="torch", torch_cuda_graphs=True, max_batch_size=3, buckets=["128x128", "128x192"]
+        models=[spec],
+        runtime=RuntimeOptions(engine="torch", cuda_graphs=True),
+        max_batch_size=3,
+        buckets=["128x128", "128x192"],
     )
-    loaded = load_model(spec, settings)
+    loaded, _ = load_model(spec, settings)
     assert loaded.providers[:3] == ["cuda:0", "fp32", "cuda_graphs"]
     assert loaded.runtime.captured_shapes == [(b, 3, h, w) for b in (1, 2, 3) for h, w in ((128, 128), (128, 192))]

@@ -128,7 +128,7 @@ def test_three_iterations_from_config(method: str, data: Path, tmp_path: Path) -
     cfg = tiny_config(method, data, tmp_path, "solver.max_iter=3", val=True)
     result = train(cfg)
     assert result.iteration == 3
-    assert set(result.metrics) == {"bbox", "segm"}
+    assert set(result.metrics) == {"bbox", "segm", "f1"}
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [1, 3, 3]
@@ -146,6 +146,8 @@ def test_three_iterations_from_config(method: str, data: Path, tmp_path: Path) -
     # The recipe sizes by the scale rule, so the checkpoint records its training nuclei's median box side at its
     # test scale (the HeLa nuclei are about 26 px across in the image) for scale=auto.
     object_size = metadata.pop("object_size")
+    # Answers default to the validation's best-F1 score threshold, which the checkpoint records.
+    assert metadata.pop("recommended_score_threshold") == result.metrics["f1"]["threshold"]
     assert metadata == {"class_names": ["nucleus"], "category_ids": [1], "iteration": 3, "metrics": result.metrics}
     assert 15 < object_size / loaded_cfg.data.scale_test < 45
     images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)

@@ -37,7 +37,7 @@ from tests.service_models import CATEGORY_IDS, CLASS_NAMES, tiny_checkpoint
 VOC = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
 PHOTO = VOC / "2011_000003.jpg"
 METHODS = ("meinst", "embedmask")
-CPU = ["--providers", '["CPUExecutionProvider"]']
+CPU = ["--runtime.providers", '["CPUExecutionProvider"]']
 NODE_TEST = REPO / "tests" / "web" / "rle.test.mjs"
 PAGE_THRESHOLD = "0.05"  # the tiny models' scores sit just above the graph's 0.05
 

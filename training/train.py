@@ -42,10 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pycocotools.coco import COCO
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from export.onnx_export import build_metadata
+from inference.predictor import Predictor
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
@@ -53,7 +56,7 @@ from model.fcos_outputs import InstanceTargets
 from model.input_contract import InputContract
 from model.runtime import TorchRuntime
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
-from training.evaluate import EvalSpec, eval_dataset, evaluate
+from training.evaluate import evaluate, load_coco
 from training.fit_codec import fit_codec
 from training.solver import build_optimizer, build_scheduler
 
@@ -140,7 +143,15 @@ def _prepare_codec(model: OneStageDetector, cfg: Config, env: Distributed) -> No
     model.mask_method.codec.load_npz(meinst.codec_path)
 
 
-def _datasets(cfg: Config, env: Distributed) -> tuple[CocoInstanceDataset, CocoInstanceDataset | None]:
+@dataclass(frozen=True)
+class ValidationSet:
+    """The validation split: its annotations and the folder of its image files (read as users send them)."""
+
+    coco: COCO
+    images: str
+
+
+def _datasets(cfg: Config, env: Distributed) -> tuple[CocoInstanceDataset, ValidationSet | None]:
     data = cfg.data
     if not data.train_annotations or not data.train_images:
         raise ValueError("data.train_annotations and data.train_images are required")
@@ -150,7 +161,7 @@ def _datasets(cfg: Config, env: Distributed) -> tuple[CocoInstanceDataset, CocoI
         )
     val_set = None
     if env.is_main and data.val_annotations and data.val_images:
-        val_set = eval_dataset(data.val_annotations, data.val_images, EvalSpec.from_config(cfg, train_set.category_ids))
+        val_set = ValidationSet(load_coco(data.val_annotations), data.val_images)
     return train_set, val_set
 
 
@@ -260,14 +271,13 @@ class Run:
     cfg: Config
     env: Distributed
     train_set: CocoInstanceDataset
-    val_set: CocoInstanceDataset | None  # only on rank 0, which validates
+    val_set: ValidationSet | None  # only on rank 0, which validates
     model: OneStageDetector  # the unwrapped network (what checkpoints hold)
     trained: nn.Module  # the module that runs the step: ``model``, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     use_amp: bool
-    eval_spec: EvalSpec
     state: RunState = field(default_factory=RunState)
 
     @property
@@ -297,6 +307,8 @@ class Run:
             "class_names": list(self.cfg.model.class_names),
             "category_ids": list(self.train_set.category_ids),
             "object_size": self.object_size,
+            # The best-F1 score threshold of the last validation: what answers default to.
+            "recommended_score_threshold": self.state.metrics.get("f1", {}).get("threshold"),
             **asdict(self.state),
         }
         if resumable:
@@ -389,7 +401,6 @@ def _build(cfg: Config, env: Distributed, checkpoint: dict[str, Any] | None) -> 
         scheduler=build_scheduler(optimizer, solver),
         scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
         use_amp=use_amp,
-        eval_spec=EvalSpec.from_config(cfg, train_set.category_ids),
     )
 
 
@@ -449,9 +460,13 @@ def _log(run: Run, losses: dict[str, torch.Tensor], seconds_per_iteration: float
         )
 
 
-def _evaluate(run: Run, val_set: CocoInstanceDataset) -> None:
-    """Validate (rank 0), log the metrics, and keep ``model_best.pt`` when the score improves."""
-    run.state.metrics = evaluate(TorchRuntime(run.model, run.env.device), val_set, run.eval_spec)
+def _evaluate(run: Run, val_set: ValidationSet) -> None:
+    """Validate (rank 0) through the service's pipeline on the model in training, log the metrics, and keep
+    ``model_best.pt`` when the score improves."""
+    classes = {"class_names": run.cfg.model.class_names, "category_ids": run.train_set.category_ids}
+    metadata = build_metadata(run.cfg, {**classes, "object_size": run.object_size})
+    predictor = Predictor(TorchRuntime(run.model, run.env.device), metadata)
+    run.state.metrics = evaluate(predictor, val_set.coco, val_set.images)
     _append_jsonl(run.metrics_path, {"iteration": run.state.iteration, "eval": run.state.metrics})
     logger.info("iteration %d: validation %s", run.state.iteration, json.dumps(run.state.metrics))
     score = validation_score(run.state.metrics, run.cfg.model.method)

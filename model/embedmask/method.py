@@ -20,8 +20,8 @@ from model.embedmask.coupling import coupling_energy, coupling_logit
 from model.embedmask.lovasz import lovasz_hinge_per_instance
 from model.fcos_head import FCOSHeadOutputs
 from model.fcos_outputs import InstanceTargets, Locations, level_points
-from model.inference import Detections
-from model.layers import Scale, conv_tower, flatten_levels, init_normal
+from model.inference import Detections, detection_extras
+from model.layers import Scale, conv_tower, flatten_levels, init_bias, init_normal
 from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 from model.mask_method import LossContext, MaskAxes, MaskMethod, MethodOutputs
 
@@ -93,7 +93,7 @@ class EmbedMask(MaskMethod):
         self.position_scale = Scale(1.0)
         init_normal(self)
         # sigma starts at ln2 / prior_margin^2, so p = 0.5 at embedding distance prior_margin.
-        nn.init.constant_(self.proposal_margin.bias, math.log(math.log(2.0) / em.prior_margin**2))
+        init_bias(self.proposal_margin, math.log(math.log(2.0) / em.prior_margin**2))
 
     def _embedding(self, spatial: torch.Tensor, free: torch.Tensor, stride: int) -> torch.Tensor:
         """cat(position_scale * location / 100 + spatial offset, free) for a map of locations at ``stride``."""
@@ -132,7 +132,7 @@ class EmbedMask(MaskMethod):
         points = context.locations.points[None].expand(ltrb.shape[0], -1, -1)
         predicted = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=2)
         chunk = self.cfg.embedmask.instance_chunk
-        pixel_embed = outputs.dense.flatten(2)  # [B, D, P]
+        pixel_embed = self._pixel_embeddings(outputs).flatten(2)  # [B, D, P]
 
         total = pixel_embed.sum() * 0.0 + extras.sum() * 0.0  # keeps every branch in the graph for DDP
         for b, gt in enumerate(context.gts):
@@ -144,6 +144,8 @@ class EmbedMask(MaskMethod):
             )
             proposals = extras[b, positive[chosen]]
             embed, sigma = proposals[:, : self.embed_dim], proposals[:, self.embed_dim :]
+            if gt.masks is None:
+                raise ValueError("EmbedMask trains on instance masks; this image's targets have none")
             gt_masks = masks_at_stride4(gt.masks[gt_ids], context.image_shape).flatten(1)
             per_instance = []
             for start in range(0, len(gt_ids), chunk):
@@ -153,11 +155,19 @@ class EmbedMask(MaskMethod):
             total = total + torch.cat(per_instance).mean()
         return {"loss_mask": total / len(context.gts) * self.cfg.embedmask.mask_loss_weight}
 
+    @staticmethod
+    def _pixel_embeddings(outputs: MethodOutputs) -> torch.Tensor:
+        """The pixel tower's embeddings [B, D, H/4, W/4], which ``forward`` always puts in ``dense``."""
+        if outputs.dense is None:
+            raise ValueError("EmbedMask's outputs lack the pixel embeddings (dense)")
+        return outputs.dense
+
     def masks(self, detections: Detections, outputs: MethodOutputs) -> torch.Tensor:
         """Log-probabilities [B, K, H/4, W/4] inside each box (+-box_padding stride-4 pixels), -10 outside."""
-        pixel_embed = outputs.dense
+        pixel_embed = self._pixel_embeddings(outputs)
         height, width = pixel_embed.shape[2], pixel_embed.shape[3]
-        embed, sigma = detections.extras[..., : self.embed_dim], detections.extras[..., self.embed_dim :]
+        extras = detection_extras(detections)
+        embed, sigma = extras[..., : self.embed_dim], extras[..., self.embed_dim :]
         log_prob = -coupling_energy(pixel_embed.flatten(2), embed, sigma)
         log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[1], height, width)
 

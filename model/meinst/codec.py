@@ -164,14 +164,14 @@ class PCAMaskCodec(nn.Module):
         ratio = torch.as_tensor(ratio, dtype=torch.float32).cpu().numpy()
         if ratio.shape != (self.num_components,):
             raise ValueError(f"ratio must have shape ({self.num_components},), got {ratio.shape}")
-        arrays = {
-            "components_c": self.components.detach().cpu().float().numpy()[None],
-            "mean_c": self.mean.detach().cpu().float().numpy()[None],
-            "explained_variance_c": self.explained_variance.detach().cpu().float().numpy()[None],
-            "ratio_c": ratio[None],
-        }
         with open(path, "wb") as f:  # a file object keeps np.savez from appending ".npz" to the name
-            np.savez(f, **arrays)
+            np.savez(
+                f,
+                components_c=self.components.detach().cpu().float().numpy()[None],
+                mean_c=self.mean.detach().cpu().float().numpy()[None],
+                explained_variance_c=self.explained_variance.detach().cpu().float().numpy()[None],
+                ratio_c=ratio[None],
+            )
 
     def encode(self, masks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Binary masks [N,S,S] or [N,S*S] -> whitened coefficients [N,K], with freshly drawn eps."""

@@ -15,7 +15,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.fcos_head import FCOSHeadOutputs
 from model.fcos_outputs import mean_over_ranks
-from model.inference import Detections
+from model.inference import Detections, detection_extras
 from model.layers import conv_tower, flatten_levels, init_normal
 from model.mask_method import LossContext, MaskAxes, MaskMethod, MethodOutputs
 from model.meinst.codec import PCAMaskCodec, crop_bitmasks
@@ -87,4 +87,4 @@ class MEInst(MaskMethod):
 
     def masks(self, detections: Detections, outputs: MethodOutputs) -> torch.Tensor:
         """Box-relative mask probabilities [B, K, 28, 28] of the kept detections."""
-        return self.codec.decode(detections.extras)
+        return self.codec.decode(detection_extras(detections))

@@ -164,6 +164,8 @@ function startPage() {
     hovered: -1,
     sort: { key: "id", descending: false },
     request: 0, // sequence number: answers to superseded requests are dropped
+    models: new Map(), // name -> GET /models entry
+    thresholdMoved: false, // the person moved the slider: stop following the model's recommended threshold
   };
 
   function showError(text) {
@@ -219,9 +221,20 @@ function startPage() {
       return option;
     }));
     if (models.some((m) => m.name === chosen)) el.model.value = chosen;
+    state.models = new Map(models.map((m) => [m.name, m]));
+    followRecommendedThreshold();
     const loading = models.filter((m) => m.state === "loading").length;
     setStatus(loading ? `${loading} model(s) still loading…` : "Choose an image.");
     if (loading) setTimeout(loadModels, 2000);
+  }
+
+  // The slider starts at the chosen model's recommended threshold (the API's and the CLI's default too) and
+  // follows the model until the person moves it.
+  function followRecommendedThreshold() {
+    const recommended = state.models.get(el.model.value)?.recommended_score_threshold;
+    if (state.thresholdMoved || recommended == null) return;
+    el.threshold.value = recommended;
+    el.thresholdValue.value = Number(el.threshold.value).toFixed(2);
   }
 
   // ---------------------------------------------------------------- segmenting
@@ -483,10 +496,14 @@ function startPage() {
     if (file) chooseFile(file);
   });
   el.threshold.addEventListener("input", () => {
+    state.thresholdMoved = true;
     el.thresholdValue.value = Number(el.threshold.value).toFixed(2);
     segmentSoon();
   });
-  el.model.addEventListener("change", segmentSoon);
+  el.model.addEventListener("change", () => {
+    followRecommendedThreshold();
+    segmentSoon();
+  });
   el.scale.addEventListener("change", segmentSoon);
   for (const toggle of [el.fill, el.outline, el.boxes]) toggle.addEventListener("change", () => draw());
 

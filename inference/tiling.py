@@ -20,28 +20,25 @@ Merging keeps each object once:
   is removed by mask IoU between instances of the same class from neighbouring tiles, keeping the higher
   score (pycocotools' RLE IoU, which skips pairs whose mask bounding boxes do not intersect).
 
-numpy, PIL and pycocotools only (no torch), so the service, evaluation and the benchmarks share it.
+numpy, PIL and pycocotools only (no torch); ``inference.pipeline`` runs it for every entry point.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from model.finishing import Instance, finish_outputs
-from model.input_contract import InputContract
+from model.input_contract import resize_rgb
 
 # Mask IoU above which two instances of one class from neighbouring tiles are the same object.
 DUPLICATE_IOU = 0.5
 # Input pixels two neighbouring tiles share: at least the largest object a recipe expects.
 DEFAULT_TILE_OVERLAP = 64
-# Default shape buckets: the long side of a landscape bucket as a ratio of the short test side (plus the longest side).
-AUTO_BUCKET_RATIOS = (1.0, 4 / 3, 16 / 9)
 
 Outputs = dict[str, np.ndarray]
 
@@ -54,12 +51,6 @@ class Tile:
     origin: tuple[int, int]  # (y0, x0): the region's top left corner in original pixels
     size: tuple[int, int]  # (h, w) of the region in original pixels
     input_size: tuple[int, int]  # (h_in, w_in): the region resized by the image's factor, before padding
-
-    @property
-    def box(self) -> tuple[int, int, int, int]:
-        """The region as PIL's crop box (left, upper, right, lower)."""
-        (y0, x0), (h, w) = self.origin, self.size
-        return x0, y0, x0 + w, y0 + h
 
 
 @dataclass(frozen=True)
@@ -158,44 +149,11 @@ def default_overlap(buckets: Iterable[tuple[int, int]]) -> int:
     return min(DEFAULT_TILE_OVERLAP, min(min(b) for b in buckets) // 2)
 
 
-def shape_buckets(min_size: int, max_size: int, divisibility: int) -> list[tuple[int, int]]:
-    """The default shape buckets of a photo-rule contract: landscape and portrait, the short test side by
-    ratio x short (and the longest side), padded to `divisibility`; sorted by area. The service runs images
-    in them, and evaluation tiles with them, so both see the same tiles."""
-
-    def pad(size: float) -> int:
-        return math.ceil(size / divisibility) * divisibility
-
-    short, longest = pad(min_size), pad(max_size)
-    longs = sorted({min(pad(min_size * ratio), longest) for ratio in AUTO_BUCKET_RATIOS} | {longest})
-    landscape = [(short, long) for long in longs]
-    return sorted(set(landscape) | {(w, h) for h, w in landscape}, key=lambda hw: (hw[0] * hw[1], hw))
-
-
-def contract_buckets(contract: InputContract) -> list[tuple[int, int]]:
-    """The default shape buckets of a model: ``shape_buckets`` of its test sizes, plus the largest square for
-    "scale"-rule (microscopy) contracts, whose fields have no landscape bias; sorted by area."""
-    buckets = shape_buckets(contract.min_size, contract.max_size, contract.size_divisibility)
-    if contract.resize == "scale":
-        side = max(max(b) for b in buckets)
-        buckets = sorted(set(buckets) | {(side, side)}, key=lambda hw: (hw[0] * hw[1], hw))
-    return buckets
-
-
-def cut_tile(image: Image.Image, tile: Tile) -> np.ndarray:
-    """The tile's region of an 8-bit RGB image, resized as a whole image is (PIL bilinear): [3, h_in, w_in] uint8."""
-    h_in, w_in = tile.input_size
-    region = image.crop(tile.box).resize((w_in, h_in), Image.BILINEAR)  # same size: an exact copy
-    return np.ascontiguousarray(np.asarray(region).transpose(2, 0, 1))
-
-
-def pad_batch(images: list[np.ndarray], bucket: tuple[int, int], pad_value: Sequence[int]) -> np.ndarray:
-    """[B, 3, H, W] uint8: each [3, h, w] image at the top left, the rest ``pad_value``."""
-    batch = np.empty((len(images), 3, *bucket), dtype=np.uint8)
-    batch[...] = np.asarray(pad_value, dtype=np.uint8)[None, :, None, None]
-    for i, pixels in enumerate(images):
-        batch[i, :, : pixels.shape[1], : pixels.shape[2]] = pixels
-    return batch
+def cut_tile(image: np.ndarray, tile: Tile) -> np.ndarray:
+    """The tile's region of an ``[H, W, 3]`` uint8 RGB image, resized as a whole image is (PIL bilinear):
+    ``[3, h_in, w_in]`` uint8."""
+    (y0, x0), (height, width) = tile.origin, tile.size
+    return resize_rgb(image[y0 : y0 + height, x0 : x0 + width], tile.input_size)
 
 
 def finish_tile(outputs: Outputs, plan: TilePlan, tile: Tile, **options: object) -> list[Instance]:
@@ -219,11 +177,17 @@ def _overlap_shapes(instances: list[Instance], frame_size: tuple[int, int]) -> l
         rles = [i.rle for i in instances]
         return [{"size": rle["size"], "counts": rle["counts"].encode("ascii")} for rle in rles]  # type: ignore[index]
     if instances and instances[0].polygons is not None:
-        empty = {"size": [height, width], "counts": [height * width]}  # a mask too small for a contour
-        return [mask_utils.merge(mask_utils.frPyObjects(i.polygons or [empty], height, width)) for i in instances]
+        return [_polygons_rle(i.polygons or [], height, width) for i in instances]
     boxes = np.array([i.box for i in instances], dtype=np.float64).reshape(-1, 4)
     boxes[:, 2:] -= boxes[:, :2]
     return boxes
+
+
+def _polygons_rle(polygons: list[list[float]], height: int, width: int) -> dict:
+    """The compressed RLE of an instance's polygons; an empty mask for none (a mask too small for a contour)."""
+    if not polygons:
+        return mask_utils.frPyObjects([{"size": [height, width], "counts": [height * width]}], height, width)[0]
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
 
 
 def merge_tiles(plan: TilePlan, per_tile: list[list[Instance]], limit: int | None = None) -> list[Instance]:
@@ -265,24 +229,3 @@ def merge_tiles(plan: TilePlan, per_tile: list[list[Instance]], limit: int | Non
         if k not in dropped:
             dropped.update(j for j in duplicates.get(k, ()) if rank[j] > rank[k])
     return [flat[k] for k in order if k not in dropped][:limit]
-
-
-def segment_tiled(
-    image: Image.Image,
-    plan: TilePlan,
-    infer: Callable[[np.ndarray], Outputs],
-    pad_value: Sequence[int],
-    batch_size: int,
-    limit: int | None,
-    **options: object,
-) -> list[Instance]:
-    """Run and merge every tile of `image` synchronously, `batch_size` tiles per call of `infer` (evaluation
-    and benchmarks; the service sends the tiles through its dynamic batcher instead). `options` go to
-    `finish_image`; `limit` to `merge_tiles`."""
-    per_tile: list[list[Instance]] = []
-    for first in range(0, len(plan.tiles), batch_size):
-        tiles = plan.tiles[first : first + batch_size]
-        outputs = infer(pad_batch([cut_tile(image, tile) for tile in tiles], plan.bucket, pad_value))
-        for i, tile in enumerate(tiles):
-            per_tile.append(finish_tile({name: value[i] for name, value in outputs.items()}, plan, tile, **options))
-    return merge_tiles(plan, per_tile, limit)

@@ -1,0 +1,292 @@
+"""The one image -> instances pipeline of a model, written once for every entry point.
+
+The steps, each a named function or method: ``decode`` (file bytes -> 8-bit RGB by the model's intensity
+rule, ``inference.decode``) -> ``steps`` (the control flow: for ``scale=auto`` a boxes-only probe pass and
+the scale estimate, ``inference.scale``; then the answering pass) -> ``plan`` (one pass: resize by the
+model's size rule times the scale into a shape bucket, or cut into tiles, ``inference.sizing`` and
+``inference.tiling``) -> the runtime (not here) -> ``Pass.finish`` (paste, threshold, RLE per input,
+``model.finishing``) -> ``Pass.collect`` (tiles merged).
+
+``steps`` is a generator: it yields each ``Pass`` to run and receives its ``PassResult``, so one control flow
+serves two drivers: ``run_sync`` here (the ``Predictor``: evaluation, the predict CLI, the benchmarks) and
+the service's asynchronous batcher (``service.worker``), which runs the inputs of many requests' passes in
+shared batches. Neither driver knows about scales, tiles or finishing; both run a pass's inputs and hand
+each input's outputs to ``Pass.finish``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from export.metadata import GraphMetadata
+from inference.decode import DEFAULT_MAX_IMAGE_PIXELS, configure_pil, decode_image
+from inference.errors import UnusableInput
+from inference.scale import estimate_scale
+from inference.sizing import Bucket, check_buckets, choose_bucket, default_buckets, input_size, pad_batch
+from inference.tiling import TilePlan, check_overlap, cut_tile, default_overlap, finish_tile, merge_tiles, plan_tiles
+from model.finishing import Instance, finish_outputs
+from model.input_contract import InputContract
+from model.mask_contract import MaskFormat
+from model.runtime_protocol import Runtime
+
+Scale = float | Literal["auto"]
+Outputs = dict[str, np.ndarray]
+# The score threshold of answers for models that record no recommended one (checkpoints trained before it).
+FALLBACK_SCORE_THRESHOLD = 0.3
+# The scale a caller gets without asking for one: the model's own.
+DEFAULT_SCALE: Scale = 1.0
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What a caller asks of one image; None takes the model's own default."""
+
+    score_threshold: float | None = None  # None: the model's recommended threshold
+    max_detections: int | None = None  # at most this many instances (highest scores)
+    mask_format: MaskFormat = "rle"
+    scale: Scale = DEFAULT_SCALE  # a factor on the model's own input size, or "auto"
+    channel: int | None = None  # microscopy models: the channel to segment (default: the channel rule)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's answer: instances in original pixels, descending score, and how it was computed."""
+
+    instances: list[Instance]
+    image_size: tuple[int, int]  # (H, W) after EXIF orientation
+    scale: float  # the caller scale it ran at (the asked one, or the one scale=auto chose)
+    score_threshold: float  # detections below it were dropped
+    tiles: int  # inputs of the answering pass (1: the image fit a bucket whole)
+    warnings: list[str] = field(default_factory=list)
+    # Seconds per stage where the driver measured them (``run_sync``, ``Predictor``): decode, prepare (resize
+    # or cut), infer (runtime calls, padding included), finish (paste, threshold, encode, merge); probe
+    # passes included.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a driver sends back for a pass: its merged instances, and how many of its inputs returned the
+    graph's maximum number of detections (the image may hold more objects than were answered)."""
+
+    instances: list[Instance]
+    saturated: int
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One image at one scale: the inputs the runtime runs (the resized image, or its tiles, all padded into
+    ``bucket``) and how their outputs become the image's instances."""
+
+    scale: float
+    image_size: tuple[int, int]
+    bucket: Bucket
+    inputs: list[np.ndarray]  # [3, h, w] uint8 each, unpadded
+    plan: TilePlan | None  # None: one whole image
+    finishing: dict[str, Any]  # ``finish_image`` keywords but sizes and the cap
+    limit: int | None  # cap on the answer's instances
+    max_detections: int  # what the graph returns at most per input
+    probe: bool  # a scale=auto first pass: its costs are not the answer's (metrics)
+
+    def finish(self, index: int, outputs: Outputs) -> list[Instance]:
+        """Input ``index``'s graph outputs (one batch element) -> its instances in the image's frame."""
+        if self.plan is None:
+            pixels = self.inputs[index]
+            size = (int(pixels.shape[1]), int(pixels.shape[2]))
+            return finish_outputs(
+                outputs, input_size=size, image_size=self.image_size, max_detections=self.limit, **self.finishing
+            )
+        return finish_tile(outputs, self.plan, self.plan.tiles[index], **self.finishing)
+
+    def saturated(self, outputs: Outputs) -> bool:
+        """Whether one input's graph returned as many detections as it can."""
+        return int(outputs["num_dets"]) >= self.max_detections
+
+    def collect(self, per_input: Sequence[list[Instance]], saturated: int) -> PassResult:
+        """Every input's instances (input order) as the image's: the whole image's as they are, tiles merged."""
+        if self.plan is None:
+            return PassResult(list(per_input[0]), saturated)
+        return PassResult(merge_tiles(self.plan, list(per_input), self.limit), saturated)
+
+
+Steps = Generator[Pass, PassResult, Segmentation]
+
+
+class ImagePipeline:
+    """One model's steps from image bytes to instances, around a runtime it does not hold: its graph
+    metadata (input contract, mask finishing, thresholds), shape buckets, tile overlap and pixel limit."""
+
+    def __init__(
+        self,
+        metadata: GraphMetadata,
+        *,
+        buckets: Sequence[Bucket] | None = None,
+        tile_overlap: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        finishing_threads: int = 1,
+    ) -> None:
+        """``buckets`` default to the contract's (``default_buckets``), ``tile_overlap`` (input pixels) to
+        ``default_overlap`` of them; a ValueError names what is wrong with either."""
+        self.metadata = metadata
+        self.contract: InputContract = metadata.input
+        self.buckets = check_buckets(buckets, self.contract) if buckets else default_buckets(self.contract)
+        self.tile_overlap = default_overlap(self.buckets) if tile_overlap is None else tile_overlap
+        check_overlap(self.buckets, self.tile_overlap)
+        self.max_image_pixels = max_image_pixels
+        self.finishing_threads = finishing_threads
+        configure_pil(max_image_pixels)
+
+    @property
+    def score_threshold(self) -> float:
+        """The score threshold answers default to: the model's recommended one (chosen on its validation
+        split), or ``FALLBACK_SCORE_THRESHOLD`` for models that record none."""
+        recommended = self.metadata.recommended_score_threshold
+        return FALLBACK_SCORE_THRESHOLD if recommended is None else recommended
+
+    def check(self, options: SegmentOptions) -> None:
+        """``UnusableInput`` for options this model cannot honour, before any image is read."""
+        if options.scale == "auto" and self.contract.object_size is None:
+            raise UnusableInput(
+                "scale=auto needs a model that records its training object size; this one does not "
+                "(retrain it, or pass a number)"
+            )
+
+    def decode(self, data: bytes, channel: int | None = None) -> np.ndarray:
+        """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the model's intensity rule (``inference.decode``)."""
+        return decode_image(data, self.contract, channel, self.max_image_pixels)
+
+    def plan(
+        self,
+        image: np.ndarray,
+        scale: float,
+        options: SegmentOptions,
+        score_threshold: float,
+        probe: bool = False,
+    ) -> Pass:
+        """The pass of ``image`` ([H, W, 3] uint8) at caller scale ``scale``: the image resized into its bucket,
+        or, when no bucket holds it, cut into tiles (``ImageTooLarge`` when the scale makes it too large)."""
+        height, width = image.shape[:2]
+        size = input_size((height, width), self.contract, scale, self.max_image_pixels)
+        meta = self.metadata
+        finishing = {
+            # A boxes-only graph (plain FCOS, evaluated in training) finishes boxes; its mask kind is never read.
+            "mask_kind": meta.mask_kind or "box28",
+            "mask_threshold": meta.mask_threshold,
+            "box_padding": meta.box_padding or 0,
+            "score_threshold": score_threshold,
+            "mask_format": options.mask_format if meta.mask_kind is not None else "none",
+            "workers": self.finishing_threads,
+        }
+        plan = plan_tiles((height, width), size, self.buckets, self.tile_overlap)
+        if plan is None:
+            inputs = [self.contract.resize_image(image, scale)]
+            bucket = choose_bucket(self.buckets, size, self.contract.size_divisibility)
+            limit = options.max_detections
+        else:
+            inputs = [cut_tile(image, tile) for tile in plan.tiles]
+            bucket = plan.bucket
+            limit = meta.max_detections * len(inputs)  # what the tiles can give at most
+            limit = limit if options.max_detections is None else min(limit, options.max_detections)
+        return Pass(
+            scale=scale,
+            image_size=(height, width),
+            bucket=bucket,
+            inputs=inputs,
+            plan=plan,
+            finishing=finishing,
+            limit=limit,
+            max_detections=meta.max_detections,
+            probe=probe,
+        )
+
+    def steps(self, image: np.ndarray, options: SegmentOptions) -> Steps:
+        """The passes ``image`` needs (yielded; each sent back its ``PassResult``) and its answer (returned).
+
+        ``scale=auto`` first runs a boxes-only probe at the model's own scale and estimates the scale from
+        it (``inference.scale``; the model's own when the probe finds too few objects)."""
+        self.check(options)
+        threshold = self.score_threshold if options.score_threshold is None else options.score_threshold
+        warnings: list[str] = []
+        if options.scale == "auto":
+            probe_options = replace(options, mask_format="none", max_detections=None)
+            probe = yield self.plan(image, 1.0, probe_options, 0.0, probe=True)
+            boxes = np.array([i.box for i in probe.instances], dtype=np.float32).reshape(-1, 4)
+            scores = np.array([i.score for i in probe.instances], dtype=np.float32)
+            estimate = estimate_scale(self.contract, boxes, scores, image.shape[:2])
+            if estimate is None:
+                warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
+            scale = 1.0 if estimate is None else estimate
+        else:
+            scale = float(options.scale)
+        answering = self.plan(image, scale, options, threshold)
+        result = yield answering
+        warnings += self.capacity_warnings(answering, result, options)
+        return Segmentation(
+            instances=result.instances,
+            image_size=answering.image_size,
+            scale=scale,
+            score_threshold=threshold,
+            tiles=len(answering.inputs),
+            warnings=warnings,
+        )
+
+    def capacity_warnings(self, done: Pass, result: PassResult, options: SegmentOptions) -> list[str]:
+        """What the answer says when it may hold fewer instances than asked for or than the image holds."""
+        warnings = []
+        capacity = self.metadata.max_detections * len(done.inputs)
+        if options.max_detections is not None and options.max_detections > capacity:
+            warnings.append(
+                f"max_detections={options.max_detections} is more than this model returns for this image: at most "
+                f"{capacity} ({self.metadata.max_detections} per input, {len(done.inputs)} input(s))"
+            )
+        if result.saturated:
+            warnings.append(
+                f"the model returned its maximum of {self.metadata.max_detections} detections on "
+                f"{result.saturated} of {len(done.inputs)} input(s): the image may hold more objects than answered"
+            )
+        return warnings
+
+
+def advance(steps: Steps, result: PassResult | None) -> Pass | Segmentation:
+    """The next pass of ``steps`` (``result``: the last pass's, None to start) or, once it returns, the answer.
+    (A generator's return arrives as StopIteration, which must not cross an executor's future.)"""
+    try:
+        return next(steps) if result is None else steps.send(result)
+    except StopIteration as done:
+        return done.value
+
+
+def run_sync(steps: Steps, runtime: Runtime, pad_value: Sequence[int], batch_size: int = 1) -> Segmentation:
+    """Drive ``steps`` to its answer in this thread: each pass's inputs ``batch_size`` at a time through
+    ``runtime``, padded into the pass's bucket. The answer's ``timings`` get the seconds of each stage."""
+    timings = dict.fromkeys(("prepare", "infer", "finish"), 0.0)
+    started = time.perf_counter()
+    step = advance(steps, None)
+    while isinstance(step, Pass):
+        timings["prepare"] += time.perf_counter() - started
+        per_input: list[list[Instance]] = []
+        saturated = 0
+        for first in range(0, len(step.inputs), batch_size):
+            chunk = step.inputs[first : first + batch_size]
+            started = time.perf_counter()
+            outputs = runtime.infer(pad_batch(chunk, step.bucket, pad_value))
+            timings["infer"] += time.perf_counter() - started
+            started = time.perf_counter()
+            for i in range(len(chunk)):
+                one = {name: value[i] for name, value in outputs.items()}
+                saturated += step.saturated(one)
+                per_input.append(step.finish(first + i, one))
+            timings["finish"] += time.perf_counter() - started
+        started = time.perf_counter()
+        result = step.collect(per_input, saturated)
+        timings["finish"] += time.perf_counter() - started
+        started = time.perf_counter()
+        step = advance(steps, result)
+    timings["prepare"] += time.perf_counter() - started  # the last step: building the answer
+    step.timings.update(timings)
+    return step
