@@ -8,6 +8,7 @@ exports. Each app owns a ``CollectorRegistry`` (its batch-size buckets depend on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -17,6 +18,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 FAILURE_REASONS = ("rejected", "timeout", "bad_input", "backend")
+MODEL_STATES = ("loading", "ready", "failed")  # service.models.State; "failed" lasts until the process restarts
 UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured model
 MODEL_INFO_KEYS = ("version", "method", "runtime", "providers")
 AUTH_FAILURE_REASONS = ("missing", "invalid")
@@ -52,6 +54,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "images per executed batch (exponential buckets up to max_batch_size)", "batch_size"),
     MetricSpec("queue_depth", "onestage_queue_depth", "gauge", ("model",),
                "requests waiting in the batcher queue"),
+    MetricSpec("queue_capacity", "onestage_queue_capacity", "gauge", ("model",),
+               "requests the model admits (queued, or reading their body) before it answers 503: max_queue_size "
+               "once its batcher runs, 0 while it loads or after it failed"),
     MetricSpec("mask_finishing", "onestage_mask_finishing_seconds", "histogram", ("model",),
                "paste, threshold and RLE/polygon encoding of one image's masks", "latency"),
     MetricSpec("tiles", "onestage_tiles_per_request", "histogram", ("model",),
@@ -65,6 +70,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "requests refused with 401, by API key: " + " or ".join(AUTH_FAILURE_REASONS)),
     MetricSpec("model_info", "onestage_model_info", "info", ("model", *MODEL_INFO_KEYS),
                "served models (value 1)"),
+    MetricSpec("model_state", "onestage_model_state", "gauge", ("model", "state"),
+               "1 for the model's load state (" + ", ".join(MODEL_STATES) + "), 0 for the others"),
 )  # fmt: skip
 
 
@@ -91,12 +98,14 @@ class Metrics:
     inference: Histogram
     batch_size: Histogram
     queue_depth: Gauge
+    queue_capacity: Gauge
     mask_finishing: Histogram
     tiles: Histogram
     failures: Counter
     key_requests_total: Counter
     auth_failures: Counter
     model_info: Info
+    model_state: Gauge
 
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
@@ -112,14 +121,18 @@ class Metrics:
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
 
-    def register_model(self, name: str) -> None:
-        """Create a model's label sets, so that every series exists (at zero) from the start."""
+    def register_model(self, name: str, state: Callable[[], str]) -> None:
+        """Create a model's label sets, so that every series exists (at zero) from the start; ``state`` returns
+        the model's load state (one of ``MODEL_STATES``) and is read at every scrape, so the state series follow
+        the model whichever code changes its state."""
         for spec in METRICS:
             collector = getattr(self, spec.attribute)
             if spec.labels == ("model",):
                 collector.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)
+        for each in MODEL_STATES:
+            self.model_state.labels(name, each).set_function(lambda each=each: float(state() == each))
 
     def key_requests(self, name: str | None) -> Counter:
         """The accepted-request counter of a key name; past KEY_NAME_LIMIT names, the shared ``_other`` one."""

@@ -110,8 +110,8 @@ class SegmentService:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         configure_pil(self.settings.max_image_pixels)
-        for name in self.registry.entries:
-            self.metrics.register_model(name)
+        for name, entry in self.registry.entries.items():
+            self.metrics.register_model(name, state=lambda entry=entry: entry.state)
         self._loader = asyncio.get_running_loop().create_task(self._load_all(), name="onestage-load")
 
     async def _load_all(self) -> None:

@@ -349,7 +349,7 @@ def test_kserve_predictor_env_ports_and_grace(monkeypatch: pytest.MonkeyPatch) -
 def exported_metrics() -> dict[str, str]:
     """Family name -> type in the exposition of the service's own metrics registry (one model registered)."""
     metrics = Metrics(max_batch_size=8)
-    metrics.register_model("m")
+    metrics.register_model("m", state=lambda: "ready")
     return {family.name: family.type for family in text_string_to_metric_families(metrics.exposition().decode())}
 
 
