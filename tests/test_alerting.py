@@ -7,12 +7,16 @@ it by ``python -m tests.test_alerting``; a test holds them equal). ``promtool ch
 firing and a silent case for every alerting rule). Every alert is documented: a severity, a summary, a
 description and a runbook section in docs/operations.md.
 
-Then Debian's ``prometheus`` (2.42) scrapes ``python -m service`` on loopback with the repository's scrape config
-and rules, under normal load, under overload and after it, and every dashboard query, the Prometheus adapter's HPA
-query and the alerts are read back from it (the last test's docstring says how its clock is compressed).
+``amtool`` checks the Alertmanager route tree (docker/alertmanager/alertmanager.yml).
 
-promtool and prometheus come from Debian's ``prometheus`` package, which the README's test command installs: a
-missing binary fails these tests rather than skipping them.
+Then Debian's ``prometheus`` (2.42) scrapes ``python -m service`` on loopback with the repository's scrape config
+and rules, under normal load, under overload and after it, and sends its alerts to Debian's Alertmanager (0.25)
+with that route tree; every dashboard query, the Prometheus adapter's HPA query, the alerts and the notifications
+are read back (the last test's docstring says how its clock is compressed).
+
+promtool, prometheus, amtool and prometheus-alertmanager come from Debian's ``prometheus`` and
+``prometheus-alertmanager`` packages, which the README's test command installs: a missing binary fails these tests
+rather than skipping them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -59,6 +64,7 @@ RULE_FILE = RULES / "onestage.yml"
 RULE_TESTS = REPO / "tests" / "prometheus" / "onestage_rules_test.yml"
 PROMETHEUS_RULE = REPO / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
 KUSTOMIZATION = REPO / "deploy" / "kubernetes" / "base" / "kustomization.yaml"
+ALERTMANAGER = REPO / "docker" / "alertmanager" / "alertmanager.yml"
 ADAPTER_VALUES = REPO / "deploy" / "kubernetes" / "prometheus-adapter" / "values.yaml"
 OPERATIONS = REPO / "docs" / "operations.md"
 SEVERITIES = ("critical", "warning", "info")
@@ -75,11 +81,13 @@ PROMETHEUS_RULE_HEADER = """\
 
 # ---------------------------------------------------------------- binaries and rules
 def binary(name: str) -> str:
-    """The path of a Debian ``prometheus`` package binary; the README's test command installs it, so a missing one
-    is a failure, not a skip."""
+    """The path of a binary of Debian's ``prometheus`` or ``prometheus-alertmanager`` package; the README's test
+    command installs them, so a missing one is a failure, not a skip."""
     path = shutil.which(name)
     if path is None:
-        raise FileNotFoundError(f"{name} not found: run the README's test command (apt-get install prometheus)")
+        raise FileNotFoundError(
+            f"{name} not found: run the README's test command (apt-get install prometheus prometheus-alertmanager)"
+        )
     return path
 
 
@@ -168,6 +176,22 @@ def test_promtool_unit_tests_fire_and_stay_silent() -> None:
     assert alert_names() <= silent, f"no silent case for {alert_names() - silent}"
 
 
+def test_alertmanager_pages_on_critical_and_files_the_rest_as_tickets() -> None:
+    amtool = binary("amtool")
+    check = subprocess.run([amtool, "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for rule in alerting_rules():
+        expected = "page" if rule["labels"]["severity"] == "critical" else "ticket"
+        labels = [f"{key}={value}" for key, value in {"alertname": rule["alert"], **rule["labels"]}.items()]
+        routed = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER}", *labels],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert routed.returncode == 0 and routed.stdout.split() == [expected], (rule["alert"], routed.stdout)
+
+
 # ---------------------------------------------------------------- the rules against the service and the docs
 def test_every_alert_has_a_severity_summary_description_and_runbook() -> None:
     sections = runbook_sections()
@@ -183,6 +207,17 @@ def test_every_alert_has_a_severity_summary_description_and_runbook() -> None:
         assert fragment in sections, f"docs/operations.md has no section {name}"
         for part in RUNBOOK_PARTS:
             assert part in sections[fragment], f"the runbook of {name} lacks {part}"
+
+
+def test_the_alert_table_of_the_docs_matches_the_rules() -> None:
+    """docs/operations.md's table: every alert once, with its rules' severities and (for one rule) its ``for``."""
+    rows = re.findall(r"^\| \[(\w+)\]\(#(\w+)\) \| ([\w /]+) \| .* \| ([\w-]+) \|$", OPERATIONS.read_text(), flags=re.M)
+    assert sorted(row[0] for row in rows) == sorted(alert_names())
+    for name, link, severities, duration in rows:
+        rules = [rule for rule in alerting_rules() if rule["alert"] == name]
+        assert link == anchor(name) and set(severities.split(" / ")) == {r["labels"]["severity"] for r in rules}
+        if len(rules) == 1:
+            assert duration == rules[0]["for"], name
 
 
 def test_rules_read_only_series_the_service_and_dcgm_export() -> None:
@@ -287,7 +322,7 @@ TEMPLATE_VARIABLES = {  # Grafana's, as the dashboard would fill them on a 1 s s
 }
 NAMESPACE, POD = "onestage-test", "onestage-0"  # the target labels the operator's PodMonitor adds
 NORMAL_S = 6.0  # longer than the compressed 5-minute window, so the shed ratio is read over normal load only
-ALERT_WAIT_S = 40.0
+ALERT_WAIT_S = 30.0
 LIMIT_S = 180.0  # hard wall-clock limit of the whole run (it takes about 40 s on 2 busy cores)
 T = TypeVar("T")
 
@@ -343,13 +378,14 @@ def compressed_rule_groups() -> list[dict[str, Any]]:
     return groups
 
 
-def scrape_config(service_port: int, rules: Path) -> dict[str, Any]:
+def scrape_config(service_port: int, rules: Path, alertmanager: str) -> dict[str, Any]:
     """docker/prometheus/prometheus.yml on loopback: the service's job at its port with the target labels the
     PodMonitor would add, the DCGM job at a port nothing listens on (as without the gpu-metrics profile), the
-    compressed rules, and the test's interval."""
+    compressed rules, the test's interval, and the Alertmanager at ``alertmanager`` (host:port)."""
     config = yaml.safe_load(PROMETHEUS.read_text())
     config["global"] = {"scrape_interval": INTERVAL, "evaluation_interval": INTERVAL}
     config["rule_files"] = [str(rules)]
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"onestage", "dcgm"}, set(jobs)
     jobs["onestage"]["static_configs"] = [
@@ -359,26 +395,74 @@ def scrape_config(service_port: int, rules: Path) -> dict[str, Any]:
     return config
 
 
-class Prometheus:
-    """Debian's prometheus on a free loopback port, its TSDB in ``workdir``."""
+def alertmanager_config(webhook: str) -> dict[str, Any]:
+    """docker/alertmanager/alertmanager.yml with a webhook on loopback for each receiver (``<webhook>/<receiver>``)
+    and its grouping times divided by TIME_SCALE, as the rules' durations are."""
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    for receiver in config["receivers"]:
+        assert set(receiver) == {"name"}, "the committed receivers have no integration"
+        receiver["webhook_configs"] = [{"url": f"{webhook}/{receiver['name']}", "send_resolved": True}]
+    for route in (config["route"], *config["route"]["routes"]):
+        for key in ("group_wait", "group_interval", "repeat_interval"):
+            if key in route:
+                route[key] = f"{duration_seconds(route[key]) * 1000 // TIME_SCALE}ms"
+    return config
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        config_path = workdir / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+class Daemon:
+    """A Debian ``prometheus`` package daemon on a free loopback port, stopped on exit; its log is printed when the
+    block fails."""
+
+    name = ""  # the binary
+    ready_path = "/-/ready"
+
+    def __init__(self, workdir: Path, args: Callable[[str], list[str]]) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
-        self.log_path = workdir / "prometheus.log"
+        self.log_path = workdir / f"{self.name}.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [
-                    binary("prometheus"),
-                    f"--config.file={config_path}",
-                    f"--storage.tsdb.path={workdir / 'tsdb'}",
-                    f"--web.listen-address={self.url.removeprefix('http://')}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                [binary(self.name), *args(self.url.removeprefix("http://"))], stdout=log, stderr=subprocess.STDOUT
             )
+
+    def __enter__(self) -> Daemon:
+        def ready() -> bool:
+            assert self.process.poll() is None, f"{self.name} exited:\n{self.log_path.read_text()}"
+            try:
+                return httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, 30, f"{self.name} ready")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if kind is not None:
+            print(f"---- {self.name} log\n{self.log_path.read_text()[-4000:]}", file=sys.stderr)
+
+
+class Prometheus(Daemon):
+    """Debian's prometheus with ``config``, its TSDB in ``workdir``."""
+
+    name = "prometheus"
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        path = workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        super().__init__(
+            workdir,
+            lambda address: [
+                f"--config.file={path}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address={address}",
+                "--log.level=warn",
+            ],
+        )
 
     def api(self, path: str, **params: str) -> Any:
         response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
@@ -392,23 +476,64 @@ class Prometheus:
     def alerts(self, name: str) -> list[dict[str, Any]]:
         return [a for a in self.api("alerts")["alerts"] if a["labels"]["alertname"] == name]
 
-    def wait_ready(self, timeout: float) -> None:
-        def ready() -> bool:
-            assert self.process.poll() is None, f"prometheus exited:\n{self.log_path.read_text()}"
-            try:
-                return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
 
-        wait_for(ready, timeout, "prometheus ready")
+class Alertmanager(Daemon):
+    """Debian's prometheus-alertmanager with ``config``, no cluster listener (it would bind every interface)."""
 
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    name = "prometheus-alertmanager"
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        path = workdir / "alertmanager.yml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        super().__init__(
+            workdir,
+            lambda address: [
+                f"--config.file={path}",
+                f"--storage.path={workdir / 'alertmanager'}",
+                f"--web.listen-address={address}",
+                "--cluster.listen-address=",
+                "--log.level=warn",
+            ],
+        )
+
+
+class Webhook:
+    """An HTTP server on loopback that records Alertmanager's webhook notifications, by receiver (the path)."""
+
+    def __init__(self) -> None:
+        self.notifications: list[tuple[str, dict[str, Any]]] = []
+        received = self.notifications
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path.strip("/"), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Webhook:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alerts(self, receiver: str, name: str, status: str) -> list[dict[str, Any]]:
+        """The alerts named ``name`` that ``receiver`` was notified of with ``status`` (firing or resolved)."""
+        return [
+            alert
+            for path, body in list(self.notifications)
+            if path == receiver
+            for alert in body["alerts"]
+            if alert["labels"]["alertname"] == name and alert["status"] == status
+        ]
 
 
 class Load:
@@ -476,20 +601,23 @@ def adapter_query() -> tuple[str, str]:
 
 def test_real_prometheus_scrapes_the_service_and_alerts_on_overload(tmp_path: Path) -> None:
     """Debian's Prometheus 2.42 scrapes ``python -m service`` on loopback with the repository's scrape config and
-    rules; a client sends normal load, then overload, then normal load again; then every dashboard query and the
-    adapter's HPA query must return data, and the alerts must be the ones the load explains.
+    rules, and sends its alerts to Debian's Alertmanager 0.25 with the repository's route tree, whose receivers
+    post to a webhook here. A client sends normal load, then overload, then normal load again; the shedding alert
+    must go pending, fire, reach the `ticket` receiver and resolve there, the broken model's load failure must
+    reach `page`; then every dashboard query and the adapter's HPA query must return data, and no alert that the
+    load does not explain may be active.
 
-    The clock is compressed, not the rules: every range and ``for`` in the rules is divided by 60 (one minute
-    of the rules is one second here) and Prometheus scrapes and evaluates every second. Only durations change,
-    so the expressions, the recording chain, label matching and thresholds run exactly as committed; without
-    it, the shedding alert's 5-minute window and ``for: 5m`` (right for operators: a few minutes of shedding
-    while the autoscaler adds replicas is the design working) would need over 10 minutes to fire and clear.
-    The rules' real timing is what ``promtool test rules`` checks, at full scale. The service serves a tiny
-    random-weight MEInst (exported to ONNX here, so the server starts without torch) with a queue of one and
-    batches of one, so that concurrent clients get 503, and a model whose file is not a graph, which must
-    make OneStageModelLoadFailed fire. Bounded by LIMIT_S; everything listens on 127.0.0.1.
+    The clock is compressed, not the rules: every range and ``for`` in the rules (and the Alertmanager's grouping
+    times) is divided by 60, one minute of the rules being one second here, and Prometheus scrapes and evaluates
+    every second. Only durations change, so the expressions, the recording chain, label matching and thresholds
+    run exactly as committed; without it, the shedding alert's 5-minute window and ``for: 5m`` (right for
+    operators: a few minutes of shedding while the autoscaler adds replicas is the design working) would need over
+    10 minutes to fire and clear. The rules' real timing is what ``promtool test rules`` checks, at full scale.
+    The service serves a tiny random-weight MEInst (exported to ONNX here, so the server starts without torch)
+    with a queue of one and batches of one, so that concurrent clients get 503, and a model whose file is not a
+    graph, which must make OneStageModelLoadFailed fire. Bounded by LIMIT_S; everything listens on 127.0.0.1.
     """
-    with time_limit(LIMIT_S):
+    with time_limit(LIMIT_S), ExitStack() as stack:
         model, cfg = tiny_detector("meinst")
         graph = tmp_path / "meinst.onnx"
         export_onnx(model, cfg, {"class_names": CLASS_NAMES, "category_ids": CATEGORY_IDS}, graph)
@@ -501,28 +629,31 @@ def test_real_prometheus_scrapes_the_service_and_alerts_on_overload(tmp_path: Pa
         ]
         args = ["--models", json.dumps(models), "--cache-dir", str(tmp_path / "cache")]
         args += ["--max-queue-size", "1", "--max-batch-size", "1", "--max-delay-ms", "0"]
-        service = ServiceProcess(args, tmp_path / "service.log")
-        try:
-            service.wait_live(60)
-            rules = tmp_path / "rules.yml"
-            rules.write_text(yaml.safe_dump({"groups": compressed_rule_groups()}, sort_keys=False))
-            prometheus = Prometheus(scrape_config(service.port, rules), tmp_path)
-            try:
-                prometheus.wait_ready(30)
-                check_under_load(service, prometheus)
-            except BaseException:
-                print(prometheus.log_path.read_text()[-4000:], file=sys.stderr)
-                raise
-            finally:
-                prometheus.stop()
-        except BaseException:
-            print(service.log()[-4000:], file=sys.stderr)
-            raise
-        finally:
-            service.terminate()
+        service = stack.enter_context(running_service(args, tmp_path / "service.log"))
+        webhook = stack.enter_context(Webhook())
+        alertmanager = stack.enter_context(Alertmanager(alertmanager_config(webhook.url), tmp_path))
+        rules = tmp_path / "rules.yml"
+        rules.write_text(yaml.safe_dump({"groups": compressed_rule_groups()}, sort_keys=False))
+        config = scrape_config(service.port, rules, alertmanager.url.removeprefix("http://"))
+        prometheus = stack.enter_context(Prometheus(config, tmp_path))
+        check_under_load(service, prometheus, webhook)
 
 
-def check_under_load(service: ServiceProcess, prometheus: Prometheus) -> None:
+@contextmanager
+def running_service(args: list[str], log_path: Path) -> Iterator[ServiceProcess]:
+    """``python -m service *args``, live; terminated on exit, its log printed when the block fails."""
+    service = ServiceProcess(args, log_path)
+    try:
+        service.wait_live(60)
+        yield service
+    except BaseException:
+        print(f"---- service log\n{service.log()[-4000:]}", file=sys.stderr)
+        raise
+    finally:
+        service.terminate()
+
+
+def check_under_load(service: ServiceProcess, prometheus: Prometheus, webhook: Webhook) -> None:
     """The phases of the real-Prometheus test (its docstring)."""
 
     def meinst_ready() -> bool:
@@ -532,29 +663,46 @@ def check_under_load(service: ServiceProcess, prometheus: Prometheus) -> None:
     wait_for(lambda: prometheus.query('up{job="onestage"} == 1'), 20, "the service scraped")
     image = png_image()
 
-    def shedding() -> list[dict[str, Any]]:
-        return [a for a in prometheus.alerts("OneStageLoadShedding") if a["labels"]["model"] == "meinst"]
+    def shedding(*states: str) -> list[dict[str, Any]]:
+        alerts = prometheus.alerts("OneStageLoadShedding")
+        return [a for a in alerts if a["labels"]["model"] == "meinst" and a["state"] in states]
 
     # normal load: one client, one request at a time
     normal = Load(service.url, "meinst", image, clients=1, pause_s=0.05)
     try:
         time.sleep(NORMAL_S)
-        assert not shedding(), "shedding alert under normal load"
-        # overload: eight clients against a queue of one
+        assert not shedding("pending", "firing"), "shedding alert under normal load"
+        # overload: eight clients against a queue of one, until the ticket is filed
         overload = Load(service.url, "meinst", image, clients=8, pause_s=0.0)
         try:
-            (alert,) = wait_for(shedding, ALERT_WAIT_S, "OneStageLoadShedding pending or firing under overload")
+            wait_for(lambda: shedding("pending", "firing"), ALERT_WAIT_S, "OneStageLoadShedding pending")
+            (alert,) = wait_for(lambda: shedding("firing"), ALERT_WAIT_S, "OneStageLoadShedding firing")
+            wait_for(
+                lambda: webhook.alerts("ticket", "OneStageLoadShedding", "firing"),
+                ALERT_WAIT_S,
+                "the shedding ticket notified",
+            )
         finally:
             statuses = overload.stop()
-        assert alert["state"] in ("pending", "firing") and alert["labels"]["severity"] == "warning"
+        assert alert["labels"]["severity"] == "warning"
         assert alert["annotations"]["runbook_url"] == "docs/operations.md#onestageloadshedding"
         assert statuses[503] > 0 and statuses[200] > 0, statuses
-        # back to normal load: the alert clears
-        wait_for(lambda: not shedding(), ALERT_WAIT_S, "OneStageLoadShedding cleared after the overload")
+        # back to normal load: the alert clears, and the ticket is resolved
+        wait_for(lambda: not shedding("pending", "firing"), ALERT_WAIT_S, "OneStageLoadShedding cleared")
+        wait_for(
+            lambda: webhook.alerts("ticket", "OneStageLoadShedding", "resolved"),
+            ALERT_WAIT_S,
+            "the shedding ticket resolved",
+        )
         check_queries_rules_and_alerts(prometheus)
     finally:
         statuses = normal.stop()
     assert statuses[200] > 0, statuses
+    # routing: the broken model's critical alert pages, the warning did not
+    (paged,) = {a["labels"]["model"] for a in webhook.alerts("page", "OneStageModelLoadFailed", "firing")}
+    assert paged == "broken"
+    assert not webhook.alerts("page", "OneStageLoadShedding", "firing")
+    assert not webhook.alerts("ticket", "OneStageModelLoadFailed", "firing")
 
 
 def check_queries_rules_and_alerts(prometheus: Prometheus) -> None:
