@@ -733,14 +733,10 @@ def check_queries_rules_and_alerts(prometheus: Prometheus) -> None:
     # the broken model's load failure fires; nothing that the load does not explain does
     failed = prometheus.alerts("OneStageModelLoadFailed")
     assert {a["labels"]["model"] for a in failed} == {"broken"}, failed
-    for name in (
-        "OneStageServiceDown",
-        "OneStageTargetDown",
-        "OneStageErrorBudgetBurn",
-        "OneStageLatencyObjectiveUnmeasured",
-        "OneStageModelNotReady",
-    ):
+    for name in ("OneStageErrorBudgetBurn", "OneStageLatencyObjectiveUnmeasured", "OneStageModelNotReady"):
         assert not prometheus.alerts(name), prometheus.alerts(name)
+    for name in ("OneStageServiceDown", "OneStageTargetDown"):  # one slow scrape on a busy machine: pending only
+        assert not [a for a in prometheus.alerts(name) if a["state"] == "firing"], prometheus.alerts(name)
 
 
 if __name__ == "__main__":
