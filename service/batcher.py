@@ -80,6 +80,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._free_streams = asyncio.Semaphore(max_in_flight)
         self._running: set[asyncio.Task[None]] = set()
+        metrics.queue_capacity.labels(name).set(max_queue_size)  # 0 until now: a loading model admits nothing
 
     @property
     def depth(self) -> int:

