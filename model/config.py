@@ -99,6 +99,47 @@ class ModelConfig(_Section):
         return self
 
 
+class PhotometricConfig(_Section):
+    """Training changes to a microscopy image's raw intensities, before the intensity rule stretches them
+    (``training.photometric``): how another microscope's image of the same field differs. Each change is
+    applied with its own probability (0: never, the default), its strength drawn from its range. Strengths
+    are in units of the image's signal range (its 1st to 99.8th percentile) unless stated."""
+
+    gamma: tuple[float, float] = (1.0, 1.0)  # exponent on the signal above background, drawn log-uniformly
+    gamma_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.0, 0.0)  # Gaussian blur (another PSF), in image pixels
+    blur_prob: float = 0.0
+    background: tuple[float, float] = (0.0, 0.0)  # offset added (haze, autofluorescence)
+    background_ramp: tuple[float, float] = (0.0, 0.0)  # amplitude of a linear ramp across the image, any direction
+    background_prob: float = 0.0
+    photons: tuple[float, float] = (1000.0, 1000.0)  # photons at the signal level (Poisson), drawn log-uniformly
+    read_noise: tuple[float, float] = (0.0, 0.0)  # Gaussian noise after the Poisson draw
+    noise_prob: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return any(p > 0 for p in (self.gamma_prob, self.blur_prob, self.background_prob, self.noise_prob))
+
+    @model_validator(mode="after")
+    def _ranges(self) -> PhotometricConfig:
+        for name in ("gamma_prob", "blur_prob", "background_prob", "noise_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"photometric.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name, positive in (
+            ("gamma", True),
+            ("blur_sigma", False),
+            ("background", False),
+            ("background_ramp", False),
+            ("photons", True),
+            ("read_noise", False),
+        ):
+            low, high = getattr(self, name)
+            if not (0 < low if positive else 0 <= low) or not low <= high:
+                kind = "positive" if positive else "non-negative"
+                raise ValueError(f"photometric.{name} must be an ordered range of {kind} numbers, got {(low, high)}")
+        return self
+
+
 class DataConfig(_Section):
     train_annotations: str | None = None
     train_images: str | None = None
@@ -115,7 +156,15 @@ class DataConfig(_Section):
     min_size_test: int = 800
     max_size_test: int = 1333
     scale_train: tuple[float, float] = (1.0, 1.0)
+    # Wide scale jitter (magnifications far from the training data's): with probability scale_train_wide_prob a
+    # training image's factor is drawn log-uniformly from scale_train_wide instead of scale_train, so the
+    # factors are dense in scale_train (where test images are brought) and still cover the wide range.
+    scale_train_wide: tuple[float, float] | None = None
+    scale_train_wide_prob: float = 0.0
     scale_test: float = 1.0
+    # Training inputs larger than this many pixels a side after the resize are cut to it at a random place
+    # (instances cut by the window keep their visible part), bounding an iteration's cost at large factors.
+    crop_size_train: int | None = None
     # How pixel values become 8-bit RGB (model.intensity): "rgb8" (photos) or "percentile" (microscopy: the
     # percentiles below map to 0 and 255). Training draws each image's percentiles from the *_train ranges
     # when they are given (intensity jitter).
@@ -126,6 +175,8 @@ class DataConfig(_Section):
     hflip_prob: float = 0.5
     vflip_prob: float = 0.0
     rot90_prob: float = 0.0  # probability of a quarter turn (either way), for images with no up and down
+    # Raw-intensity changes before the intensity rule (microscopy, "percentile" rule only); off by default.
+    photometric: PhotometricConfig = Field(default_factory=PhotometricConfig)
     size_divisibility: int = 32
     num_workers: int = 2
 
@@ -138,6 +189,20 @@ class DataConfig(_Section):
             )
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if not 0 <= self.scale_train_wide_prob <= 1:
+            raise ValueError(f"scale_train_wide_prob must lie in [0, 1], got {self.scale_train_wide_prob}")
+        if self.scale_train_wide_prob > 0:
+            if self.resize != "scale" or self.scale_train_wide is None:
+                raise ValueError("scale_train_wide_prob > 0 needs resize: scale and a scale_train_wide range")
+            wide_low, wide_high = self.scale_train_wide
+            if not 0 < wide_low <= wide_high:
+                raise ValueError(f"scale_train_wide must be positive with low <= high, got {self.scale_train_wide}")
+        if self.crop_size_train is not None and self.crop_size_train < self.size_divisibility:
+            raise ValueError(
+                f"crop_size_train={self.crop_size_train} is smaller than size_divisibility={self.size_divisibility}"
+            )
+        if self.photometric.enabled and self.intensity != "percentile":
+            raise ValueError("photometric changes act on raw microscopy intensities: they need intensity: percentile")
         return self
 
 

@@ -14,18 +14,23 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from model.config import DataConfig, PhotometricConfig, load_config
 from model.input_contract import resized_shape
 from training import nucleus
 from training.data import (
+    CROP_STREAM,
+    MIN_VISIBLE_AREA,
     CocoInstanceDataset,
     SampleKey,
     TrainingSampler,
     collate,
+    crop_window,
 )
 
 # pycocotools 2.0.x calls np.array(copy=False) under numpy 2; harmless, and not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LABELME_COCO = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco")
 
 
@@ -353,3 +358,104 @@ def test_scale_rule_at_test_time_keeps_native_size(tmp_path):
     sample = dataset[0]
     assert sample.input_size == sample.original_size == (96, 1100)  # no shrinking to a short side of 256
     assert dataset.median_object_size() == pytest.approx(30, abs=8)  # HeLa nuclei are ~30 px across
+
+
+@pytest.fixture(scope="module")
+def fields(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """One frame's raw 16-bit val field (96x1100) with its nuclei."""
+    root = tmp_path_factory.mktemp("fields")
+    nucleus.build(str(root), tile=128, frames=1, band=96)
+    return str(root / "val_fields.json"), str(root / "val_fields")
+
+
+def _fields_dataset(fields: tuple[str, str], **kwargs) -> CocoInstanceDataset:
+    options = {"resize": "scale", "intensity": "percentile"} | kwargs
+    return CocoInstanceDataset(fields[0], fields[1], [96], 1100, 0.0, True, seed=4, **options)
+
+
+def test_training_crop_is_the_window_of_the_whole_resize(fields):
+    """A cropped sample is the same window of the sample resized whole: pixels within one grey level (PIL's
+    rounding), masks exactly; boxes of instances the window cuts come from their visible part, and parts
+    below MIN_VISIBLE_AREA image pixels are gone."""
+    whole, cropped = (
+        _fields_dataset(fields, scales=(3.0, 3.0)),
+        _fields_dataset(fields, scales=(3.0, 3.0), crop_size=160),
+    )
+    kept = 0
+    for epoch in range(8):
+        full, part = whole[(0, epoch)], cropped[(0, epoch)]
+        assert full.input_size == (288, 3300) and part.input_size == (160, 160)
+        y0, x0, h, w = crop_window(288, 3300, 160, cropped._stream(0, epoch, CROP_STREAM))
+        assert (part.image.int() - full.image[:, y0 : y0 + h, x0 : x0 + w].int()).abs().max() <= 1
+        windows = full.targets.masks[:, y0 : y0 + h, x0 : x0 + w]
+        visible = windows.flatten(1).sum(1) >= MIN_VISIBLE_AREA * 9
+        assert torch.equal(part.targets.masks, windows[visible])
+        assert len(part.targets.labels) == len(part.targets.boxes) == int(visible.sum())
+        kept += len(part.targets.labels)
+        for mask, box in zip(part.targets.masks, part.targets.boxes):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+            assert (from_mask - box).abs().max() <= 1.5  # exact where cut, the resized annotation box elsewhere
+            assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
+    assert kept > 0
+
+
+def test_crop_and_photometric_off_leave_samples_as_they_were(fields):
+    """A crop larger than every input and photometric changes of probability 0 draw from their own streams:
+    every sample is bit-identical to the recipe without them; turning photometric changes on leaves the
+    geometry (size, flips, masks) as it was."""
+    geometry = {"scales": (0.5, 2.0), "vflip_prob": 0.5, "rot90_prob": 0.5, "percentile_low_train": (0.2, 3.0)}
+    plain = _fields_dataset(fields, **geometry)
+    inert = _fields_dataset(fields, crop_size=4096, photometric=PhotometricConfig(gamma=(0.5, 2.0)), **geometry)
+    changed = _fields_dataset(fields, photometric=PhotometricConfig(noise_prob=1.0, gamma_prob=1.0), **geometry)
+    for epoch in range(4):
+        a, b, c = plain[(0, epoch)], inert[(0, epoch)], changed[(0, epoch)]
+        assert torch.equal(a.image, b.image) and torch.equal(a.targets.boxes, b.targets.boxes)
+        assert torch.equal(a.targets.masks, b.targets.masks)
+        assert c.input_size == a.input_size and torch.equal(c.targets.masks, a.targets.masks)
+        assert not torch.equal(c.image, a.image)
+
+
+def test_wide_scale_mixture(fields):
+    """With probability scales_wide_prob a factor comes from the wide range: here exactly 1x or 3x, both seen,
+    the same for the same key."""
+    options = {"scales": (1.0, 1.0), "scales_wide": (3.0, 3.0), "scales_wide_prob": 0.5}
+    first, second = _fields_dataset(fields, **options), _fields_dataset(fields, **options)
+    sizes = [first[(0, epoch)].input_size for epoch in range(16)]
+    assert set(sizes) == {(96, 1100), (288, 3300)}
+    assert sizes == [second[(0, epoch)].input_size for epoch in range(16)]
+    with pytest.raises(ValueError, match="scales_wide"):
+        _fields_dataset(fields, scales_wide_prob=0.5)
+
+
+def test_new_recipe_keeps_boxes_on_masks_and_bounds_the_input(fields):
+    """The nucleus recipe's wide scale jitter, 512-pixel crop and photometric changes on raw 16-bit fields:
+    inputs at most 512 a side, every box its mask's bounding box, no empty mask, uint8 images."""
+    data = load_config(CONFIGS / "meinst_MNV2_nucleus.yaml").data
+    dataset = CocoInstanceDataset.from_config(data, *fields, train=True, seed=1)
+    for epoch in range(12):
+        sample = dataset[(epoch % len(dataset), epoch)]
+        h, w = sample.input_size
+        assert sample.image.dtype == torch.uint8 and sample.image.shape == (3, h, w) and max(h, w) <= 512
+        assert sample.targets.masks.shape[1:] == (h, w)
+        for mask, box in zip(sample.targets.masks, sample.targets.boxes):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            assert len(ys) > 0
+            from_mask = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+            assert (from_mask - box).abs().max() <= 2.5
+
+
+def test_old_configs_load_without_the_new_keys():
+    """A checkpoint's config from before the wide jitter, crop and photometric keys validates to a recipe
+    without them; the new keys are checked."""
+    old = {"resize": "scale", "scale_train": [1.0, 2.25], "scale_test": 1.75, "intensity": "percentile"}
+    data = DataConfig.model_validate(old)
+    assert data.scale_train_wide_prob == 0.0 and data.crop_size_train is None and not data.photometric.enabled
+    with pytest.raises(ValueError, match="scale_train_wide"):
+        DataConfig.model_validate(old | {"scale_train_wide_prob": 0.5})
+    with pytest.raises(ValueError, match="percentile"):
+        DataConfig.model_validate({"photometric": {"gamma_prob": 0.5, "gamma": [0.5, 2.0]}})
+    with pytest.raises(ValueError, match="gamma"):
+        PhotometricConfig(gamma=(0.0, 2.0))
+    with pytest.raises(ValueError, match="blur_prob"):
+        PhotometricConfig(blur_prob=1.5)

@@ -1,7 +1,10 @@
-"""COCO instance-segmentation data: dataset with resize/flip, batch collation, training sampler.
+"""COCO instance-segmentation data: dataset with resize/crop/flip and photometric changes, batch collation,
+training sampler.
 
 Augmentation randomness comes from a key ``(index, epoch)`` that the sampler yields, never from global
-random state, so a resumed run (or a DataLoader worker) draws exactly the same augmentation.
+random state, so a resumed run (or a DataLoader worker) draws exactly the same augmentation. The scale
+mixture, the crop and the photometric changes each draw from their own stream of that key, so turning one on
+leaves every other draw (and a recipe without them) exactly as it was.
 """
 
 from __future__ import annotations
@@ -14,12 +17,20 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pycocotools.coco import COCO
 
-from model.config import DataConfig
+from model.config import DataConfig, PhotometricConfig
 from model.fcos_outputs import InstanceTargets
 from model.input_contract import resize_rgb, resized_shape, scaled_shape
-from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
+from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8, grey_plane, read_pixels, to_rgb8
+from training.photometric import apply_change, draw_change
+
+# Streams of a sample's key besides the main one (percentiles, size, flips): one per optional augmentation.
+SCALE_RANGE_STREAM, CROP_STREAM, PHOTOMETRIC_STREAM = 1, 2, 3
+# An instance cut by the training crop keeps its visible part when that covers at least this many image
+# pixels (the nucleus builder's default --min-area for parts cut by a tile border).
+MIN_VISIBLE_AREA = 10
 
 
 class SampleKey(NamedTuple):
@@ -68,12 +79,20 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         percentile_high_train: tuple[float, float] | None = None,
         vflip_prob: float = 0.0,
         rot90_prob: float = 0.0,
+        scales_wide: tuple[float, float] | None = None,
+        scales_wide_prob: float = 0.0,
+        crop_size: int | None = None,
+        photometric: PhotometricConfig | None = None,
     ) -> None:
         """``min_sizes``/``max_size`` size images by the "shortest_edge" rule (one size drawn per training
         image, the first at test time); the "scale" rule multiplies them by a factor drawn log-uniformly
-        from ``scales`` (training) or by ``scales[0]`` (test). Pixels become 8-bit RGB by the ``intensity``
-        rule (``model.intensity``), with each training image's percentiles drawn from the ``*_train``
-        ranges when given."""
+        from ``scales`` (training; with probability ``scales_wide_prob`` from ``scales_wide`` instead) or by
+        ``scales[0]`` (test). A training input larger than ``crop_size`` a side is then cut to it at a random
+        place. Pixels become 8-bit RGB by the ``intensity`` rule (``model.intensity``), with each training
+        image's percentiles drawn from the ``*_train`` ranges when given, after the ``photometric`` changes
+        (training only) to its raw values."""
+        if scales_wide_prob > 0 and scales_wide is None:
+            raise ValueError("scales_wide_prob > 0 needs a scales_wide range")
         self.coco = COCO(annotations)
         self.images = images
         self.min_sizes = list(min_sizes)
@@ -88,6 +107,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self.percentile_ranges = (percentile_low_train, percentile_high_train)
         self.vflip_prob = vflip_prob
         self.rot90_prob = rot90_prob
+        self.scales_wide = scales_wide
+        self.scales_wide_prob = scales_wide_prob
+        self.crop_size = crop_size
+        self.photometric = photometric if photometric is not None and photometric.enabled else None
         self.category_ids: list[int] = sorted(self.coco.getCatIds())
         self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.label_of = {cat: label for label, cat in enumerate(self.category_ids)}
@@ -117,6 +140,10 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             percentile_high_train=data.percentile_high_train,
             vflip_prob=data.vflip_prob if train else 0.0,
             rot90_prob=data.rot90_prob if train else 0.0,
+            scales_wide=data.scale_train_wide if train else None,
+            scales_wide_prob=data.scale_train_wide_prob if train else 0.0,
+            crop_size=data.crop_size_train if train else None,
+            photometric=data.photometric if train else None,
         )
 
     def median_object_size(self, factor: float = 1.0) -> float | None:
@@ -132,9 +159,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             for drawn, fixed in zip(self.percentile_ranges, self.percentiles)
         )
 
-    def _input_size(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
+    def _stream(self, index: int, epoch: int, stream: int) -> np.random.Generator:
+        """The sample's own generator for one optional augmentation (``*_STREAM``)."""
+        return np.random.default_rng([self.seed, epoch, index, stream])
+
+    def _input_size(self, height: int, width: int, rng: np.random.Generator, wide: bool) -> tuple[int, int]:
         if self.resize == "scale":
-            low, high = self.scales
+            low, high = self.scales_wide if wide and self.scales_wide is not None else self.scales
             factor = float(np.exp(rng.uniform(np.log(low), np.log(high)))) if self.train and high > low else low
             return scaled_shape(height, width, factor)
         short_edge = int(rng.choice(self.min_sizes)) if self.train else self.min_sizes[0]
@@ -151,7 +182,13 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         with open(os.path.join(self.images, info["file_name"]), "rb") as f:
             data = f.read()
         percentiles = self._percentiles(rng)
-        image = decode_rgb8(data, self.intensity, percentiles)
+        if self.train and self.photometric is not None:
+            photometric_rng = self._stream(index, epoch, PHOTOMETRIC_STREAM)
+            change = draw_change(self.photometric, photometric_rng)
+            plane = apply_change(grey_plane(read_pixels(data)), change, photometric_rng)
+            image = to_rgb8(plane, self.intensity, percentiles)
+        else:
+            image = decode_rgb8(data, self.intensity, percentiles)
         height, width = image.shape[:2]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(
@@ -160,14 +197,24 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             )
         boxes, labels, masks = self._instances(image_id, height, width)
 
-        new_h, new_w = self._input_size(height, width, rng)
-        pixels = torch.from_numpy(resize_rgb(image, (new_h, new_w)))
-        boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
-        masks = (
-            F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]
-            if len(masks)
-            else masks.new_zeros((0, new_h, new_w))
+        wide = (
+            self.train
+            and self.scales_wide_prob > 0
+            and self._stream(index, epoch, SCALE_RANGE_STREAM).random() < self.scales_wide_prob
         )
+        new_h, new_w = self._input_size(height, width, rng, wide)
+        boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2)
+        if self.train and self.crop_size is not None and max(new_h, new_w) > self.crop_size:
+            window = crop_window(new_h, new_w, self.crop_size, self._stream(index, epoch, CROP_STREAM))
+            pixels, boxes, labels, masks = _resized_crop(image, boxes, labels, masks, (new_h, new_w), window)
+            new_h, new_w = window[2:]
+        else:
+            pixels = torch.from_numpy(resize_rgb(image, (new_h, new_w)))
+            masks = (
+                F.interpolate(masks[None], size=(new_h, new_w), mode="nearest-exact")[0]
+                if len(masks)
+                else masks.new_zeros((0, new_h, new_w))
+            )
 
         if self.train and rng.random() < self.hflip_prob:
             pixels, masks = pixels.flip(-1), masks.flip(-1)
@@ -209,6 +256,71 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             torch.tensor(labels, dtype=torch.int64),
             torch.stack(masks) if masks else torch.zeros((0, height, width), dtype=torch.uint8),
         )
+
+
+def crop_window(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """``(y0, x0, h, w)``: a window of at most ``size`` a side, placed uniformly inside ``height`` x ``width``."""
+    crop_h, crop_w = min(height, size), min(width, size)
+    y0, x0 = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    return y0, x0, crop_h, crop_w
+
+
+def nearest_exact_index(start: int, length: int, source: int, resized: int) -> torch.Tensor:
+    """Source indices of resized pixels ``start .. start + length - 1`` when ``source`` pixels are resized to
+    ``resized`` by torch's "nearest-exact" rule (the pixel whose centre is nearest: ``floor((i + 0.5) *
+    source / resized)``), so that a window of the resized masks is gathered without resizing them whole."""
+    # ATen's own arithmetic (float32 scale, float64 product, float32 floor), so that the indices agree with
+    # F.interpolate's even where a centre falls on a pixel boundary.
+    scale = float(np.float32(source) / np.float32(resized))
+    positions = (torch.arange(start, start + length, dtype=torch.float64) + 0.5) * scale
+    return positions.float().floor().long().clamp_(max=source - 1)
+
+
+def _resized_crop(
+    image: np.ndarray,
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    size: tuple[int, int],
+    window: tuple[int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``window`` ``(y0, x0, h, w)`` of the image, boxes and masks resized to ``size``, computed from the
+    source pixels the window needs (PIL's resize of a box of the source, the same sampling positions as a whole
+    resize; the masks' nearest-exact pixels gathered directly). ``boxes`` are already at ``size``.
+
+    Instances the window cuts keep their visible part, their box recomputed from it; a part smaller than
+    ``MIN_VISIBLE_AREA`` image pixels (or less than a pixel wide) is dropped, as the nucleus builder drops the
+    parts cut by a tile border."""
+    (new_h, new_w), (y0, x0, crop_h, crop_w) = size, window
+    height, width = image.shape[:2]
+    sx, sy = width / new_w, height / new_h
+    source_box = (x0 * sx, y0 * sy, (x0 + crop_w) * sx, (y0 + crop_h) * sy)
+    pixels = Image.fromarray(image).resize((crop_w, crop_h), Image.BILINEAR, box=source_box)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels).transpose(2, 0, 1)))
+    rows, cols = nearest_exact_index(y0, crop_h, height, new_h), nearest_exact_index(x0, crop_w, width, new_w)
+    masks = masks[:, rows][:, :, cols]
+
+    moved = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    clipped = torch.stack(
+        [
+            moved[:, 0].clamp(0, crop_w),
+            moved[:, 1].clamp(0, crop_h),
+            moved[:, 2].clamp(0, crop_w),
+            moved[:, 3].clamp(0, crop_h),
+        ],
+        dim=1,
+    )
+    cut = (clipped != moved).any(dim=1)
+    min_area = MIN_VISIBLE_AREA * (new_h / height) * (new_w / width)
+    keep = torch.ones(len(boxes), dtype=torch.bool)
+    for i in torch.nonzero(cut).flatten().tolist():
+        ys, xs = torch.nonzero(masks[i], as_tuple=True)
+        if len(ys) < min_area or len(ys) == 0:
+            keep[i] = False
+            continue
+        clipped[i] = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=clipped.dtype)
+    keep &= (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    return pixels, clipped[keep], labels[keep], masks[keep]
 
 
 def _has_segmentation(ann: dict) -> bool:
