@@ -132,6 +132,12 @@ class InputContract(BaseModel):
             object_size=object_size,
         )
 
+    @property
+    def pad_rgb(self) -> tuple[int, int, int]:
+        """``pad_value`` as an (R, G, B) tuple."""
+        red, green, blue = self.pad_value
+        return red, green, blue
+
     def decode(self, data: bytes, channel: int | None = None) -> np.ndarray:
         """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the intensity rule (``channel``: see
         ``model.intensity``)."""

@@ -230,7 +230,7 @@ def test_sampler_reproducible_shuffled_per_epoch():
     keys = _take(TrainingSampler(7, seed=5), 28)
     assert keys == _take(TrainingSampler(7, seed=5), 28)
     assert keys != _take(TrainingSampler(7, seed=6), 28)
-    epochs = [[k.index for k in keys[e * 7 : (e + 1) * 7]] for e in range(4)]
+    epochs = [[k.dataset_index for k in keys[e * 7 : (e + 1) * 7]] for e in range(4)]
     assert all(sorted(order) == list(range(7)) for order in epochs)
     assert len({tuple(order) for order in epochs}) > 1
     assert [k.epoch for k in keys] == [e for e in range(4) for _ in range(7)]

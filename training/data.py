@@ -10,7 +10,7 @@ leaves every other draw (and a recipe without them) exactly as it was.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -36,7 +36,7 @@ MIN_VISIBLE_AREA = 10
 class SampleKey(NamedTuple):
     """What the training sampler yields: the dataset index and the epoch that seeds its augmentation."""
 
-    index: int
+    dataset_index: int  # (not ``index``: a tuple's method of that name)
     epoch: int
 
 
@@ -65,7 +65,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         self,
         annotations: str,
         images: str,
-        min_sizes: list[float],
+        min_sizes: Sequence[float],
         max_size: float,
         hflip_prob: float,
         train: bool,
@@ -295,8 +295,8 @@ def _resized_crop(
     height, width = image.shape[:2]
     sx, sy = width / new_w, height / new_h
     source_box = (x0 * sx, y0 * sy, (x0 + crop_w) * sx, (y0 + crop_h) * sy)
-    pixels = Image.fromarray(image).resize((crop_w, crop_h), Image.BILINEAR, box=source_box)
-    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(pixels).transpose(2, 0, 1)))
+    resized = Image.fromarray(image).resize((crop_w, crop_h), Image.Resampling.BILINEAR, box=source_box)
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
     rows, cols = nearest_exact_index(y0, crop_h, height, new_h), nearest_exact_index(x0, crop_w, width, new_w)
     masks = masks[:, rows][:, :, cols]
 

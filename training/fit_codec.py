@@ -94,7 +94,7 @@ def evaluate_reconstruction(
     codec: PCAMaskCodec, batches: Iterator[np.ndarray], generator: torch.Generator
 ) -> dict[str, float]:
     """Reconstruction IoUs of encode -> decode -> sigmoid -> >= 0.5 against the binary crops (see module doc)."""
-    tp = fp = fn = tn = 0
+    tp = fp = fn = tn = 0.0
     instance_iou_sum, count = 0.0, 0
     with torch.no_grad():
         for masks in batches:

@@ -104,7 +104,9 @@ def apply_change(plane: np.ndarray, change: PhotometricChange, rng: np.random.Ge
         above = signal > 0
         signal[above] = signal[above] ** np.float32(change.gamma)
     if change.blur_sigma > 0:
-        signal = cv2.GaussianBlur(signal, (0, 0), change.blur_sigma, borderType=cv2.BORDER_REFLECT)
+        signal = np.asarray(
+            cv2.GaussianBlur(signal, (0, 0), change.blur_sigma, borderType=cv2.BORDER_REFLECT), dtype=np.float32
+        )
     if change.background > 0 or change.background_ramp > 0:
         signal += np.float32(change.background) + np.float32(change.background_ramp) * _ramp(
             plane.shape, change.ramp_angle

@@ -18,7 +18,8 @@ from model.config import SolverConfig
 
 def build_optimizer(model: nn.Module, cfg: SolverConfig) -> torch.optim.SGD:
     """SGD with momentum over the trainable parameters, biases in their own group."""
-    weights, biases = [], []
+    weights: list[nn.Parameter] = []
+    biases: list[nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (biases if name.endswith("bias") else weights).append(parameter)

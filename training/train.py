@@ -54,6 +54,7 @@ from model.config import Config, load_config
 from model.detector import OneStageDetector
 from model.fcos_outputs import InstanceTargets
 from model.input_contract import InputContract
+from model.meinst.method import MEInst
 from model.runtime import TorchRuntime
 from training.data import Batch, CocoInstanceDataset, TrainingSampler, collate
 from training.evaluate import evaluate, load_coco
@@ -129,10 +130,14 @@ def check_classes(cfg: Config, dataset: CocoInstanceDataset) -> None:
 
 def _prepare_codec(model: OneStageDetector, cfg: Config, env: Distributed) -> None:
     """Load MEInst's codec from ``codec_path``, fitting it on the training annotations first when unset."""
-    meinst = cfg.model.meinst
+    meinst, method = cfg.model.meinst, model.mask_method
+    if not isinstance(method, MEInst):
+        raise TypeError(f"a PCA codec belongs to MEInst, not to {type(method).__name__}")
     if meinst.codec_path is None:
         path = Path(cfg.output_dir) / "codec.npz"
         if env.is_main:
+            if cfg.data.train_annotations is None:
+                raise ValueError("data.train_annotations is required: MEInst's codec is fitted on them")
             codec, ratio, summary = fit_codec(
                 cfg.data.train_annotations, meinst.num_components, meinst.mask_size, seed=cfg.seed
             )
@@ -140,7 +145,7 @@ def _prepare_codec(model: OneStageDetector, cfg: Config, env: Distributed) -> No
             logger.info("fitted the MEInst codec on the training set: %s", json.dumps(summary))
         env.barrier()
         meinst.codec_path = str(path)
-    model.mask_method.codec.load_npz(meinst.codec_path)
+    method.codec.load_npz(meinst.codec_path)
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def _batches(cfg: Config, dataset: CocoInstanceDataset, env: Distributed, start:
         collate_fn=partial(
             collate,
             size_divisibility=cfg.data.size_divisibility,
-            pad_value=tuple(InputContract.from_config(cfg).pad_value),
+            pad_value=InputContract.from_config(cfg).pad_rgb,
         ),
         num_workers=cfg.data.num_workers,
         pin_memory=env.device.type == "cuda",
