@@ -239,7 +239,7 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
             spec.path, options, cache_dir=args.cache_dir, buckets=settings.model_buckets(spec), batch_size=8
         )
         pipeline = predictor.pipeline
-        step = pipeline.plan(pipeline.decode(data), 1.0, SegmentOptions(), pipeline.score_threshold)
+        step = pipeline.plan(pipeline.decode(data).rgb, 1.0, SegmentOptions(), pipeline.score_threshold)
         result.update(bucket=list(step.bucket), graph=str(predictor.opened.graph_path if predictor.opened else ""))
         for batch in sorted({1, args.max_batch_size}):
             images = pad_batch([step.inputs[0]] * batch, step.bucket, pipeline.contract.pad_value)

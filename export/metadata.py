@@ -40,6 +40,9 @@ class GraphMetadata(BaseModel):
     # The threshold answers default to, chosen on the validation split (best F1); None in graphs exported before
     # checkpoints recorded one (callers then use inference.pipeline.FALLBACK_SCORE_THRESHOLD).
     recommended_score_threshold: float | None = None
+    # Objects per input megapixel of the training images (95th percentile, at the contract's size), for the
+    # answers' density warning; None in graphs exported before.
+    object_density: float | None = None
     nms_threshold: float
     max_detections: int
     pre_nms_topk: int  # candidates per FPN level before NMS

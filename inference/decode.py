@@ -11,13 +11,12 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from inference.errors import CorruptImage, ImageTooLarge, UnsupportedImage, UnusableInput
 from model.input_contract import InputContract
-from model.intensity import UnsupportedPixels, is_tiff
+from model.intensity import Decoded, UnsupportedPixels, is_tiff
 
 # PIL format names read (TIFFs of any sample type go through tifffile).
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -58,8 +57,9 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 def decode_image(
     data: bytes, contract: InputContract, channel: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> np.ndarray:
-    """One still image as ``[H, W, 3]`` uint8 RGB by the model's intensity rule, in its displayed orientation.
+) -> Decoded:
+    """One still image by the model's intensity rule, in its displayed orientation: its ``[H, W, 3]`` uint8 RGB,
+    the plane of original values it was read from, and how colourful the file is (``model.intensity``).
 
     Raises ``UnsupportedImage`` for anything that is not a supported image, ``ImageTooLarge`` above
     ``max_pixels``, ``CorruptImage`` for empty, corrupt or truncated data and ``UnusableInput`` for pixels
@@ -72,7 +72,7 @@ def decode_image(
     if width < 1 or height < 1:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
     try:
-        return contract.decode(data, channel)
+        return contract.read(data, channel)
     except UnsupportedPixels as error:
         raise UnusableInput(str(error)) from None
     except Exception as error:  # truncated or corrupt pixel data, or a mode that cannot become RGB

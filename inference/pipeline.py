@@ -26,11 +26,13 @@ import numpy as np
 from export.metadata import GraphMetadata
 from inference.decode import DEFAULT_MAX_IMAGE_PIXELS, configure_pil, decode_image
 from inference.errors import UnusableInput
-from inference.scale import estimate_scale
+from inference.measure import Measurement, measure
+from inference.scale import assumed_diameter, estimate_scale, input_pixels_per_image_pixel, scale_for_diameter
 from inference.sizing import Bucket, check_buckets, choose_bucket, default_buckets, input_size, pad_batch
 from inference.tiling import TilePlan, check_overlap, cut_tile, default_overlap, finish_tile, merge_tiles, plan_tiles
 from model.finishing import Instance, finish_outputs
-from model.input_contract import InputContract
+from model.input_contract import SCALE_LIMITS, InputContract
+from model.intensity import Decoded
 from model.mask_contract import MaskFormat
 from model.runtime_protocol import Runtime
 
@@ -38,8 +40,12 @@ Scale = float | Literal["auto"]
 Outputs = dict[str, np.ndarray]
 # The score threshold of answers for models that record no recommended one (checkpoints trained before it).
 FALLBACK_SCORE_THRESHOLD = 0.3
-# The scale a caller gets without asking for one: the model's own.
+# The scale a caller gets without asking for one (or a diameter): the model's own.
 DEFAULT_SCALE: Scale = 1.0
+# A colour image read by a grey (microscopy) model: channels differing by more than this share of the range.
+COLOUR_SPREAD_WARNING = 0.03
+# Far more objects than the model saw: an answer denser than this many times its training images' density.
+DENSITY_WARNING_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,10 @@ class SegmentOptions:
     score_threshold: float | None = None  # None: the model's recommended threshold
     max_detections: int | None = None  # at most this many instances (highest scores)
     mask_format: MaskFormat = "rle"
-    scale: Scale = DEFAULT_SCALE  # a factor on the model's own input size, or "auto"
+    scale: Scale | None = None  # a factor on the model's own input size, or "auto"; None: DEFAULT_SCALE
+    diameter: float | None = None  # instead of a scale: the objects' diameter in image pixels
     channel: int | None = None  # microscopy models: the channel to segment (default: the channel rule)
+    measure: bool = False  # per-instance measurements (area, centroid, ..., intensities of the original)
 
 
 @dataclass(frozen=True)
@@ -59,10 +67,13 @@ class Segmentation:
 
     instances: list[Instance]
     image_size: tuple[int, int]  # (H, W) after EXIF orientation
-    scale: float  # the caller scale it ran at (the asked one, or the one scale=auto chose)
+    scale: float  # the caller scale it ran at (asked, derived from a diameter, or chosen by scale=auto)
+    resize_factor: float  # input pixels per image pixel actually applied (the model's own scale times ``scale``)
+    diameter: float | None  # the object diameter (image pixels) that scale assumes; None without an object size
     score_threshold: float  # detections below it were dropped
     tiles: int  # inputs of the answering pass (1: the image fit a bucket whole)
     warnings: list[str] = field(default_factory=list)
+    measurements: list[Measurement | None] | None = None  # per instance, when asked for
     # Seconds per stage where the driver measured them (``run_sync``, ``Predictor``): decode, prepare (resize
     # or cut), infer (runtime calls, padding included), finish (paste, threshold, encode, merge); probe
     # passes included.
@@ -148,16 +159,33 @@ class ImagePipeline:
         recommended = self.metadata.recommended_score_threshold
         return FALLBACK_SCORE_THRESHOLD if recommended is None else recommended
 
+    @property
+    def expected_diameter(self) -> float | None:
+        """The object diameter (image pixels) the model expects at its own scale, for size rules that do not
+        depend on the image ("scale"); None otherwise or without a recorded object size."""
+        contract = self.contract
+        if contract.object_size is None or contract.resize != "scale":
+            return None
+        return contract.object_size / contract.scale
+
     def check(self, options: SegmentOptions) -> None:
         """``UnusableInput`` for options this model cannot honour, before any image is read."""
-        if options.scale == "auto" and self.contract.object_size is None:
+        if options.scale is not None and options.diameter is not None:
+            raise UnusableInput("give a scale or a diameter, not both")
+        if (options.scale == "auto" or options.diameter is not None) and self.contract.object_size is None:
+            asked = "scale=auto" if options.scale == "auto" else "diameter"
             raise UnusableInput(
-                "scale=auto needs a model that records its training object size; this one does not "
-                "(retrain it, or pass a number)"
+                f"{asked} needs a model that records its training object size; this one does not "
+                "(retrain it, or pass a scale number)"
             )
+        if options.diameter is not None and not options.diameter > 0:
+            raise UnusableInput(f"diameter must be a positive number of pixels, got {options.diameter}")
+        if options.measure and options.mask_format == "none":
+            raise UnusableInput("measurements need masks: use mask_format rle or polygon")
 
-    def decode(self, data: bytes, channel: int | None = None) -> np.ndarray:
-        """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the model's intensity rule (``inference.decode``)."""
+    def decode(self, data: bytes, channel: int | None = None) -> Decoded:
+        """Image file bytes -> the model's RGB by its intensity rule, with the plane it was read from and how
+        colourful the file is (``inference.decode``)."""
         return decode_image(data, self.contract, channel, self.max_image_pixels)
 
     def plan(
@@ -204,36 +232,78 @@ class ImagePipeline:
             probe=probe,
         )
 
-    def steps(self, image: np.ndarray, options: SegmentOptions) -> Steps:
+    def steps(self, image: Decoded, options: SegmentOptions) -> Steps:
         """The passes ``image`` needs (yielded; each sent back its ``PassResult``) and its answer (returned).
 
         ``scale=auto`` first runs a boxes-only probe at the model's own scale and estimates the scale from
-        it (``inference.scale``; the model's own when the probe finds too few objects)."""
+        it (``inference.scale``; the model's own when the probe finds too few objects); a diameter gives the
+        scale directly."""
         self.check(options)
         threshold = self.score_threshold if options.score_threshold is None else options.score_threshold
-        warnings: list[str] = []
-        if options.scale == "auto":
+        warnings = self.input_warnings(image)
+        size = image.rgb.shape[:2]
+        if options.diameter is not None:
+            scale, clamped = scale_for_diameter(self.contract, options.diameter, size)
+            if clamped:
+                warnings.append(
+                    f"diameter {options.diameter:g} px asks for a scale outside {SCALE_LIMITS}; {scale:g} used"
+                )
+        elif (options.scale or DEFAULT_SCALE) == "auto":
             probe_options = replace(options, mask_format="none", max_detections=None)
-            probe = yield self.plan(image, 1.0, probe_options, 0.0, probe=True)
+            probe = yield self.plan(image.rgb, 1.0, probe_options, 0.0, probe=True)
             boxes = np.array([i.box for i in probe.instances], dtype=np.float32).reshape(-1, 4)
             scores = np.array([i.score for i in probe.instances], dtype=np.float32)
-            estimate = estimate_scale(self.contract, boxes, scores, image.shape[:2])
+            estimate = estimate_scale(self.contract, boxes, scores, size)
             if estimate is None:
                 warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
-            scale = 1.0 if estimate is None else estimate
+            elif estimate.clamped:
+                warnings.append(f"scale=auto measured objects outside what {SCALE_LIMITS} can bring to size")
+            scale = 1.0 if estimate is None else estimate.scale
         else:
-            scale = float(options.scale)
-        answering = self.plan(image, scale, options, threshold)
+            scale = float(options.scale or DEFAULT_SCALE)
+        answering = self.plan(image.rgb, scale, options, threshold)
         result = yield answering
         warnings += self.capacity_warnings(answering, result, options)
+        warnings += self.density_warnings(answering, result)
         return Segmentation(
             instances=result.instances,
             image_size=answering.image_size,
             scale=scale,
+            resize_factor=input_pixels_per_image_pixel(self.contract, size, scale),
+            diameter=assumed_diameter(self.contract, size, scale),
             score_threshold=threshold,
             tiles=len(answering.inputs),
             warnings=warnings,
+            measurements=measure(result.instances, image.plane) if options.measure else None,
         )
+
+    def input_warnings(self, image: Decoded) -> list[str]:
+        """What the answer says when the image is not what the model reads well."""
+        if self.contract.intensity == "percentile" and image.colour_spread > COLOUR_SPREAD_WARNING:
+            return [
+                "this image has colour (its channels differ) but the model reads one grey microscopy channel and "
+                "averaged them: for a fluorescence image, send the channel with the objects (channel=0, 1 or 2); "
+                "a photo is not what this model knows"
+            ]
+        return []
+
+    def density_warnings(self, done: Pass, result: PassResult) -> list[str]:
+        """A warning when the answer holds far more objects per input pixel than the model's training images."""
+        trained = self.metadata.object_density
+        if trained is None or not result.instances:
+            return []
+        height, width = done.image_size
+        input_megapixels = (
+            height * width * input_pixels_per_image_pixel(self.contract, (height, width), done.scale) ** 2 / 1e6
+        )
+        density = len(result.instances) / max(input_megapixels, 1e-9)
+        if density <= DENSITY_WARNING_FACTOR * trained:
+            return []
+        return [
+            f"{len(result.instances)} objects is {density / trained:.0f}x the density of the model's training "
+            "images: the image may not be what the model knows, or its objects are far smaller than it expects "
+            "(give their diameter)"
+        ]
 
     def capacity_warnings(self, done: Pass, result: PassResult, options: SegmentOptions) -> list[str]:
         """What the answer says when it may hold fewer instances than asked for or than the image holds."""

@@ -19,6 +19,7 @@ from inference.decode import DEFAULT_MAX_IMAGE_PIXELS
 from inference.pipeline import ImagePipeline, Segmentation, SegmentOptions, run_sync
 from inference.runtime import OpenedModel, RuntimeOptions, default_cache_dir, open_runtime, usable_cores, warm_up
 from inference.sizing import Bucket
+from model.intensity import Decoded
 from model.runtime_protocol import Runtime
 
 
@@ -100,13 +101,19 @@ class Predictor:
     def metadata(self) -> GraphMetadata:
         return self.pipeline.metadata
 
-    def __call__(self, image: bytes | np.ndarray, options: SegmentOptions | None = None) -> Segmentation:
-        """One image, as file bytes (decoded by the model's intensity rule) or already decoded (``[H, W, 3]``
-        uint8 RGB), with ``options`` (default: the model's own defaults). Raises ``inference.errors``' kinds."""
+    def __call__(self, image: bytes | Decoded | np.ndarray, options: SegmentOptions | None = None) -> Segmentation:
+        """One image, as file bytes (decoded by the model's intensity rule), decoded (``pipeline.decode``), or
+        as the ``[H, W, 3]`` uint8 RGB the model reads (then measured on its grey), with ``options`` (default:
+        the model's own defaults). Raises ``inference.errors``' kinds."""
         options = options or SegmentOptions()
         self.pipeline.check(options)
         started = time.perf_counter()
-        pixels = self.pipeline.decode(image, options.channel) if isinstance(image, bytes) else image
+        if isinstance(image, bytes):
+            pixels = self.pipeline.decode(image, options.channel)
+        elif isinstance(image, np.ndarray):
+            pixels = Decoded(image, image.mean(axis=-1, dtype=np.float32), 0.0)
+        else:
+            pixels = image
         decode_s = time.perf_counter() - started
         steps = self.pipeline.steps(pixels, options)
         answer = run_sync(steps, self.runtime, self.pipeline.contract.pad_value, self.batch_size)

@@ -8,7 +8,8 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no p
   of labels 0..C-1);
 - ``iteration`` (optimizer steps taken), ``samples_consumed`` (global data position for the sampler),
   ``metrics`` (the last validation result, may be empty), ``best_metric`` (or None);
-- ``object_size`` (median training-object box side at the test scale, for ``scale=auto``) and
+- ``object_size`` (median training-object box side at the test scale, for ``scale=auto``), ``object_density``
+  (objects per input megapixel of the training images, 95th percentile, for the density warning) and
   ``recommended_score_threshold`` (the best-F1 score threshold on the validation split, what answers default
   to); either may be missing or None in older checkpoints;
 - only in resumable checkpoints: ``optimizer``, ``scheduler``, ``grad_scaler``.
@@ -28,7 +29,7 @@ from model.config import Config
 from model.detector import OneStageDetector
 
 METADATA_KEYS = ("class_names", "category_ids", "iteration", "metrics")
-OPTIONAL_METADATA_KEYS = ("object_size", "recommended_score_threshold")
+OPTIONAL_METADATA_KEYS = ("object_size", "object_density", "recommended_score_threshold")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
@@ -68,7 +69,7 @@ def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[OneStageDetector, Config, dict[str, Any]]:
     """The detector in eval mode with the checkpoint's weights, its Config, and metadata
-    (``class_names``, ``category_ids``, ``iteration``, ``metrics``, ``object_size``,
+    (``class_names``, ``category_ids``, ``iteration``, ``metrics``, ``object_size``, ``object_density``,
     ``recommended_score_threshold``).
 
     The network is built without its ImageNet file (the checkpoint holds every weight), so serving
@@ -82,6 +83,7 @@ def load_detector(
     model = OneStageDetector(build_cfg)
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    # Recorded by checkpoints written since: object_size (scale=auto), recommended_score_threshold (answers).
+    # Recorded by checkpoints written since: object_size (scale=auto), object_density and
+    # recommended_score_threshold (answers).
     optional = {key: checkpoint.get(key) for key in OPTIONAL_METADATA_KEYS}
     return model, cfg, {key: checkpoint[key] for key in METADATA_KEYS} | optional

@@ -23,7 +23,7 @@ import functools
 import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +54,9 @@ class Instance:
     area: int | None  # mask pixels; None when masks were skipped
     rle: dict[str, Any] | None = None  # COCO compressed RLE {"size": [H, W], "counts": str}
     polygons: list[list[float]] | None = None  # COCO polygons [x0, y0, x1, y1, ...]
+    # The mask's uncompressed full-frame counts (column-major runs, zeros first), for measurements; None
+    # when masks were skipped.
+    counts: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class AxisTaps(NamedTuple):
@@ -281,20 +284,30 @@ def encode_rles(counts: list[np.ndarray], image_size: tuple[int, int]) -> list[d
     return [{"size": [height, width], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
+def mask_crop(counts: np.ndarray, image_size: tuple[int, int]) -> tuple[tuple[int, int], np.ndarray] | None:
+    """An RLE mask (uncompressed counts over an (H, W) frame) on its bounding box: ((top, left), uint8 mask of
+    the box), never the whole frame; None for an empty mask."""
+    ends = np.cumsum(counts)
+    starts, ends = (ends - counts)[1::2], ends[1::2]
+    if len(starts) == 0 or not np.any(ends > starts):
+        return None
+    _, pixels, _ = _ragged_ranges(starts, ends)  # frame indices of the mask's pixels
+    cols, rows = np.divmod(pixels, image_size[0])
+    top, left = int(rows.min()), int(cols.min())
+    mask = np.zeros((rows.max() - top + 1, cols.max() - left + 1), dtype=np.uint8)
+    mask[rows - top, cols - left] = 1
+    return (top, left), mask
+
+
 def polygons_from_counts(counts: np.ndarray, image_size: tuple[int, int]) -> list[list[float]]:
     """Outer contours of an RLE mask as COCO polygons [x0, y0, x1, y1, ...] in image pixels (OpenCV), traced
     on the mask's bounding box only."""
     import cv2  # opencv-python-headless; only this optional output format needs it
 
-    ends = np.cumsum(counts)
-    starts, ends = (ends - counts)[1::2], ends[1::2]
-    if len(starts) == 0:
+    crop = mask_crop(counts, image_size)
+    if crop is None:
         return []
-    _, pixels, _ = _ragged_ranges(starts, ends)  # frame indices of the mask's pixels
-    cols, rows = np.divmod(pixels, image_size[0])
-    top, left = rows.min(), cols.min()
-    mask = np.zeros((rows.max() - top + 1, cols.max() - left + 1), dtype=np.uint8)
-    mask[rows - top, cols - left] = 1
+    (top, left), mask = crop
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     offset = np.array([left, top])
     return [(c.reshape(-1, 2) + offset).ravel().astype(float).tolist() for c in contours if len(c) >= 3]
@@ -381,6 +394,7 @@ def finish_image(
             area=area,
             rle=rle,
             polygons=polygons_from_counts(counts, frame.size) if mask_format == "polygon" else None,
+            counts=counts,
         )
         for k, counts, area, rle in zip(order, runs.counts, runs.areas, rles)
     ]

@@ -31,7 +31,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.config import Config
-from model.intensity import DEFAULT_PERCENTILES, IntensityRule, decode_rgb8
+from model.intensity import DEFAULT_PERCENTILES, Decoded, IntensityRule, decode
 
 
 def resized_shape(height: int, width: int, short_edge: float, max_size: float) -> tuple[int, int]:
@@ -141,7 +141,11 @@ class InputContract(BaseModel):
     def decode(self, data: bytes, channel: int | None = None) -> np.ndarray:
         """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the intensity rule (``channel``: see
         ``model.intensity``)."""
-        return decode_rgb8(data, self.intensity, self.percentiles, channel)
+        return self.read(data, channel).rgb
+
+    def read(self, data: bytes, channel: int | None = None) -> Decoded:
+        """``decode``, with the plane the rule read (the file's own values) and how colourful the file is."""
+        return decode(data, self.intensity, self.percentiles, channel)
 
     def resized_shape(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
         """(h, w) the model sees an image of (height, width) at; a caller's ``scale`` multiplies the rule's

@@ -23,6 +23,7 @@ send one plane.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
@@ -133,21 +134,58 @@ def load_rgb(source: str | Path | IO[bytes]) -> Image.Image:
         return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One image file decoded by an intensity rule: what the model reads, and what it was read from."""
+
+    rgb: np.ndarray  # [H, W, 3] uint8 by the rule
+    plane: np.ndarray  # [H, W] the values the rule read, in the file's own sample type (the photo rule: grey)
+    colour_spread: float  # how far the colour channels differ (0 for grey; see ``colour_spread``)
+
+
+def colour_spread(pixels: np.ndarray) -> float:
+    """The mean absolute difference of an RGB(A) image's colour channels from their mean, as a share of the
+    image's value range: 0 for grey (one channel, or equal channels), about 0.1 and up for colour photos."""
+    if pixels.ndim != 3 or pixels.shape[-1] < 3 or pixels.shape[-1] > MAX_CHANNELS:
+        return 0.0
+    step = max(1, int(np.sqrt(pixels.shape[0] * pixels.shape[1] / PERCENTILE_SAMPLES)))
+    colour = pixels[::step, ::step, :3].astype(np.float32)
+    spread = float(np.abs(colour - colour.mean(axis=-1, keepdims=True)).mean())
+    return spread / max(float(colour.max() - colour.min()), 1e-6)
+
+
+def decode(
+    data: bytes,
+    rule: IntensityRule,
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+    channel: int | None = None,
+) -> Decoded:
+    """Image file bytes -> the model's RGB by the recipe's intensity rule, with the plane it read and how
+    colourful the file is (the one function training, evaluation, the export checks and the service call)."""
+    if rule == "rgb8" and channel is None:
+        try:
+            rgb = np.asarray(load_rgb(io.BytesIO(data)))
+            return Decoded(rgb, rgb.mean(axis=-1, dtype=np.float32), colour_spread(rgb))
+        except Exception:
+            if not is_tiff(data):
+                raise
+    pixels = read_pixels(data)
+    spread = colour_spread(pixels) if channel is None else 0.0
+    if rule == "percentile":
+        plane = grey_plane(pixels, channel)
+        return Decoded(to_rgb8(plane, rule, percentiles), plane, spread)
+    rgb = to_rgb8(pixels, rule, percentiles, channel)
+    return Decoded(rgb, grey_plane(pixels, channel) if channel is not None else rgb.mean(axis=-1), spread)
+
+
 def decode_rgb8(
     data: bytes,
     rule: IntensityRule,
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     channel: int | None = None,
 ) -> np.ndarray:
-    """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the recipe's intensity rule (the one function training,
-    evaluation, the export checks and the service call)."""
-    if rule == "rgb8" and channel is None:
-        try:
-            return np.asarray(load_rgb(io.BytesIO(data)))
-        except Exception:
-            if not is_tiff(data):
-                raise
-    return to_rgb8(read_pixels(data), rule, percentiles, channel)
+    """Image file bytes -> ``[H, W, 3]`` uint8 RGB by the recipe's intensity rule (``decode``'s ``rgb``)."""
+    return decode(data, rule, percentiles, channel).rgb
 
 
 def to_rgb8(

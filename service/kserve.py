@@ -45,6 +45,8 @@ def model_metadata(entry: ModelEntry) -> ModelMetadata:
         category_ids=meta.category_ids,
         score_threshold=meta.score_threshold,
         recommended_score_threshold=pipeline.score_threshold,
+        expected_diameter=pipeline.expected_diameter,
+        object_density=meta.object_density,
         mask_threshold=meta.mask_threshold,
         max_detections=meta.max_detections,
         min_size=meta.input.min_size,

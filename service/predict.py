@@ -143,7 +143,7 @@ class RemotePredictor:
     def __call__(self, data: bytes) -> tuple[np.ndarray, SegmentResponse]:
         # The overlay's background: the 8-bit image the model reads, oriented as the service sees it (the
         # service checks its own pixel limit).
-        image = decode_image(data, self.contract, self.channel)
+        image = decode_image(data, self.contract, self.channel).rgb
         try:
             response = self.client.post(
                 "/segment", content=data, params=self.params, headers={"Content-Type": "application/octet-stream"}
@@ -180,11 +180,12 @@ class LocalPredictor:
         self.options = options
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, SegmentResponse]:
-        image = self.predictor.pipeline.decode(data, self.options.channel)
-        segmentation = self.predictor(image, self.options)
+        decoded = self.predictor.pipeline.decode(data, self.options.channel)
+        segmentation = self.predictor(decoded, self.options)
         opened = self.predictor.opened
         version = opened.version if opened is not None else ""
-        return image, SegmentResponse.from_segmentation(segmentation, self.model, version, self.predictor.metadata)
+        answer = SegmentResponse.from_segmentation(segmentation, self.model, version, self.predictor.metadata)
+        return decoded.rgb, answer
 
 
 Segmenter = Callable[[bytes], tuple[np.ndarray, SegmentResponse]]

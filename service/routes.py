@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference.pipeline import SegmentOptions
+from inference.pipeline import DEFAULT_SCALE, SegmentOptions
 from model.input_contract import parse_scale
 from service.body import Body
 from service.kserve import model_metadata as describe
@@ -99,8 +99,10 @@ def entry_or_404(service: Service, name: str) -> ModelEntry:
 Entry = Annotated[ModelEntry, Depends(entry_or_404)]
 
 
-def scale_query(text: str) -> float | Literal["auto"]:
+def scale_query(text: str | None) -> float | Literal["auto"] | None:
     """The ``scale`` query parameter (``parse_scale``); a 422 that says why for anything else."""
+    if text is None:
+        return None
     try:
         return parse_scale(text)
     except ValueError as error:
@@ -135,16 +137,32 @@ async def segment(
         Render, Query(description="json, or overlay: answer the image with the instances drawn (PNG)")
     ] = "json",
     scale: Annotated[
-        str,
+        str | None,
         Query(
             description=(
-                "a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
-                "magnification), or 'auto' to estimate it from a first pass "
-                "(models that record their training object size)"
+                f"a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
+                "magnification), or 'auto' to estimate it from a first pass (models that record their training "
+                f"object size); default {DEFAULT_SCALE}, unless a diameter is given"
             ),
             examples=["1", "0.5", "auto"],
         ),
-    ] = "1",
+    ] = None,
+    diameter: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            description="instead of a scale: the typical object diameter in this image's pixels; the model is "
+            "run at the scale that brings it to the size it was trained on (its expected_diameter, "
+            "GET /v2/models/{name})",
+        ),
+    ] = None,
+    measure: Annotated[
+        bool,
+        Query(
+            description="per-instance measurements in the JSON: area, centroid, perimeter, eccentricity, mean and "
+            "max intensity of the original image"
+        ),
+    ] = False,
     channel: Annotated[
         int | None,
         Query(
@@ -164,7 +182,9 @@ async def segment(
         max_detections=max_detections,
         mask_format="rle" if mask_format == "label" else mask_format,  # labels are painted from RLE
         scale=scale_query(scale),
+        diameter=diameter,
         channel=channel,
+        measure=measure,
     )
     return await service.segment(body, model, SegmentRequest(options, mask_format, timeout_s, render))
 

@@ -80,7 +80,7 @@ class ModelWorker:
     async def segment(
         self, data: bytes, options: SegmentOptions, slot: Reservation, deadline: float
     ) -> tuple[np.ndarray, Segmentation]:
-        """Decode one image and run its passes: the decoded image (what the model read) and its answer.
+        """Decode one image and run its passes: the RGB the model read and the answer.
 
         The preprocessing metric gets one observation per request (decode, then the resize or cut of the pass
         that answers it; decode alone when the image is refused), the finishing metric one for that pass, and
@@ -105,7 +105,7 @@ class ModelWorker:
             started = time.perf_counter()
             step = await loop.run_in_executor(self.cpu_pool, advance, steps, result)
         self.metrics.tiles.labels(self.name).observe(step.tiles)
-        return image, step
+        return image.rgb, step
 
     async def run_pass(self, step: Pass, slot: Reservation, deadline: float) -> tuple[PassResult, float]:
         """Every input of ``step`` through the batcher, each finished in a worker thread as its outputs arrive,

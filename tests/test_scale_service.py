@@ -183,3 +183,24 @@ def test_each_answered_request_is_one_preprocessing_and_one_finishing_observatio
         assert post(process.url, tiff(field), model="cells", scale=scale).status_code == 200
     after = counts()
     assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
+
+
+def test_a_diameter_and_measurements_over_http(server, field: np.ndarray) -> None:
+    """Objects 24 px across for a model trained on 12 px ones: scale 0.5, said in the answer with the diameter
+    assumed; measurements ride on each instance; a scale and a diameter together are refused."""
+    process, _ = server
+    meta = httpx.get(f"{process.url}/v2/models/cells").json()
+    assert meta["expected_diameter"] == pytest.approx(OBJECT_SIZE)  # the model's own scale is 1
+    response = post(process.url, tiff(field), model="cells", diameter="24", measure="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["scale"], body["resize_factor"], body["diameter"]) == (
+        pytest.approx(0.5),
+        pytest.approx(0.5, abs=0.01),
+        pytest.approx(24.0, rel=0.02),
+    )
+    assert body["instances"] and all(i["measurements"]["area"] == i["area"] for i in body["instances"])
+    both = post(process.url, tiff(field), model="cells", diameter="24", scale="1")
+    assert both.status_code == 422 and "not both" in both.json()["error"]
+    photo = post(process.url, tiff(field), model="photos", diameter="24")
+    assert photo.status_code == 422 and "training object size" in photo.json()["error"]

@@ -247,6 +247,8 @@ def offline(
         "width": width,
         "height": height,
         "scale": 1.0,
+        "resize_factor": float(np.sqrt(h * w / (height * width))),
+        "diameter": None,  # the tiny photo models record no object size
         "score_threshold": options["score_threshold"],
         "warnings": [saturated] if int(out["num_dets"][0]) >= meta.max_detections else [],
         "instances": [
@@ -257,6 +259,7 @@ def offline(
                 "category_name": meta.class_names[i.class_index],
                 "area": i.area,
                 "segmentation": i.rle if i.rle is not None else i.polygons,
+                "measurements": None,
             }
             for i in instances
         ],
@@ -339,7 +342,9 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
         "timeout_ms",
         "render",
         "scale",
+        "diameter",
         "channel",
+        "measure",
     }
 
 

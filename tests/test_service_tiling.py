@@ -117,6 +117,7 @@ def offline_tiled(
             "category_name": meta.class_names[i.class_index],
             "area": i.area,
             "segmentation": i.rle,
+            "measurements": None,
         }
         for i in instances
     ]

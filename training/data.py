@@ -151,6 +151,20 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
         sides = [np.sqrt(a["bbox"][2] * a["bbox"][3]) for a in self.coco.anns.values() if not a.get("iscrowd", 0)]
         return float(np.median(sides)) * factor if sides else None
 
+    def object_density(self, factor: float = 1.0) -> float | None:
+        """Objects per megapixel of the images resized by ``factor`` (non-crowd instances per image area, the
+        95th percentile over the images that hold any): how crowded the densest typical image is."""
+        counts = {image_id: 0 for image_id in self.image_ids}
+        for annotation in self.coco.anns.values():
+            if not annotation.get("iscrowd", 0):
+                counts[annotation["image_id"]] += 1
+        densities = [
+            count / (self.coco.imgs[image_id]["height"] * self.coco.imgs[image_id]["width"] * factor**2 / 1e6)
+            for image_id, count in counts.items()
+            if count
+        ]
+        return float(np.percentile(densities, 95)) if densities else None
+
     def _percentiles(self, rng: np.random.Generator) -> tuple[float, float]:
         if not self.train:
             return self.percentiles

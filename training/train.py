@@ -298,6 +298,13 @@ class Run:
         return self.output_dir / "metrics.jsonl"
 
     @property
+    def object_density(self) -> float | None:
+        """Objects per input megapixel of the training images at the test scale (scale-rule recipes), for the
+        answers' density warning."""
+        data = self.cfg.data
+        return self.train_set.object_density(data.scale_test) if data.resize == "scale" else None
+
+    @property
     def object_size(self) -> float | None:
         """The training objects' median box side at the test scale (scale-rule recipes), for ``scale=auto``."""
         data = self.cfg.data
@@ -312,6 +319,7 @@ class Run:
             "class_names": list(self.cfg.model.class_names),
             "category_ids": list(self.train_set.category_ids),
             "object_size": self.object_size,
+            "object_density": self.object_density,
             # The best-F1 score threshold of the last validation: what answers default to.
             "recommended_score_threshold": self.state.metrics.get("f1", {}).get("threshold"),
             **asdict(self.state),
@@ -468,8 +476,13 @@ def _log(run: Run, losses: dict[str, torch.Tensor], seconds_per_iteration: float
 def _evaluate(run: Run, val_set: ValidationSet) -> None:
     """Validate (rank 0) through the service's pipeline on the model in training, log the metrics, and keep
     ``model_best.pt`` when the score improves."""
-    classes = {"class_names": run.cfg.model.class_names, "category_ids": run.train_set.category_ids}
-    metadata = build_metadata(run.cfg, {**classes, "object_size": run.object_size})
+    recorded = {
+        "class_names": run.cfg.model.class_names,
+        "category_ids": run.train_set.category_ids,
+        "object_size": run.object_size,
+        "object_density": run.object_density,
+    }
+    metadata = build_metadata(run.cfg, recorded)
     predictor = Predictor(TorchRuntime(run.model, run.env.device), metadata)
     run.state.metrics = evaluate(predictor, val_set.coco, val_set.images)
     _append_jsonl(run.metrics_path, {"iteration": run.state.iteration, "eval": run.state.metrics})

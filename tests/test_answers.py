@@ -1,0 +1,107 @@
+"""What an answer tells a microscopist besides the masks: the size in their terms (a diameter in, the factor
+applied and the diameter assumed out), warnings when the input is not what the model knows, and per-object
+measurements equal to scikit-image's regionprops on the full-frame masks and the raw image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from pycocotools import mask as mask_utils
+from skimage.measure import regionprops
+
+from inference.errors import UnusableInput
+from inference.pipeline import SegmentOptions
+from inference.predictor import Predictor, in_process_options
+from model.checkpoint import load_checkpoint, save_checkpoint
+from tests.service_models import tiny_checkpoint
+from training.nucleus import HELA_IMAGES, resource
+
+MICROSCOPY = ("data.resize=scale", "data.scale_test=1.5", "data.intensity=percentile")
+OBJECT_SIZE = 36.0  # input pixels at the model's own scale 1.5: objects 24 image pixels across
+PHOTO = Path(
+    "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages/2011_000003.jpg"
+)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    """A tiny microscopy EmbedMask with confident detections that records its training objects' size."""
+    workdir = tmp_path_factory.mktemp("answers")
+    path = tiny_checkpoint("embedmask", workdir / "nuclei.pt", extra=MICROSCOPY, object_size=OBJECT_SIZE)
+    saved = load_checkpoint(path)
+    saved["model"]["head.cls_logits.bias"] += 3.0
+    saved["object_density"] = 50.0
+    save_checkpoint(saved, path)
+    return Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=workdir)
+
+
+@pytest.fixture(scope="module")
+def field() -> np.ndarray:
+    """A crop of a raw HeLa frame (uint16 on an offset, as the microscope wrote it)."""
+    return tifffile.imread(resource(HELA_IMAGES), key=0)[100:228, 300:428]
+
+
+def tiff(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array)
+    return buffer.getvalue()
+
+
+def test_a_diameter_sets_the_scale_and_the_answer_says_what_it_applied(predictor: Predictor, field: np.ndarray) -> None:
+    """Objects 12 px across are half the trained 24 px: scale 2 on top of the model's own 1.5 (a resize of 3x);
+    without a diameter, the model's own size assumes 24 px; a scale of 2 assumes 12 px."""
+    data = tiff(field)
+    assert predictor.pipeline.expected_diameter == pytest.approx(24.0)
+    asked = predictor(data, SegmentOptions(diameter=12.0))
+    assert (asked.scale, asked.resize_factor, asked.diameter) == (
+        pytest.approx(2.0),
+        pytest.approx(3.0),
+        pytest.approx(12.0),
+    )
+    own = predictor(data)
+    assert (own.scale, own.resize_factor, own.diameter) == (1.0, pytest.approx(1.5), pytest.approx(24.0))
+    assert predictor(data, SegmentOptions(scale=2.0)).diameter == pytest.approx(12.0)
+    with pytest.raises(UnusableInput, match="not both"):
+        predictor(data, SegmentOptions(scale=1.0, diameter=12.0))
+    huge = predictor(data, SegmentOptions(diameter=1000.0))  # asks for 0.024: clamped to 0.1, and said so
+    assert huge.scale == pytest.approx(0.1) and any("outside" in w for w in huge.warnings)
+
+
+def test_warnings_name_what_the_model_does_not_know(predictor: Predictor, field: np.ndarray) -> None:
+    """A colour photo sent to a grey microscopy model is flagged, a grey image saved as RGB is not; an answer
+    far denser than the training images (recorded: 50 objects per input megapixel) is flagged."""
+    photo = predictor(PHOTO.read_bytes(), SegmentOptions(score_threshold=0.0))
+    assert any("colour" in w for w in photo.warnings)
+    grey = np.asarray(Image.open(PHOTO).convert("L").convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    assert not any("colour" in w for w in predictor(buffer.getvalue()).warnings)
+    crowded = predictor(tiff(field), SegmentOptions(score_threshold=0.0))
+    input_megapixels = field.size * 1.5**2 / 1e6
+    assert len(crowded.instances) / input_megapixels > 3 * 50.0  # the tiny model finds many small objects
+    assert any("density" in w for w in crowded.warnings)
+    assert not any("density" in w for w in predictor(tiff(field), SegmentOptions(score_threshold=0.99)).warnings)
+
+
+def test_measurements_equal_regionprops_on_full_frame_masks_and_raw_values(
+    predictor: Predictor, field: np.ndarray
+) -> None:
+    answer = predictor(tiff(field), SegmentOptions(score_threshold=0.0, measure=True))
+    assert answer.measurements is not None and len(answer.measurements) == len(answer.instances) > 5
+    for instance, measured in zip(answer.instances, answer.measurements):
+        assert instance.rle is not None and measured is not None
+        mask = mask_utils.decode({**instance.rle, "counts": instance.rle["counts"].encode()})
+        (reference,) = regionprops(mask, intensity_image=field)
+        assert measured.area == reference.area == instance.area
+        assert (measured.centroid_y, measured.centroid_x) == pytest.approx(reference.centroid, abs=1e-9)
+        assert measured.perimeter == pytest.approx(reference.perimeter, abs=1e-9)
+        assert measured.eccentricity == pytest.approx(reference.eccentricity, abs=1e-9)
+        assert measured.mean_intensity == pytest.approx(reference.intensity_mean, rel=1e-9)
+        assert measured.max_intensity == reference.intensity_max and measured.max_intensity > 255  # raw counts
+    with pytest.raises(UnusableInput, match="need masks"):
+        predictor(tiff(field), SegmentOptions(measure=True, mask_format="none"))
