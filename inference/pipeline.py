@@ -1,8 +1,8 @@
 """The one image -> instances pipeline of a model, written once for every entry point.
 
 The steps, each a named function or method: ``decode`` (file bytes -> 8-bit RGB by the model's intensity
-rule, ``inference.decode``) -> ``steps`` (the control flow: for ``scale=auto`` a boxes-only probe pass and
-the scale estimate, ``inference.scale``; then the answering pass) -> ``plan`` (one pass: resize by the
+rule, ``inference.decode``) -> ``steps`` (the control flow: for ``scale=auto`` a probe pass and the scale
+estimate, ``inference.scale``; then the answering pass, unless the probe answers) -> ``plan`` (one pass: resize by the
 model's size rule times the scale into a shape bucket, or cut into tiles, ``inference.sizing`` and
 ``inference.tiling``) -> the runtime (not here) -> ``Pass.finish`` (paste, threshold, RLE per input,
 ``model.finishing``) -> ``Pass.collect`` (tiles merged).
@@ -27,7 +27,13 @@ from export.metadata import GraphMetadata
 from inference.decode import DEFAULT_MAX_IMAGE_PIXELS, configure_pil, decode_image
 from inference.errors import UnusableInput
 from inference.measure import Measurement, measure
-from inference.scale import assumed_diameter, estimate_scale, input_pixels_per_image_pixel, scale_for_diameter
+from inference.scale import (
+    AUTO_MIN_SCORE,
+    assumed_diameter,
+    estimate_scale,
+    input_pixels_per_image_pixel,
+    scale_for_diameter,
+)
 from inference.sizing import Bucket, check_buckets, choose_bucket, default_buckets, input_size, pad_batch
 from inference.tiling import TilePlan, check_overlap, cut_tile, default_overlap, finish_tile, merge_tiles, plan_tiles
 from model.finishing import Instance, finish_outputs
@@ -46,6 +52,9 @@ DEFAULT_SCALE: Scale = 1.0
 COLOUR_SPREAD_WARNING = 0.03
 # Far more objects than the model saw: an answer denser than this many times its training images' density.
 DENSITY_WARNING_FACTOR = 3.0
+# scale=auto keeps the model's own scale when the estimate lies within this factor of it (the estimate's noise
+# on images at the training magnification would otherwise cost accuracy and a second pass).
+AUTO_SNAP = 1.25
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class Segmentation:
     tiles: int  # inputs of the answering pass (1: the image fit a bucket whole)
     warnings: list[str] = field(default_factory=list)
     measurements: list[Measurement | None] | None = None  # per instance, when asked for
+    answered_by_probe: bool = False  # scale=auto's probe pass was the answer (no second pass ran)
     # Seconds per stage where the driver measured them (``run_sync``, ``Predictor``): decode, prepare (resize
     # or cut), infer (runtime calls, padding included), finish (paste, threshold, encode, merge); probe
     # passes included.
@@ -102,7 +112,6 @@ class Pass:
     finishing: dict[str, Any]  # ``finish_image`` keywords but sizes and the cap
     limit: int | None  # cap on the answer's instances
     max_detections: int  # what the graph returns at most per input
-    probe: bool  # a scale=auto first pass: its costs are not the answer's (metrics)
 
     def finish(self, index: int, outputs: Outputs) -> list[Instance]:
         """Input ``index``'s graph outputs (one batch element) -> its instances in the image's frame."""
@@ -194,7 +203,6 @@ class ImagePipeline:
         scale: float,
         options: SegmentOptions,
         score_threshold: float,
-        probe: bool = False,
     ) -> Pass:
         """The pass of ``image`` ([H, W, 3] uint8) at caller scale ``scale``: the image resized into its bucket,
         or, when no bucket holds it, cut into tiles (``ImageTooLarge`` when the scale makes it too large)."""
@@ -229,19 +237,19 @@ class ImagePipeline:
             finishing=finishing,
             limit=limit,
             max_detections=meta.max_detections,
-            probe=probe,
         )
 
     def steps(self, image: Decoded, options: SegmentOptions) -> Steps:
         """The passes ``image`` needs (yielded; each sent back its ``PassResult``) and its answer (returned).
 
-        ``scale=auto`` first runs a boxes-only probe at the model's own scale and estimates the scale from
-        it (``inference.scale``; the model's own when the probe finds too few objects); a diameter gives the
-        scale directly."""
+        ``scale=auto`` first runs a probe pass (``auto_scale``), which is the answer itself when the image keeps
+        the model's own scale; a diameter gives the scale directly. The last pass yielded is the answering
+        one."""
         self.check(options)
         threshold = self.score_threshold if options.score_threshold is None else options.score_threshold
         warnings = self.input_warnings(image)
         size = image.rgb.shape[:2]
+        probed: tuple[Pass, PassResult] | None = None
         if options.diameter is not None:
             scale, clamped = scale_for_diameter(self.contract, options.diameter, size)
             if clamped:
@@ -249,20 +257,14 @@ class ImagePipeline:
                     f"diameter {options.diameter:g} px asks for a scale outside {SCALE_LIMITS}; {scale:g} used"
                 )
         elif (options.scale or DEFAULT_SCALE) == "auto":
-            probe_options = replace(options, mask_format="none", max_detections=None)
-            probe = yield self.plan(image.rgb, 1.0, probe_options, 0.0, probe=True)
-            boxes = np.array([i.box for i in probe.instances], dtype=np.float32).reshape(-1, 4)
-            scores = np.array([i.score for i in probe.instances], dtype=np.float32)
-            estimate = estimate_scale(self.contract, boxes, scores, size)
-            if estimate is None:
-                warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
-            elif estimate.clamped:
-                warnings.append(f"scale=auto measured objects outside what {SCALE_LIMITS} can bring to size")
-            scale = 1.0 if estimate is None else estimate.scale
+            scale, probed = yield from self.auto_scale(image.rgb, options, threshold, warnings)
         else:
             scale = float(options.scale or DEFAULT_SCALE)
-        answering = self.plan(image.rgb, scale, options, threshold)
-        result = yield answering
+        if probed is None:
+            answering = self.plan(image.rgb, scale, options, threshold)
+            result = yield answering
+        else:  # the probe ran the whole image at the scale chosen: it is the answer
+            answering, result = probed
         warnings += self.capacity_warnings(answering, result, options)
         warnings += self.density_warnings(answering, result)
         return Segmentation(
@@ -275,7 +277,50 @@ class ImagePipeline:
             tiles=len(answering.inputs),
             warnings=warnings,
             measurements=measure(result.instances, image.plane) if options.measure else None,
+            answered_by_probe=probed is not None,
         )
+
+    def probe_region(self, image: np.ndarray) -> np.ndarray:
+        """What a ``scale=auto`` probe runs on: the image, or for a scale-rule model, when the image at the
+        model's own scale would need tiles, its centre as large as one shape bucket holds (one input: the
+        probe costs at most one bucket's inference whatever the image's size)."""
+        height, width = image.shape[:2]
+        if self.contract.resize != "scale":
+            return image
+        factor = input_pixels_per_image_pixel(self.contract, (height, width))
+        crops = [(min(height, int(b[0] / factor)), min(width, int(b[1] / factor))) for b in self.buckets]
+        crop_h, crop_w = max(crops, key=lambda hw: hw[0] * hw[1])
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return image[top : top + crop_h, left : left + crop_w]
+
+    def auto_scale(
+        self, image: np.ndarray, options: SegmentOptions, threshold: float, warnings: list[str]
+    ) -> Generator[Pass, PassResult, tuple[float, tuple[Pass, PassResult] | None]]:
+        """``scale=auto``: a probe pass at the model's own scale on ``probe_region``, and the scale that brings
+        its median confident object to the training size (``inference.scale.estimate_scale``), kept at the
+        model's own where it is within ``AUTO_SNAP`` of it (or the probe found too few objects). A probe of
+        the whole image that keeps the model's own scale is the answer itself: it is finished as the answer
+        (masks as asked, detections from the lower of the answer's and the estimate's thresholds, so that
+        the answer's are a subset; the caller's cap applied after). Returns the scale, and the probe's pass
+        and result when they answer."""
+        region = self.probe_region(image)
+        whole = region.shape == image.shape
+        probe_options = replace(options, max_detections=None, mask_format=options.mask_format if whole else "none")
+        probe = self.plan(region, 1.0, probe_options, min(threshold, AUTO_MIN_SCORE))
+        result = yield probe
+        boxes = np.array([i.box for i in result.instances], dtype=np.float32).reshape(-1, 4)
+        scores = np.array([i.score for i in result.instances], dtype=np.float32)
+        estimate = estimate_scale(self.contract, boxes, scores, region.shape[:2])
+        if estimate is None:
+            warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
+        elif estimate.clamped:
+            warnings.append(f"scale=auto measured objects outside what {SCALE_LIMITS} can bring to size")
+        if estimate is not None and abs(np.log(estimate.scale)) > np.log(AUTO_SNAP):
+            return estimate.scale, None
+        if not whole:
+            return 1.0, None
+        kept = [i for i in result.instances if i.score >= threshold][: options.max_detections]
+        return 1.0, (replace(probe, limit=options.max_detections), replace(result, instances=kept))
 
     def input_warnings(self, image: Decoded) -> list[str]:
         """What the answer says when the image is not what the model reads well."""

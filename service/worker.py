@@ -2,11 +2,11 @@
 and the asynchronous driver that runs a request's passes through them.
 
 The pipeline (``inference.pipeline``) decides what to run: ``ImagePipeline.steps`` yields a request's passes
-(a ``scale=auto`` probe, then the answering pass) and returns its answer. ``ModelWorker.segment`` drives those
-steps as ``inference.pipeline.run_sync`` does in one thread, except that a pass's inputs (the image, or its
-tiles) go through the model's ``DynamicBatcher``, where they share batches with other requests' inputs, and
-the CPU work of the steps (decode, resize or cut, finish, merge) runs in the service's worker threads, off
-the event loop.
+(a ``scale=auto`` probe, then the answering pass unless the probe answers) and returns its answer.
+``ModelWorker.segment`` drives those steps as ``inference.pipeline.run_sync`` does in one thread, except that
+a pass's inputs (the image, or its tiles) go through the model's ``DynamicBatcher``, where they share batches
+with other requests' inputs, and the CPU work of the steps (decode, resize or cut, finish, merge) runs in the
+service's worker threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ class ModelWorker:
         """Decode one image and run its passes: the RGB the model read and the answer.
 
         The preprocessing metric gets one observation per request (decode, then the resize or cut of the pass
-        that answers it; decode alone when the image is refused), the finishing metric one for that pass, and
-        a ``scale=auto`` probe neither."""
+        that answers it; decode alone when the image is refused) and the finishing metric one for that pass:
+        the last one (a ``scale=auto`` probe that does not answer adds neither)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -96,14 +96,14 @@ class ModelWorker:
         steps = self.pipeline.steps(image, options)
         started = time.perf_counter()
         step = await loop.run_in_executor(self.cpu_pool, advance, steps, None)
+        prepare_s = finishing_s = 0.0
         while isinstance(step, Pass):
-            if not step.probe:
-                self.metrics.preprocess.labels(self.name).observe(decode_s + time.perf_counter() - started)
+            prepare_s = time.perf_counter() - started
             result, finishing_s = await self.run_pass(step, slot, deadline)
-            if not step.probe:
-                self.metrics.mask_finishing.labels(self.name).observe(finishing_s)
             started = time.perf_counter()
             step = await loop.run_in_executor(self.cpu_pool, advance, steps, result)
+        self.metrics.preprocess.labels(self.name).observe(decode_s + prepare_s)
+        self.metrics.mask_finishing.labels(self.name).observe(finishing_s)
         self.metrics.tiles.labels(self.name).observe(step.tiles)
         return image.rgb, step
 

@@ -105,3 +105,31 @@ def test_measurements_equal_regionprops_on_full_frame_masks_and_raw_values(
         assert measured.max_intensity == reference.intensity_max and measured.max_intensity > 255  # raw counts
     with pytest.raises(UnusableInput, match="need masks"):
         predictor(tiff(field), SegmentOptions(measure=True, mask_format="none"))
+
+
+def test_auto_keeps_the_model_scale_near_the_training_size_and_its_probe_is_the_answer(
+    tmp_path: Path, field: np.ndarray
+) -> None:
+    """A model that records its training objects 10% larger than this field's: scale=auto snaps to the model's
+    own scale and answers with its probe (no second pass), exactly as scale=1 does; one that records them half
+    as large runs a second pass at about half the scale."""
+    path = tiny_checkpoint("embedmask", tmp_path / "nuclei.pt", extra=MICROSCOPY, object_size=1.0)
+    saved = load_checkpoint(path)
+    saved["model"]["head.cls_logits.bias"] += 3.0
+    save_checkpoint(saved, path)
+    measuring = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=tmp_path)
+    boxes = np.array([i.box for i in measuring(tiff(field), SegmentOptions(score_threshold=0.3)).instances])
+    median_side = float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
+    saved["object_size"] = 1.1 * median_side * 1.5  # input pixels at the model's own scale, 1.5
+    save_checkpoint(saved, path)
+    predictor = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=tmp_path)
+
+    auto = predictor(tiff(field), SegmentOptions(scale="auto", measure=True))
+    fixed = predictor(tiff(field), SegmentOptions(scale=1.0, measure=True))
+    assert auto.answered_by_probe and auto.scale == 1.0 and auto.instances
+    assert auto.instances == fixed.instances and auto.measurements == fixed.measurements
+    saved["object_size"] = 0.5 * median_side * 1.5
+    save_checkpoint(saved, path)
+    halving = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=tmp_path)
+    half = halving(tiff(field), SegmentOptions(scale="auto"))
+    assert not half.answered_by_probe and 0.4 < half.scale < 0.6
