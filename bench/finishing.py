@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    results: dict[str, object] = {"machine": machine(), "instances": INSTANCES, "cases": []}
+    results: dict[str, Any] = {"machine": machine(), "instances": INSTANCES, "cases": []}
     print(
         f"{'size':>9} {'kind':>11} {'ours 1 thread ms (cpu)':>23} {'ours 2 threads ms':>18} "
         f"{'full-frame ms (cpu)':>21} {'speed-up':>9}  identical"

@@ -237,7 +237,7 @@ def benchmark(
             start = time.perf_counter()
             metadata = export_onnx(model, cfg, {}, path)
             log(f"{method}: exported one graph in {time.perf_counter() - start:.1f} s")
-            runtimes = {
+            runtimes: dict[str, Runtime] = {
                 "eager": TorchRuntime(model),
                 "onnxruntime": OnnxRuntime(path, providers=["CPUExecutionProvider"], threads=threads),
             }

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[kind].append(run)
                 print(f"{kind} start {repeat + 1}: {run}", flush=True)
 
-    result = {
+    result: dict[str, Any] = {
         "machine": info,
         "models": [str(spec.path) for spec in specs],
         "settings": {

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             at_once = whole(predictor, size)
             shrunk = [shrunk_run(at_once, image) for _ in range(args.repeats)]
             megapixels = size[0] * size[1] / 1e6
-            row = {
+            row: dict[str, Any] = {
                 "model": spec.name,
                 "size": list(size),
                 "megapixels": round(megapixels, 3),
