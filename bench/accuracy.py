@@ -344,10 +344,11 @@ def peer_evaluator(model: MaskRCNN, cfg: Config, data_dir: Path) -> Evaluator:
     return run
 
 
-def ours_evaluator(checkpoint: str, data_dir: Path) -> Evaluator:
+def ours_evaluator(checkpoint: str, data_dir: Path, cache_dir: Path | None) -> Evaluator:
     """Our checkpoint's fused graph in onnxruntime on a split at a pixel scale, through ``inference.Predictor``
-    (what the service answers: images larger than the largest shape bucket are tiled)."""
-    predictor = Predictor.open(checkpoint, in_process_options(engine="onnxruntime"))
+    (what the service answers: images larger than the largest shape bucket are tiled); a checkpoint is exported
+    into ``cache_dir`` (None: the service's)."""
+    predictor = Predictor.open(checkpoint, in_process_options(engine="onnxruntime"), cache_dir=cache_dir)
 
     def run(split: str, pixel_scale: float) -> Metrics:
         scale = pixel_scale / predictor.metadata.input.scale
@@ -466,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
         default=8,
         help="timed rounds of the interleaved speed race (0: report logged speeds)",
     )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="where our checkpoints are exported (default: the service's)"
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
 
@@ -494,9 +498,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [peer_row]
     for path in args.ours:
         checkpoint = load_checkpoint(path)
-        row = tuned_row(Path(path).parent.name, ours_evaluator(path, data_dir), args.scales)
+        row = tuned_row(Path(path).parent.name, ours_evaluator(path, data_dir, args.cache_dir), args.scales)
         logged = logged_seconds_per_iter(Path(path))
-        row |= {"iterations": checkpoint["iteration"], "images_seen": checkpoint["samples_consumed"]}
+        # Checkpoints written outside training.train (random-weight ones) record no samples consumed.
+        row |= {"iterations": checkpoint["iteration"], "images_seen": checkpoint.get("samples_consumed")}
         row |= {"seconds_per_iter": logged, "logged_seconds_per_iter": logged, "checkpoint": path}
         rows.append(row)
 

@@ -1,6 +1,7 @@
 """End-to-end CPU race, batch 1: JPEG bytes in -> COCO RLE JSON out, ours vs Ultralytics YOLO11n-seg.
 
-    python -m bench.e2e [--repeats 15] [--threads 2] [--sizes 640 512]
+    python -m bench.e2e [--repeats 15] [--threads 2] [--sizes 640 512] [--methods meinst embedmask]
+        [--engines onnxruntime openvino-fp32 openvino-bf16] [--min-detections 90] [--output bench/results/e2e.json]
 
 Every model runs on the same real photos (the VOC JPEGs of Debian's labelme-examples), in one process,
 interleaved image by image and model by model so that load on a shared machine hits all of them alike.
@@ -10,14 +11,14 @@ host (``engines``: onnxruntime, OpenVINO fp32, and OpenVINO bf16 where the CPU h
 compares each of ours with YOLO's fastest route.
 
 - Ours (MEInst, EmbedMask): the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml, the bundled models' network) exported by
-  ``export.onnx_export.export_onnx`` to one fused graph in ``export.runtimes.OnnxRuntime`` and in
-  ``export.openvino_runtime.OpenVinoRuntime`` (one static engine for the SxS shape). The request
-  path is the service's: ``service.imaging.decode_image`` (decode, EXIF orientation, RGB), then
-  ``prepare_image`` + ``pad_batch`` with a resize rule whose both sides are the bench size, so the long
-  side becomes S and the image is padded into one SxS bucket (as YOLO's letterbox); then
-  ``model.finishing.finish_image`` with the service's arguments (paste, threshold, RLE in the original
-  frame), on the same thread count as the graph and as YOLO's torch post-processing, and ``json.dumps`` of
-  the response.
+  ``export.onnx_export.export_onnx`` to one fused graph, opened by the runtime factory every entry point uses
+  (``inference.runtime.open_runtime``: onnxruntime, or OpenVINO with one static engine for the SxS shape). The
+  request path is the service's: ``inference.Predictor`` (decode with EXIF orientation by the model's
+  intensity rule; resize by a size rule whose both sides are the bench size, so the long side becomes S, into
+  one SxS shape bucket, as YOLO's letterbox; the graph; finishing: paste, threshold, RLE in the original
+  frame, on the same thread count as the graph and as YOLO's torch post-processing), its stage times
+  (``Segmentation.timings``), then the service's response body
+  (``service.schemas.SegmentResponse.from_segmentation``, serialised as the service sends it).
 - YOLO11n-seg: built from ``yolo11n-seg.yaml`` (random weights, nothing downloaded), exported by its own
   exporter to a static SxS ONNX graph run in onnxruntime and to OpenVINO IR compiled by OpenVINO (as its
   predictor does, latency hint), with the same thread count. The rest is what its
@@ -26,17 +27,20 @@ compares each of ours with YOLO's fastest route.
   routes -- ``retina`` (``ops.process_mask_native``, what ``retina_masks=True`` does) or ``default``
   (``ops.process_mask`` at input size, then ``ops.scale_masks`` to the original frame as its validator
   does) -- and the empty-mask filter of its ``construct_result``; the RLE is ``pycocotools.mask.encode``
-  of the Fortran-ordered full-frame masks, then the same ``json.dumps``.
+  of the Fortran-ordered full-frame masks, then the same response body (``SegmentResponse`` of its instances).
 
 About 100 detections per image for every model, with random weights: ours take
 ``bench.latency.bench_detector`` (classification bias set so the 3,000 best pairs of a 512x512 image pass
-the 0.05 score threshold, a disk-shaped MEInst codec) and keep the graph's ``max_detections`` = 100,
+the 0.05 score threshold, a disk-shaped MEInst codec) and answer every detection the graph returns
+(score threshold 0; the graph keeps its ``max_detections`` = 100),
 with the box regression bias raised (``BOX_SIDE_STRIDES``) so that our boxes are on average at least as
 large as YOLO's; YOLO runs with ``conf=0.0`` (every anchor passes) and ``max_det=100``, and gets
-non-empty masks (``yolo_with_masks``). The script asserts at least ``MIN_DETECTIONS`` instances in every
-timed run and reports the counts, the mean box area and the mean mask area per instance.
+non-empty masks (``yolo_with_masks``). The script asserts at least ``--min-detections`` (default
+``MIN_DETECTIONS``) instances in every timed run and reports the counts, the mean box area and the mean mask
+area per instance.
 
-Prints a markdown table and writes bench/results/e2e.json.
+Prints a markdown table and writes bench/results/e2e.json. The smoke test's mode: ``--methods meinst --engines
+onnxruntime --sizes 128 --repeats 1 --min-detections 0``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -67,17 +71,18 @@ from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 from ultralytics.utils import nms, ops
 
-from bench.latency import bench_config, bench_detector, machine_info
+from bench.latency import EVERY_DETECTION, at_test_size, bench_config, bench_detector, machine_info
 from export.onnx_export import export_onnx
-from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16
-from export.runtimes import OnnxRuntime
-from model.finishing import finish_outputs
-from service.imaging import PreparedImage, decode_image, image_size, pad_batch, prepare_image
-from service.settings import Settings
+from export.openvino_runtime import cpu_has_bf16
+from inference.decode import image_size
+from inference.predictor import Predictor, in_process_options
+from inference.runtime import RuntimeOptions, open_runtime
+from service.schemas import RLE, Instance, SegmentResponse
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = Path("/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco/JPEGImages")
-MAX_PIXELS = Settings.model_fields["max_image_pixels"].default  # the service's decompression-bomb guard
+METHODS = ("meinst", "embedmask")
+ENGINES = ("onnxruntime", "openvino-fp32", "openvino-bf16")
 MAX_DETECTIONS = 100
 MIN_DETECTIONS = 90
 YOLO_IOU = 0.7  # the predictor's default `iou`
@@ -101,23 +106,52 @@ class Run:
     body: bytes
 
 
-def response_json(
-    model: str, size: tuple[int, int], rows: list[tuple[list[float], float, int, str, int, dict[str, Any]]]
-) -> bytes:
-    """The service's response shape ({model, width, height, instances}), one code path for every model."""
-    height, width = size
-    instances = [
-        {
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": score,
-            "category_id": category,
-            "category_name": name,
-            "area": area,
-            "segmentation": rle,
+def mean_share(values: list[float], size: tuple[int, int]) -> float:
+    """The mean of ``values`` (areas in pixels) as a share of an image of ``size`` (H, W); 0 for none."""
+    return float(np.mean(values)) / (size[0] * size[1]) if values else 0.0
+
+
+def engine_options(engine: str, threads: int) -> RuntimeOptions:
+    """One of ``ENGINES`` as runtime options: one stream of ``threads`` threads, on the CPU."""
+    if engine == "onnxruntime":
+        return in_process_options(engine="onnxruntime", providers=["CPUExecutionProvider"], threads=threads)
+    return in_process_options(engine="openvino", precision=OPENVINO_PRECISIONS[engine], threads=threads)
+
+
+class OursPipeline:
+    """MEInst or EmbedMask: the fused graph on one of the engines we ship, behind the service's pipeline
+    (``inference.Predictor``) and its response body."""
+
+    def __init__(self, method: str, size: int, graph: Path, threads: int, engine: str, cache_dir: Path) -> None:
+        self.name = f"ours-{method}-{engine}"
+        opened = open_runtime(graph, engine_options(engine, threads), cache_dir)
+        self.version = opened.version
+        # Both sides of the size rule are S (the long side becomes S) and S x S is the one bucket.
+        self.predictor = Predictor(
+            opened.runtime,
+            at_test_size(opened.metadata, size, size),
+            buckets=[(size, size)],
+            finishing_threads=threads,
+            opened=opened,
+        )
+
+    def __call__(self, data: bytes) -> Run:
+        answer = self.predictor(data, EVERY_DETECTION)
+        started = time.perf_counter()
+        response = SegmentResponse.from_segmentation(answer, self.name, self.version, self.predictor.metadata)
+        body = response.model_dump_json().encode()
+        seconds = answer.timings
+        times = {
+            "decode": seconds["decode"] * 1e3,
+            "preprocess": seconds["prepare"] * 1e3,
+            "graph": seconds["infer"] * 1e3,
+            "postprocess": seconds["finish"] * 1e3,  # paste, threshold and RLE in one pass
+            "json": (time.perf_counter() - started) * 1e3,
         }
-        for (x0, y0, x1, y1), score, category, name, area, rle in rows
-    ]
-    return json.dumps({"model": model, "width": width, "height": height, "instances": instances}).encode()
+        boxes = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in (i.box for i in answer.instances)]
+        areas = [float(i.area or 0) for i in answer.instances]
+        size = answer.image_size
+        return Run(times, len(answer.instances), mean_share(boxes, size), mean_share(areas, size), body)
 
 
 class Clock:
@@ -131,60 +165,6 @@ class Clock:
         now = time.perf_counter()
         self.times[stage] = self.times.get(stage, 0.0) + (now - self._last) * 1e3
         self._last = now
-
-
-class OursPipeline:
-    """MEInst or EmbedMask: the fused graph in one of the runtimes we ship behind the service's request path."""
-
-    def __init__(self, method: str, size: int, graph: Path, threads: int, engine: str) -> None:
-        self.name = f"ours-{method}-{engine}"
-        self.runtime: OnnxRuntime | OpenVinoRuntime
-        if engine == "onnxruntime":
-            self.runtime = OnnxRuntime(graph, providers=["CPUExecutionProvider"], threads=threads)
-        else:  # one engine for the bench's one SxS shape, at the precision the service would pick
-            self.runtime = OpenVinoRuntime(graph, precision=OPENVINO_PRECISIONS[engine], threads=threads)
-        self.threads = threads
-        self.metadata = self.runtime.metadata
-        self.rule = self.metadata.input.model_copy(update={"min_size": size, "max_size": size})
-        self.buckets = [(size, size)]
-
-    def __call__(self, data: bytes) -> Run:
-        clock = Clock()
-        image = decode_image(data, MAX_PIXELS, self.rule)
-        clock.lap("decode")
-        prepared: PreparedImage = prepare_image(image, self.rule, self.buckets)
-        batch = pad_batch([prepared.pixels], prepared.bucket, self.rule.pad_value)
-        clock.lap("preprocess")
-        outputs = {name: value[0] for name, value in self.runtime.infer(batch).items()}
-        clock.lap("graph")
-        meta = self.metadata
-        instances = finish_outputs(
-            outputs,
-            mask_kind=meta.mask_kind,
-            input_size=prepared.input_size,
-            image_size=prepared.original_size,
-            mask_threshold=meta.mask_threshold,
-            box_padding=meta.box_padding or 0,
-            workers=self.threads,
-        )
-        clock.lap("postprocess")  # finish_image pastes, thresholds and writes the RLE in one pass
-        rows = [
-            (list(i.box), i.score, meta.category_ids[i.class_index], meta.class_names[i.class_index], i.area, i.rle)
-            for i in instances
-        ]
-        body = response_json(self.name, prepared.original_size, rows)
-        clock.lap("json")
-        height, width = prepared.original_size
-        boxes = np.array([i.box for i in instances]).reshape(-1, 4)
-        return Run(
-            clock.times,
-            len(instances),
-            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width)
-            if instances
-            else 0.0,
-            float(np.mean([i.area for i in instances])) / (height * width) if instances else 0.0,
-            body,
-        )
 
 
 class YoloGraph:
@@ -252,25 +232,33 @@ class YoloPipeline:
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")
         clock.lap("rle")
-        rows = [
-            (box, score, int(c) + 1, self.names[int(c)], area, rle)
-            for box, score, c, area, rle in zip(
+        instances = [
+            Instance(
+                bbox=(x0, y0, x1 - x0, y1 - y0),
+                score=score,
+                category_id=int(c) + 1,
+                category_name=self.names[int(c)],
+                area=area,
+                segmentation=RLE(**rle),
+            )
+            for (x0, y0, x1, y1), score, c, area, rle in zip(
                 pred[:, :4].tolist(), pred[:, 4].tolist(), pred[:, 5].tolist(), areas, rles
             )
         ]
-        body = response_json(self.name, frame, rows)
-        clock.lap("json")
         height, width = frame
-        boxes = pred[:, :4].numpy()
-        return Run(
-            clock.times,
-            len(rows),
-            float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / (height * width)
-            if rows
-            else 0.0,
-            float(np.mean(areas)) / (height * width) if rows else 0.0,
-            body,
+        response = SegmentResponse(
+            model=self.name,
+            version="",
+            width=width,
+            height=height,
+            scale=1.0,
+            score_threshold=0.0,
+            instances=instances,
         )
+        body = response.model_dump_json().encode()
+        clock.lap("json")
+        boxes = [i.bbox[2] * i.bbox[3] for i in instances]
+        return Run(clock.times, len(instances), mean_share(boxes, frame), mean_share(areas, frame), body)
 
 
 def export_ours(method: str, directory: Path) -> Path:
@@ -295,9 +283,9 @@ def yolo_with_masks(model: YOLO) -> None:
             branch[-1].bias[0] = 1.0
 
 
-def export_yolo(size: int, directory: Path) -> tuple[dict[str, Path], dict[int, str]]:
-    """YOLO11n-seg from its yaml (random weights), exported by Ultralytics to a static SxS ONNX graph and
-    to OpenVINO IR (fp32 weights; the precision is chosen when it is compiled)."""
+def export_yolo(size: int, directory: Path, openvino: bool) -> tuple[dict[str, Path], dict[int, str]]:
+    """YOLO11n-seg from its yaml (random weights), exported by Ultralytics to a static SxS ONNX graph and,
+    with ``openvino``, to OpenVINO IR (fp32 weights; the precision is chosen when it is compiled)."""
     torch.manual_seed(0)
     model = YOLO("yolo11n-seg.yaml")
     yolo_with_masks(model)
@@ -306,8 +294,9 @@ def export_yolo(size: int, directory: Path) -> tuple[dict[str, Path], dict[int, 
     graphs = {}
     with contextlib.chdir(target):
         graphs["onnx"] = Path(model.export(format="onnx", imgsz=size, dynamic=False, verbose=False)).resolve()
-        folder = Path(model.export(format="openvino", imgsz=size, dynamic=False, half=False, verbose=False)).resolve()
-        graphs["openvino"] = next(folder.glob("*.xml"))
+        if openvino:
+            folder = Path(model.export(format="openvino", imgsz=size, dynamic=False, half=False, verbose=False))
+            graphs["openvino"] = next(folder.resolve().glob("*.xml"))
     return graphs, dict(model.names)
 
 
@@ -334,7 +323,17 @@ def engines() -> list[str]:
     return ["onnxruntime", "openvino-fp32", *(["openvino-bf16"] if cpu_has_bf16() else [])]
 
 
-def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str], None]) -> dict[str, Any]:
+def benchmark(
+    repeats: int,
+    threads: int,
+    sizes: list[int],
+    log: Callable[[str], None],
+    methods: Sequence[str] = METHODS,
+    engine_names: list[str] | None = None,
+    min_detections: int = MIN_DETECTIONS,
+) -> dict[str, Any]:
+    """The race on ``engine_names`` (default: every CPU engine of this host, ``engines``) at each size."""
+    engine_names = engine_names or engines()
     torch.set_num_threads(threads)
     photos = sorted(IMAGES.glob("*.jpg"))
     encoded = [p.read_bytes() for p in photos]
@@ -354,24 +353,29 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
         ],
         "detections": (
             f"ours: bench.latency.bench_detector heads, box regression bias {BOX_SIDE_STRIDES} strides, graph "
-            f"max_detections={MAX_DETECTIONS}; YOLO: conf=0.0, iou={YOLO_IOU}, max_det={MAX_DETECTIONS}, "
-            f"masks made non-empty (yolo_with_masks); every timed run asserted >= {MIN_DETECTIONS} instances"
+            f"max_detections={MAX_DETECTIONS}, every detection answered; YOLO: conf=0.0, iou={YOLO_IOU}, "
+            f"max_det={MAX_DETECTIONS}, masks made non-empty (yolo_with_masks); every timed run asserted >= "
+            f"{min_detections} instances"
         ),
-        "json": "json.dumps of {model, width, height, instances: [{bbox xywh, score, category_id, category_name, area, "
-        "segmentation: COCO compressed RLE}]} for every model",
+        "json": "the service's response body (service.schemas.SegmentResponse: {model, version, width, height, scale, "
+        "score_threshold, instances: [{bbox xywh, score, category_id, category_name, area, segmentation: COCO "
+        "compressed RLE}], warnings}) for every model",
         "rows": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        ours = {method: export_ours(method, directory) for method in ("meinst", "embedmask")}
+        ours = {method: export_ours(method, directory) for method in methods}
         log("exported ours")
         for size in sizes:
-            yolo_graphs, names = export_yolo(size, directory)
+            openvino = any(engine in OPENVINO_PRECISIONS for engine in engine_names)
+            yolo_graphs, names = export_yolo(size, directory, openvino)
             log(f"exported YOLO11n-seg at {size}")
             pipelines: list[OursPipeline | YoloPipeline] = [
-                OursPipeline(m, size, path, threads, engine) for m, path in ours.items() for engine in engines()
+                OursPipeline(m, size, path, threads, engine, directory / "cache")
+                for m, path in ours.items()
+                for engine in engine_names
             ]
-            for engine in engines():
+            for engine in engine_names:
                 graph = YoloGraph(yolo_graphs, engine, threads)
                 pipelines += [YoloPipeline(graph, size, names, masks) for masks in ("retina", "default")]
             runs: dict[str, list[Run]] = {p.name: [] for p in pipelines}
@@ -380,7 +384,7 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
                     for pipeline in pipelines:
                         run = pipeline(data)
                         if attempt:
-                            assert run.instances >= MIN_DETECTIONS, (
+                            assert run.instances >= min_detections, (
                                 f"{pipeline.name} at {size}: only {run.instances} instances"
                             )
                             runs[pipeline.name].append(run)
@@ -389,7 +393,7 @@ def benchmark(repeats: int, threads: int, sizes: list[int], log: Callable[[str],
             for row in rows:
                 row["yolo_best_over_this"] = yolo_best / row["total_ms"]
             results["rows"].extend(rows)
-            for method in ("meinst", "embedmask"):
+            for method in methods:
                 ours_best = min(r["total_ms"] for r in rows if r["model"].startswith(f"ours-{method}"))
                 log(
                     f"{size}: fastest YOLO {yolo_best:.1f} ms, fastest ours-{method} {ours_best:.1f} ms, "
@@ -428,9 +432,27 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for onnxruntime and torch"
     )
     parser.add_argument("--sizes", nargs="+", type=int, default=[640, 512])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="our contenders")
+    parser.add_argument(
+        "--engines", nargs="+", choices=ENGINES, default=None, help="CPU engines (default: every one of this host)"
+    )
+    parser.add_argument(
+        "--min-detections",
+        type=int,
+        default=MIN_DETECTIONS,
+        help="instances every timed run must answer (random heads keep about 100 at the default sizes)",
+    )
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "e2e.json"))
     args = parser.parse_args(argv)
-    results = benchmark(args.repeats, args.threads, args.sizes, log=lambda line: print(line, flush=True))
+    results = benchmark(
+        args.repeats,
+        args.threads,
+        args.sizes,
+        log=lambda line: print(line, flush=True),
+        methods=args.methods,
+        engine_names=args.engines,
+        min_detections=args.min_detections,
+    )
     print(table(results["rows"]))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ the whole image with torch (grid_sample for MEInst, F.interpolate for EmbedMask)
 strings. Ours runs on one thread and on two (``finish_image(workers=2)``: the compiled kernel releases the
 GIL, so two threads share one image's instances).
 
-    python -m bench.finishing [--runs 21] [--full-runs 5]
+    python -m bench.finishing [--runs 21] [--full-runs 5] [--sizes 512x512 800x1333]
+        [--out bench/results/finishing.json]
 
 Prints a table and writes bench/results/finishing.json.
 """
@@ -23,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from pycocotools import mask as mask_utils
 from model.finishing import finish_image, scale_boxes
 from model.mask_contract import LOGPROB_STRIDE, OUTSIDE_LOG_PROB
 
-SIZES = [(512, 512), (800, 1333)]
+SIZES = ["512x512", "800x1333"]  # HxW
 INSTANCES = 100
 PAD = 32  # the graph's input size divisibility
 
@@ -145,20 +147,27 @@ def machine() -> dict[str, object]:
     }
 
 
-def main() -> None:
+def image_size(text: str) -> tuple[int, int]:
+    """ "HxW" -> (H, W)."""
+    height, _, width = text.partition("x")
+    return int(height), int(width)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=21, help="timed runs of ours (median reported)")
     parser.add_argument("--full-runs", type=int, default=5, help="timed runs of the full-frame route")
+    parser.add_argument("--sizes", type=image_size, nargs="+", default=[image_size(s) for s in SIZES], help="HxW")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "finishing.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    results: dict[str, object] = {"machine": machine(), "instances": INSTANCES, "cases": []}
+    results: dict[str, Any] = {"machine": machine(), "instances": INSTANCES, "cases": []}
     print(
         f"{'size':>9} {'kind':>11} {'ours 1 thread ms (cpu)':>23} {'ours 2 threads ms':>18} "
         f"{'full-frame ms (cpu)':>21} {'speed-up':>9}  identical"
     )
-    for size in SIZES:
+    for size in args.sizes:
         for kind in ("box28", "logprob_s4"):
             outputs = synthetic_outputs(kind, size, rng)
             reference = full_frame(kind, outputs, size)

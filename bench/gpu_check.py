@@ -573,13 +573,13 @@ def run_serve(part: Part, plan: Plan, work: Path) -> None:
     specs = bundled_models()
     if plan.serve_buckets:
         specs = [spec.model_copy(update={"buckets": plan.serve_buckets}) for spec in specs]
-    serve.WORK = work / "serve"
-    serve.WORK.mkdir(parents=True, exist_ok=True)
+    (work / "serve").mkdir(parents=True, exist_ok=True)
     for max_batch_size in (8, 1):
         with part.attempt(f"service batch<={max_batch_size}", needs_s=20) as go:
             if not go:
                 continue
             args = argparse.Namespace(
+                work=work / "serve",
                 cache_dir=work / "cache",
                 max_delay_ms=0.0,
                 concurrency=list(plan.serve_concurrency),

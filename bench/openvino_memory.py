@@ -1,8 +1,8 @@
 """Where OpenVINO's memory goes, per way of compiling engines, against onnxruntime on the same graph.
 
-    python -m bench.openvino_memory --graph models/embedmask_nucleus/model.pt.onnx [--buckets 256x256,512x512]
+    python -m bench.openvino_memory --graph models/embedmask_nucleus/model.pt [--buckets 256x256,512x512]
         [--batch 8] [--streams 1] [--threads 1] [--repeats 5] [--variants static,dynamic_batch,batch1,ort]
-        [--interleaved] [--output bench/results/openvino_memory.json]
+        [--interleaved] [--models JSON] [--cache-dir DIR] [--output bench/results/openvino_memory.json]
 
 Each variant runs in its own child process (resident memory is per process) and reports ``VmRSS`` after the
 imports, after reading the graph, after compiling each bucket's engines, after running each engine once
@@ -12,8 +12,9 @@ Latencies of different variants come from different processes run one after the 
 machine compare them with ``--interleaved``: one more child that times every way of running a batch in one
 process, round after round (``interleaved_latency``), and keeps the median and the fastest round.
 
-MEInst's graph is not tracked; export it first with ``python -c "from training.evaluate import make_runtime;
-make_runtime('onnxruntime', 'models/meinst_nucleus/model.pt', 'cpu')"`` (writes ``model.pt.onnx`` beside it).
+``--graph`` is an exported ``.onnx`` graph or a checkpoint, exported once before the variants run
+(``inference.runtime.export_checkpoint``, into a temporary directory), as are the ``service-*`` variants'
+checkpoints: no variant's figures include an export.
 
 Variants (OpenVINO: CPU, ``INFERENCE_PRECISION_HINT`` bf16 where the CPU has it, ``--streams`` streams of
 ``--threads`` threads, one infer request per stream):
@@ -29,9 +30,9 @@ Variants (OpenVINO: CPU, ``INFERENCE_PRECISION_HINT`` bf16 where the CPU has it,
 - ``runtime``: ``export.openvino_runtime.OpenVinoRuntime`` as the service builds it (batch-1 engines).
 - ``ort``: onnxruntime's ``CPUExecutionProvider``, one session of ``--threads`` threads per stream (memory
   arena off), as the service runs it.
-- ``service-onnxruntime``, ``service-openvino``: both bundled graphs (``models/*_nucleus/model.pt.onnx``;
-  ``--graph`` and ``--buckets`` do not apply) loaded by ``service.models.load_model`` as the service loads
-  them, default buckets and warm-up included; list ``service-openvino`` twice to time a restart on the
+- ``service-onnxruntime``, ``service-openvino``: both bundled models (``--models`` takes others, the service's
+  JSON; ``--graph`` and ``--buckets`` do not apply) loaded by ``service.models.load_model`` as the service
+  loads them, default buckets and warm-up included; list ``service-openvino`` twice to time a restart on the
   model cache the first one left (both use one cache directory per variant name).
 """
 
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+IDLE_S = 3.0  # service-* variants: idle time before the last memory reading
 VARIANTS = (
     "static",
     "batch1_ir",
@@ -210,36 +212,50 @@ def interleaved_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def service_models(args: argparse.Namespace) -> dict[str, Any]:
-    """Both bundled graphs loaded as the service loads them (``service.models.load_model``: its default
-    buckets, warm-up at batch 1 and ``--batch`` once per stream, ``--streams`` x ``--threads``) in runtime
-    ``args.variant[8:]``, twice on one cache directory (``--cache-dir``): VmRSS once both are warm, and the
-    seconds each load took."""
+    """The ``--models`` graphs loaded as the service loads them (``service.models.load_model``: its default
+    buckets, warm-up at batch 1 and ``--batch`` once per stream, ``--streams`` x ``--threads``) on the engine
+    ``args.variant[8:]``, one after the other on one cache directory (``--cache-dir``): VmRSS once each is
+    warm and after idling, and the seconds each load took."""
+    from inference.runtime import RuntimeOptions
     from service.models import load_model
-    from service.settings import ModelSpec, Settings
+    from service.settings import Settings
 
-    runtime = args.variant.removeprefix("service-")
-    specs = [ModelSpec(name=m, path=Path(f"models/{m}_nucleus/model.pt.onnx")) for m in ("meinst", "embedmask")]
+    engine = args.variant.removeprefix("service-")
+    specs = model_specs(args.models)
     settings = Settings(
         models=specs,
         cache_dir=Path(args.cache_dir),
-        runtime=runtime,
-        providers=["CPUExecutionProvider"],
+        runtime=RuntimeOptions(
+            engine=engine, providers=["CPUExecutionProvider"], streams=args.streams, threads=args.threads
+        ),
         max_batch_size=args.batch,
-        inference_streams=args.streams,
-        inference_threads=args.threads,
     )
     record: dict[str, Any] = {"variant": args.variant, "rss_mb": {"imports": rss_mb()}, "load_s": {}}
-    loaded = []
+    loaded = {}
     for spec in specs:
         started = time.perf_counter()
-        loaded.append(load_model(spec, settings))
+        loaded[spec.name] = load_model(spec, settings)
         record["load_s"][spec.name] = round(time.perf_counter() - started, 1)
         record["rss_mb"][f"{spec.name} warm"] = rss_mb()
-    record["buckets"] = {model.name: [f"{h}x{w}" for h, w in model.buckets] for model in loaded}
-    record["providers"] = {model.name: model.providers for model in loaded}
-    time.sleep(3)
+    record["buckets"] = {name: [f"{h}x{w}" for h, w in pipeline.buckets] for name, (_, pipeline) in loaded.items()}
+    record["providers"] = {name: opened.providers for name, (opened, _) in loaded.items()}
+    time.sleep(IDLE_S)
     record["rss_mb"]["idle"] = rss_mb()
     return record
+
+
+def model_specs(text: str | None) -> list[Any]:
+    """``--models`` (JSON, the service's form) as model specs; None: the bundled models."""
+    from service.settings import ModelSpec, bundled_models
+
+    return [ModelSpec.model_validate(m) for m in json.loads(text)] if text else bundled_models()
+
+
+def onnx_graph(path: Path, directory: Path) -> Path:
+    """``path`` itself when it is a graph, else the checkpoint exported to ONNX under ``directory`` (once)."""
+    from inference.runtime import cached_name, export_checkpoint
+
+    return path if path.suffix == ".onnx" else export_checkpoint(path, directory / cached_name(path, ".onnx"))
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -307,13 +323,36 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def exported_flags(args: argparse.Namespace, variants: list[str], directory: Path) -> list[str]:
+    """Flags that point the children at ONNX graphs: ``--graph`` (engine variants and ``--interleaved``) and
+    ``--models`` (``service-*`` variants), their checkpoints exported here once, under ``directory``."""
+    flags = []
+    if args.interleaved or any(not variant.startswith("service-") for variant in variants):
+        flags += ["--graph", str(onnx_graph(Path(args.graph), directory))]
+    if any(variant.startswith("service-") for variant in variants):
+        specs = [
+            spec.model_copy(update={"path": onnx_graph(spec.path, directory)}) for spec in model_specs(args.models)
+        ]
+        flags += ["--models", json.dumps([spec.model_dump(mode="json") for spec in specs])]
+    return flags
+
+
+def run_child(command: list[str], what: str) -> dict[str, Any]:
+    """The JSON record a child process prints last, or SystemExit with its stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed: {done.stderr[-3000:]}")
+    record: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.openvino_memory",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--graph", default="models/embedmask_nucleus/model.pt.onnx")
+    parser.add_argument("--graph", default="models/embedmask_nucleus/model.pt", help="an .onnx graph or a checkpoint")
     parser.add_argument("--buckets", default="256x256,512x512")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--streams", type=int, default=1)
@@ -323,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--interleaved", action="store_true", help="also time every way of batching in one process, interleaved"
     )
+    parser.add_argument("--models", help='service-* variants: JSON [{"name", "path"}] (default: the bundled models/)')
     parser.add_argument(
         "--cache-dir", default=None, help="service-* variants: the cache directory (default: a new temporary one)"
     )
@@ -338,31 +378,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         print(json.dumps(child(args)))
         return
+    variants = args.variants.split(",")
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     records = []
-    cache = tempfile.TemporaryDirectory(prefix="onestage-ovmem-")
-    for variant in args.variants.split(","):
-        if variant not in VARIANTS:
-            raise SystemExit(f"unknown variant {variant}; choose from {', '.join(VARIANTS)}")
-        command = [sys.executable, "-m", "bench.openvino_memory", *(argv or sys.argv[1:]), "--variant", variant]
-        if variant.startswith("service-") and args.cache_dir is None:
-            command += ["--cache-dir", str(Path(cache.name) / variant)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ)
-        if done.returncode != 0:
-            raise SystemExit(f"{variant} failed: {done.stderr[-3000:]}")
-        record = json.loads(done.stdout.strip().splitlines()[-1])
-        records.append(record)
-        print(json.dumps({k: v for k, v in record.items() if k != "latency"}), flush=True)
-        for bucket, row in record.get("latency", {}).items():
-            print(f"  {bucket}: { ({k: v for k, v in row.items() if k != 'all_ms'}) }", flush=True)
     interleaved = None
-    if args.interleaved:
-        command = [sys.executable, "-m", "bench.openvino_memory", *(argv or sys.argv[1:]), "--variant", "interleaved"]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ)
-        if done.returncode != 0:
-            raise SystemExit(f"interleaved latency failed: {done.stderr[-3000:]}")
-        interleaved = json.loads(done.stdout.strip().splitlines()[-1])
-        for bucket, row in interleaved.items():
-            print(f"  interleaved {bucket} median per image ms: {row['median_per_image_ms']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="onestage-ovmem-") as tmp:
+        # The children get the exported graphs (argparse keeps the last of a repeated flag).
+        own = [sys.executable, "-m", "bench.openvino_memory", *(argv or sys.argv[1:])]
+        own += exported_flags(args, variants, Path(tmp) / "graphs")
+        for variant in variants:
+            command = [*own, "--variant", variant]
+            if variant.startswith("service-") and args.cache_dir is None:
+                command += ["--cache-dir", str(Path(tmp) / variant)]
+            record = run_child(command, variant)
+            records.append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "latency"}), flush=True)
+            for bucket, row in record.get("latency", {}).items():
+                print(f"  {bucket}: { ({k: v for k, v in row.items() if k != 'all_ms'}) }", flush=True)
+        if args.interleaved:
+            interleaved = run_child([*own, "--variant", "interleaved"], "interleaved latency")
+            for bucket, row in interleaved.items():
+                print(f"  interleaved {bucket} median per image ms: {row['median_per_image_ms']}", flush=True)
     if args.output:
         from bench.serve import machine
 

@@ -1,10 +1,12 @@
 """What one replica costs: resident memory when idle and time from start to ready, cold and warm.
 
-    python -m bench.replica [--repeats 2] [--idle-s 5] [--inference-streams N] [--output bench/results/replica.json]
+    python -m bench.replica [--repeats 2] [--idle-s 5] [--inference-streams N] [--models JSON]
+        [--output bench/results/replica.json]
 
-Starts ``python -m service`` with both bundled models (``models/*/model.pt``) on the CPU path (onnxruntime,
-``CPUExecutionProvider``), as a replica would: **cold**, on an empty cache directory, so that the start
-exports both checkpoints to ONNX (in a child process, which exits before the server is ready), and **warm**,
+Starts ``python -m service`` with both bundled models (``models/*/model.pt``; ``--models`` takes others, the
+service's JSON) on the CPU path (onnxruntime, ``CPUExecutionProvider``), as a replica would: **cold**, on an
+empty cache directory, so that the start exports every checkpoint to ONNX (in a child process, which exits
+before the server is ready), and **warm**,
 on the cache the cold start left (the graphs are reused, nothing is exported). For each start it reports the
 seconds from ``Popen`` to the first 200 of ``/v2/health/ready``, and the server's resident set size
 (``VmRSS``, and its peak ``VmHWM``) after ``--idle-s`` seconds of idling once ready; and whether the server
@@ -26,9 +28,10 @@ from typing import Any
 
 from bench.serve import machine
 from service.launcher import ServiceProcess
+from service.settings import ModelSpec, bundled_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CPU = ["--providers", '["CPUExecutionProvider"]', "--runtime", "onnxruntime"]
+CPU = ["--runtime.engine", "onnxruntime", "--runtime.providers", '["CPUExecutionProvider"]']
 GOAL_RSS_MB = 500
 
 
@@ -49,9 +52,11 @@ def torch_mapped(pid: int) -> bool:
     )
 
 
-def start(cache_dir: Path, log_path: Path, idle_s: float, streams: list[str]) -> dict[str, Any]:
+def start(cache_dir: Path, log_path: Path, idle_s: float, flags: list[str]) -> dict[str, Any]:
+    """One start of the service with ``flags`` on ``cache_dir``: seconds to ready, memory after ``idle_s``
+    idle, whether torch was mapped, and how many graphs it exported or found cached (from its log)."""
     started = time.perf_counter()
-    server = ServiceProcess(["--cache-dir", str(cache_dir), *CPU, *streams], log_path)
+    server = ServiceProcess(["--cache-dir", str(cache_dir), *CPU, *flags], log_path)
     try:
         server.wait_ready(timeout=900)
         ready_s = time.perf_counter() - started
@@ -92,8 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--inference-streams", type=int, default=None, help="the service's inference streams (default: its own)"
     )
+    parser.add_argument("--models", help='JSON [{"name", "path"}] of checkpoints (default: the bundled models/)')
     args = parser.parse_args(argv)
-    streams = [] if args.inference_streams is None else ["--inference-streams", str(args.inference_streams)]
+    specs = [ModelSpec.model_validate(m) for m in json.loads(args.models)] if args.models else bundled_models()
+    flags = ["--models", json.dumps([spec.model_dump(mode="json") for spec in specs])]
+    flags += [] if args.inference_streams is None else ["--runtime.streams", str(args.inference_streams)]
 
     info = machine()
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
@@ -104,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             for kind in ("cold", "warm"):
                 if kind == "cold":
                     shutil.rmtree(cache, ignore_errors=True)
-                run = start(cache, work / f"{kind}{repeat}.log", args.idle_s, streams)
-                assert run["exported"] == (2 if kind == "cold" else 0), (
+                run = start(cache, work / f"{kind}{repeat}.log", args.idle_s, flags)
+                assert run["exported"] == (len(specs) if kind == "cold" else 0), (
                     kind,
                     run,
                     (work / f"{kind}{repeat}.log").read_text(),
@@ -113,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                 runs[kind].append(run)
                 print(f"{kind} start {repeat + 1}: {run}", flush=True)
 
-    result = {
+    result: dict[str, Any] = {
         "machine": info,
-        "models": ["models/meinst_nucleus/model.pt", "models/embedmask_nucleus/model.pt"],
+        "models": [str(spec.path) for spec in specs],
         "settings": {
             "runtime": "onnxruntime",
             "providers": ["CPUExecutionProvider"],

