@@ -252,6 +252,8 @@ class YoloPipeline:
             width=width,
             height=height,
             scale=1.0,
+            resize_factor=self.size / max(width, height),  # the letterbox fits the long side
+            diameter=None,
             score_threshold=0.0,
             instances=instances,
         )

@@ -1,6 +1,6 @@
 """Service throughput and latency under load, batching on and off, beside the runtime's raw throughput.
 
-    python -m bench.serve [--models JSON | --tiny] [--image PATH ...] [--concurrency 1 4 16] [--requests N]
+    python -m bench.serve [--models JSON] [--image PATH ...] [--concurrency 1 4 16] [--requests N]
         [--max-batch-size 8] [--max-delay-ms 0] [--raw-repeats 20] [--work bench/results/tmp] [--cache-dir DIR]
         [--output bench/results/serve.json]
     python -m bench.serve --configs '{"name": [service flags], ...}' [--rounds 3] [--image PATH ...] ...
@@ -20,9 +20,8 @@ With no server running, the same engine is timed in this process (the service's 
 image planned into the same bucket by the pipeline): batch 1 and ``max_batch_size`` images per ``infer``
 call, alone and followed by the pass's finishing of every image (the work the service must do per request
 besides HTTP), with the service's thread count per stream and with every core; the summary divides the
-service's throughput at the highest concurrency by the best of these. Models: the
-bundled ``models/`` checkpoints by default, ``--tiny`` for random-weight ones (tests/service_models.py)
-at the bundled models' input size. Prints a table and writes ``bench/results/serve.json``.
+service's throughput at the highest concurrency by the best of these. Models: the bundled ``models/``
+checkpoints by default, or ``--models``. Prints a table and writes ``bench/results/serve.json``.
 """
 
 from __future__ import annotations
@@ -91,19 +90,6 @@ def default_image(work: Path) -> Path:
     if not (root / "val").is_dir():
         build(str(root), tile=256, frames=1)
     return sorted((root / "val").glob("*.png"))[0]
-
-
-def tiny_models(work: Path) -> list[ModelSpec]:
-    """Random-weight MEInst and EmbedMask checkpoints at the bundled models' input size, written under ``work``."""
-    from tests.service_models import tiny_checkpoint
-
-    return [
-        ModelSpec(
-            name=method,
-            path=tiny_checkpoint(method, work / f"tiny_{method}.pt", min_size=256, max_size=512, max_detections=100),
-        )
-        for method in ("meinst", "embedmask")
-    ]
 
 
 def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) -> dict[str, Any]:
@@ -361,7 +347,6 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help='JSON [{"name", "path"}] (default: the bundled models/)')
-    parser.add_argument("--tiny", action="store_true", help="random-weight tiny models instead of the bundled ones")
     parser.add_argument("--image", type=Path, nargs="+", help="request image(s) (default: a HeLa nucleus tile)")
     parser.add_argument(
         "--configs",
@@ -389,15 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     args.cache_dir = args.cache_dir or args.work / "cache"
 
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
-        specs = tiny_models(args.work)
-    elif args.models:
+    if args.models:
         specs = [ModelSpec.model_validate(m) for m in json.loads(args.models)]
     else:
         specs = bundled_models()
     missing = [str(s.path) for s in specs if not s.path.is_file()]
     if missing:
-        raise SystemExit(f"model files not found: {missing} (train the bundled models, or use --tiny / --models)")
+        raise SystemExit(f"model files not found: {missing} (train the bundled models, or give --models)")
     images = args.image or [default_image(args.work)]
     data = images[0].read_bytes()
     report: dict[str, Any] = {
