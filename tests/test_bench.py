@@ -144,19 +144,6 @@ def test_tiling(tmp_path: Path, workdir: Path, nucleus_model: Path) -> None:
     assert tiled["instances"] >= 0 and row["shrunk"]["total_ms"] > 0 and row["shrunk"]["instances"] >= 0
 
 
-def test_magnification(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
-    out = tmp_path / "magnification.json"
-    run_bench(
-        "magnification",
-        *("--checkpoints", str(nucleus_model), "--fields", str(nucleus_data / "test_fields.json")),
-        *("--factors", "0.5", "--cache-dir", str(workdir / "cache"), "--output", str(out)),
-    )
-    rows = read(out)["rows"]
-    assert [(r["magnification"], r["scale"]) for r in rows] == [(0.5, "recipe"), (0.5, "auto")]
-    for row in rows:
-        assert 0 <= row["segm_AP"] <= 100 and 0 <= row["bbox_AP"] <= 100 and row["seconds"] > 0
-
-
 def test_accuracy(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
     """The peer trains one step on the tiny dataset at half size; both are tuned on one scale; a one-round race."""
     out = tmp_path / "accuracy.json"
@@ -182,6 +169,24 @@ def test_accuracy(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_mod
             assert all(0 <= row[split][kind]["AP"] <= 100 for kind in ("bbox", "segm"))
     assert rows[0]["iterations"] == 1 and rows[0]["images_seen"] == 1
     assert (tmp_path / "peer" / "model.pt").is_file()
+
+    # bench.domains on the same models: the fields at half magnification and a stand-in for CHO, ours and the peer.
+    out = tmp_path / "domains.json"
+    fields = str(nucleus_data / "test_fields.json")
+    run_bench(
+        "domains",
+        *("--checkpoints", str(nucleus_model), "--peer", str(tmp_path / "peer" / "model.pt"), "--fields", fields),
+        *("--factors", "0.5", "--cho", fields, "--cache-dir", str(workdir / "cache"), "--output", str(out)),
+    )
+    rows = read(out)["rows"]
+    assert [(r["model"], r["set"]) for r in rows] == [
+        (model, name) for model in ("embedmask_nucleus", "maskrcnn") for name in ("hela x0.5", "cho")
+    ]
+    for row in rows:
+        settings = row["settings"]
+        assert {"default", "own"} <= set(settings) and ("auto" in settings) == (row["model"] != "maskrcnn")
+        assert row["best_fixed"] in settings and row["ideal_scale"] > 0
+        assert all(0 <= s["segm_AP"] <= 100 and s["seconds"] >= 0 for s in settings.values())
 
 
 def test_serve(tmp_path: Path, workdir: Path, photo_model: Path, photo: Path) -> None:

@@ -48,8 +48,9 @@ def load_coco(annotations: str | Path) -> COCO:
         return COCO(str(annotations))
 
 
-def evaluation_options(scale: Scale = DEFAULT_SCALE) -> SegmentOptions:
-    """What evaluation asks of each image: every detection (AP integrates over scores), RLE masks."""
+def evaluation_options(scale: Scale | None = None) -> SegmentOptions:
+    """What evaluation asks of each image: every detection (AP integrates over scores), RLE masks, at ``scale``
+    (None: the model's default, what a caller who gives none gets)."""
     return SegmentOptions(score_threshold=0.0, max_detections=None, mask_format="rle", scale=scale)
 
 
@@ -70,7 +71,7 @@ def coco_records(image_id: int, instances: list[Instance], category_ids: list[in
     return records
 
 
-def predict(predictor: Predictor, coco: COCO, images: str | Path, scale: Scale = DEFAULT_SCALE) -> list[dict[str, Any]]:
+def predict(predictor: Predictor, coco: COCO, images: str | Path, scale: Scale | None = None) -> list[dict[str, Any]]:
     """COCO result records of every image of ``coco`` (read from ``images``) through ``predictor``: image_id,
     dataset category_id, bbox xywh and score in original pixels, and the compressed RLE segmentation."""
     options = evaluation_options(scale)
@@ -153,7 +154,7 @@ def evaluate(
     predictor: Predictor,
     coco: COCO,
     images: str | Path,
-    scale: Scale = DEFAULT_SCALE,
+    scale: Scale | None = None,
     results_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """bbox and (for mask models) segm metrics of ``predictor`` on the dataset ``coco`` (images under ``images``)
@@ -191,10 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scale",
         type=scale_argument,
-        default=DEFAULT_SCALE,
+        default=None,
         metavar="S|auto",
         help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
-        f"per image from a first pass (default {DEFAULT_SCALE}, as the service)",
+        f"per image from a first pass (default: the service's default, {DEFAULT_SCALE})",
     )
     parser.add_argument(
         "--tile-size",

@@ -21,7 +21,7 @@ as a test. Since its labels are automatic and contain errors, AP above the mid-8
 
 - ``x<m>``: magnification ``m`` (0.33-3): the raw image resampled with area averaging (down) or bilinear
   interpolation (up) and kept in its dtype, the ground-truth masks with nearest neighbours (instances that
-  vanish are dropped), as ``bench.magnification`` resamples the test fields;
+  vanish are dropped), as ``bench.domains`` resamples the test fields;
 - photometric changes at 1x (``training.photometric``, fixed strengths, noise seeded per set and image):
   ``gamma0.5``, ``gamma2``, ``blur1``, ``blur2``, ``poisson30`` and ``poisson100`` (photons at the signal
   level), ``read0.05`` (Gaussian noise), ``background1`` (an offset of one signal range plus a ramp of half);

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
     parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
-    parser.add_argument("--scale", type=scale_argument, default=DEFAULT_SCALE, metavar="S|auto")
+    parser.add_argument(
+        "--scale", type=scale_argument, default=None, metavar="S|auto", help=f"default: the service's ({DEFAULT_SCALE})"
+    )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="where the .pt is exported (default: the service's)"
     )
