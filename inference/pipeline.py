@@ -26,6 +26,7 @@ import numpy as np
 from export.metadata import GraphMetadata
 from inference.decode import DEFAULT_MAX_IMAGE_PIXELS, configure_pil, decode_image
 from inference.errors import UnusableInput
+from inference.hints import capacity_hints, colour_hints, density_hints
 from inference.measure import Measurement, measure
 from inference.scale import (
     AUTO_MIN_SCORE,
@@ -48,10 +49,6 @@ Outputs = dict[str, np.ndarray]
 FALLBACK_SCORE_THRESHOLD = 0.3
 # The scale a caller gets without asking for one (or a diameter): the model's own.
 DEFAULT_SCALE: Scale = 1.0
-# A colour image read by a grey (microscopy) model: channels differing by more than this share of the range.
-COLOUR_SPREAD_WARNING = 0.03
-# Far more objects than the model saw: an answer denser than this many times its training images' density.
-DENSITY_WARNING_FACTOR = 3.0
 # scale=auto keeps the model's own scale when the estimate lies within this factor of it (the estimate's noise
 # on images at the training magnification would otherwise cost accuracy and a second pass).
 AUTO_SNAP = 1.25
@@ -247,7 +244,7 @@ class ImagePipeline:
         one."""
         self.check(options)
         threshold = self.score_threshold if options.score_threshold is None else options.score_threshold
-        warnings = self.input_warnings(image)
+        warnings = colour_hints(self.contract, image.colour_spread)
         size = image.rgb.shape[:2]
         probed: tuple[Pass, PassResult] | None = None
         if options.diameter is not None:
@@ -265,13 +262,15 @@ class ImagePipeline:
             result = yield answering
         else:  # the probe ran the whole image at the scale chosen: it is the answer
             answering, result = probed
-        warnings += self.capacity_warnings(answering, result, options)
-        warnings += self.density_warnings(answering, result)
+        meta, resize_factor = self.metadata, input_pixels_per_image_pixel(self.contract, size, scale)
+        warnings += capacity_hints(options.max_detections, meta.max_detections, len(answering.inputs), result.saturated)
+        input_megapixels = size[0] * size[1] * resize_factor**2 / 1e6
+        warnings += density_hints(len(result.instances), input_megapixels, meta.object_density)
         return Segmentation(
             instances=result.instances,
             image_size=answering.image_size,
             scale=scale,
-            resize_factor=input_pixels_per_image_pixel(self.contract, size, scale),
+            resize_factor=resize_factor,
             diameter=assumed_diameter(self.contract, size, scale),
             score_threshold=threshold,
             tiles=len(answering.inputs),
@@ -321,50 +320,6 @@ class ImagePipeline:
             return 1.0, None
         kept = [i for i in result.instances if i.score >= threshold][: options.max_detections]
         return 1.0, (replace(probe, limit=options.max_detections), replace(result, instances=kept))
-
-    def input_warnings(self, image: Decoded) -> list[str]:
-        """What the answer says when the image is not what the model reads well."""
-        if self.contract.intensity == "percentile" and image.colour_spread > COLOUR_SPREAD_WARNING:
-            return [
-                "this image has colour (its channels differ) but the model reads one grey microscopy channel and "
-                "averaged them: for a fluorescence image, send the channel with the objects (channel=0, 1 or 2); "
-                "a photo is not what this model knows"
-            ]
-        return []
-
-    def density_warnings(self, done: Pass, result: PassResult) -> list[str]:
-        """A warning when the answer holds far more objects per input pixel than the model's training images."""
-        trained = self.metadata.object_density
-        if trained is None or not result.instances:
-            return []
-        height, width = done.image_size
-        input_megapixels = (
-            height * width * input_pixels_per_image_pixel(self.contract, (height, width), done.scale) ** 2 / 1e6
-        )
-        density = len(result.instances) / max(input_megapixels, 1e-9)
-        if density <= DENSITY_WARNING_FACTOR * trained:
-            return []
-        return [
-            f"{len(result.instances)} objects is {density / trained:.0f}x the density of the model's training "
-            "images: the image may not be what the model knows, or its objects are far smaller than it expects "
-            "(give their diameter)"
-        ]
-
-    def capacity_warnings(self, done: Pass, result: PassResult, options: SegmentOptions) -> list[str]:
-        """What the answer says when it may hold fewer instances than asked for or than the image holds."""
-        warnings = []
-        capacity = self.metadata.max_detections * len(done.inputs)
-        if options.max_detections is not None and options.max_detections > capacity:
-            warnings.append(
-                f"max_detections={options.max_detections} is more than this model returns for this image: at most "
-                f"{capacity} ({self.metadata.max_detections} per input, {len(done.inputs)} input(s))"
-            )
-        if result.saturated:
-            warnings.append(
-                f"the model returned its maximum of {self.metadata.max_detections} detections on "
-                f"{result.saturated} of {len(done.inputs)} input(s): the image may hold more objects than answered"
-            )
-        return warnings
 
 
 def advance(steps: Steps, result: PassResult | None) -> Pass | Segmentation:
