@@ -47,8 +47,12 @@ Scale = float | Literal["auto"]
 Outputs = dict[str, np.ndarray]
 # The score threshold of answers for models that record no recommended one (checkpoints trained before it).
 FALLBACK_SCORE_THRESHOLD = 0.3
-# The scale a caller gets without asking for one (or a diameter): the model's own.
-DEFAULT_SCALE: Scale = 1.0
+# The scale a caller gets without asking for one (or for a diameter): estimated per image for models that
+# record their training objects' size, so that an image from another microscope is right by default; the
+# model's own (OWN_SCALE) for models that record none.
+DEFAULT_SCALE: Scale = "auto"
+OWN_SCALE = 1.0
+DEFAULT_SCALE_HELP = "auto (the model's own scale, 1, for models that record no training object size)"
 # scale=auto keeps the model's own scale when the estimate lies within this factor of it (the estimate's noise
 # on images at the training magnification would otherwise cost accuracy and a second pass).
 AUTO_SNAP = 1.25
@@ -61,7 +65,7 @@ class SegmentOptions:
     score_threshold: float | None = None  # None: the model's recommended threshold
     max_detections: int | None = None  # at most this many instances (highest scores)
     mask_format: MaskFormat = "rle"
-    scale: Scale | None = None  # a factor on the model's own input size, or "auto"; None: DEFAULT_SCALE
+    scale: Scale | None = None  # a factor on the model's own input size, or "auto"; None: ``default_scale``
     diameter: float | None = None  # instead of a scale: the objects' diameter in image pixels
     channel: int | None = None  # microscopy models: the channel to segment (default: the channel rule)
     measure: bool = False  # per-instance measurements (area, centroid, ..., intensities of the original)
@@ -166,6 +170,12 @@ class ImagePipeline:
         return FALLBACK_SCORE_THRESHOLD if recommended is None else recommended
 
     @property
+    def default_scale(self) -> Scale:
+        """The scale of a request that asks for none (and no diameter): ``DEFAULT_SCALE`` where the model can
+        estimate one, else ``OWN_SCALE``."""
+        return DEFAULT_SCALE if self.contract.object_size is not None else OWN_SCALE
+
+    @property
     def expected_diameter(self) -> float | None:
         """The object diameter (image pixels) the model expects at its own scale, for size rules that do not
         depend on the image ("scale"); None otherwise or without a recorded object size."""
@@ -253,10 +263,10 @@ class ImagePipeline:
                 warnings.append(
                     f"diameter {options.diameter:g} px asks for a scale outside {SCALE_LIMITS}; {scale:g} used"
                 )
-        elif (options.scale or DEFAULT_SCALE) == "auto":
+        elif (options.scale or self.default_scale) == "auto":
             scale, probed = yield from self.auto_scale(image.rgb, options, threshold, warnings)
         else:
-            scale = float(options.scale or DEFAULT_SCALE)
+            scale = float(options.scale or self.default_scale)
         if probed is None:
             answering = self.plan(image.rgb, scale, options, threshold)
             result = yield answering

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from inference.cli import add_runtime_arguments, runtime_options
 from inference.decode import decode_image
 from inference.errors import InputError
-from inference.pipeline import DEFAULT_SCALE, SegmentOptions
+from inference.pipeline import DEFAULT_SCALE_HELP, SegmentOptions
 from inference.predictor import Predictor
 from inference.runtime import RuntimeOptions, default_cache_dir
 from model.input_contract import InputContract, scale_argument
@@ -132,8 +132,9 @@ class RemotePredictor:
         # How the model reads images, to draw the overlays on what it saw (a photo model's rule if not told).
         self.contract = InputContract.model_validate(meta["input"]) if meta.get("input") else PHOTO_CONTRACT
         self.channel = options.channel
-        self.params: dict[str, Any] = {"model": self.model, "scale": str(options.scale)}
+        self.params: dict[str, Any] = {"model": self.model}
         optional = {
+            "scale": options.scale,
             "score_threshold": options.score_threshold,
             "max_detections": options.max_detections,
             "channel": options.channel,
@@ -259,9 +260,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scale",
         type=scale_argument,
-        default=DEFAULT_SCALE,
+        default=None,
         help="a factor on the model's own input size (0.1-10; e.g. 0.5 for images at twice the training "
-        f"magnification) or 'auto' (default {DEFAULT_SCALE})",
+        f"magnification) or 'auto' (default {DEFAULT_SCALE_HELP})",
     )
     parser.add_argument(
         "--channel", type=int, default=None, help="microscopy models: the channel of a multi-channel image to segment"

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference.pipeline import DEFAULT_SCALE, SegmentOptions
+from inference.pipeline import DEFAULT_SCALE_HELP, SegmentOptions
 from model.input_contract import parse_scale
 from service.body import Body
 from service.kserve import model_metadata as describe
@@ -142,7 +142,7 @@ async def segment(
             description=(
                 f"a factor on the model's own input size, 0.1 to 10 (e.g. 0.5 for images at twice the training "
                 "magnification), or 'auto' to estimate it from a first pass (models that record their training "
-                f"object size); default {DEFAULT_SCALE}, unless a diameter is given"
+                f"object size); default {DEFAULT_SCALE_HELP}, unless a diameter is given"
             ),
             examples=["1", "0.5", "auto"],
         ),

@@ -63,8 +63,13 @@ def test_a_diameter_sets_the_scale_and_the_answer_says_what_it_applied(predictor
         pytest.approx(3.0),
         pytest.approx(12.0),
     )
-    own = predictor(data)
+    own = predictor(data, SegmentOptions(scale=1.0))
     assert (own.scale, own.resize_factor, own.diameter) == (1.0, pytest.approx(1.5), pytest.approx(24.0))
+    default = predictor(data)  # a model that records its objects' size estimates the scale when asked for none
+    assert (
+        predictor.pipeline.default_scale == "auto"
+        and default.scale == predictor(data, SegmentOptions(scale="auto")).scale
+    )
     assert predictor(data, SegmentOptions(scale=2.0)).diameter == pytest.approx(12.0)
     with pytest.raises(UnusableInput, match="not both"):
         predictor(data, SegmentOptions(scale=1.0, diameter=12.0))
@@ -118,7 +123,7 @@ def test_auto_keeps_the_model_scale_near_the_training_size_and_its_probe_is_the_
     saved["model"]["head.cls_logits.bias"] += 3.0
     save_checkpoint(saved, path)
     measuring = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=tmp_path)
-    boxes = np.array([i.box for i in measuring(tiff(field), SegmentOptions(score_threshold=0.3)).instances])
+    boxes = np.array([i.box for i in measuring(tiff(field), SegmentOptions(score_threshold=0.3, scale=1.0)).instances])
     median_side = float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
     saved["object_size"] = 1.1 * median_side * 1.5  # input pixels at the model's own scale, 1.5
     save_checkpoint(saved, path)

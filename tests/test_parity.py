@@ -52,7 +52,8 @@ def checkpoint(workdir: Path) -> Path:
     saved["model"]["head.cls_logits.bias"] += 3.0
     save_checkpoint(saved, path)
     predictor = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=workdir / "probe")
-    scores = [i.score for i in predictor(image_bytes(workdir, CASES[0]), SegmentOptions(score_threshold=0)).instances]
+    untiled = SegmentOptions(score_threshold=0, scale=1.0)
+    scores = [i.score for i in predictor(image_bytes(workdir, CASES[0]), untiled).instances]
     saved["recommended_score_threshold"] = float(np.median(scores))
     save_checkpoint(saved, path)
     return path

@@ -30,7 +30,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from inference.cli import add_runtime_arguments, runtime_options
-from inference.pipeline import DEFAULT_SCALE, Scale, SegmentOptions
+from inference.pipeline import DEFAULT_SCALE_HELP, Scale, SegmentOptions
 from inference.predictor import Predictor
 from inference.sizing import Bucket
 from inference.tiling import DEFAULT_TILE_OVERLAP
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         metavar="S|auto",
         help="a factor on the model's own input size (another magnification), or 'auto' to estimate it "
-        f"per image from a first pass (default: the service's default, {DEFAULT_SCALE})",
+        f"per image from a first pass (default: the service's, {DEFAULT_SCALE_HELP})",
     )
     parser.add_argument(
         "--tile-size",

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from inference.cli import add_runtime_arguments, runtime_options
-from inference.pipeline import DEFAULT_SCALE
+from inference.pipeline import DEFAULT_SCALE_HELP
 from inference.predictor import Predictor
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.input_contract import scale_argument
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument(
-        "--scale", type=scale_argument, default=None, metavar="S|auto", help=f"default: the service's ({DEFAULT_SCALE})"
+        "--scale",
+        type=scale_argument,
+        default=None,
+        metavar="S|auto",
+        help=f"default: the service's, {DEFAULT_SCALE_HELP}",
     )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="where the .pt is exported (default: the service's)"
