@@ -7,7 +7,8 @@ bundled model, zoomed on part of the field (``docs/page.png``).
 
 Without ``--url`` it starts ``python -m service`` on the bundled models (on a free loopback port; exporting them
 first if the cache holds no graph) and stops it afterwards. The page is driven as a person drives it: the model
-chosen, the file chosen, the wheel turned over the field until the view shows ``--zoom`` percent at ``--at``.
+chosen, the file chosen, the wheel turned over image point ``--at`` until one image pixel spans ``--zoom`` screen
+pixels.
 It prints what the page says (instances, the scale it ran at, warnings). Needs Debian's ``chromium`` and
 ``chromium-driver`` and selenium (the test extra), as the browser tests do.
 """

@@ -223,6 +223,7 @@ def environment_names() -> set[str]:
     return names | {f"ONESTAGE_RUNTIME__{name.upper()}" for name in RuntimeOptions.model_fields}
 
 
-def load_settings(argv: list[str] | None) -> Settings:
-    """Settings from the environment and ``argv`` (None: no CLI parsing, environment and defaults only)."""
-    return Settings(_cli_parse_args=argv) if argv is not None else Settings()
+def load_settings(argv: list[str] | None, prog: str = "python -m service") -> Settings:
+    """Settings from the environment and ``argv`` (None: no CLI parsing, environment and defaults only); ``prog``
+    is the command ``--help`` names."""
+    return Settings(_cli_parse_args=argv, _cli_prog_name=prog) if argv is not None else Settings()
