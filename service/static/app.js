@@ -328,7 +328,8 @@ function startPage() {
 
   // ---------------------------------------------------------------- object size
   // auto and a diameter need a model that records its training object size (the API answers 422 otherwise);
-  // `prefill` puts the model's own value in the number field (its expected diameter, or scale 1).
+  // `prefill` (a new size option chosen) puts the model's own value in the number field (its expected
+  // diameter, or scale 1).
   function updateSizeControls(prefill) {
     const model = state.models.get(el.model.value);
     const sized = model?.input?.object_size != null;
@@ -931,7 +932,7 @@ function startPage() {
   });
   el.model.addEventListener("change", () => {
     followRecommendedThreshold();
-    updateSizeControls(true);
+    updateSizeControls(false); // a diameter typed is the image's, whichever model reads it
     loadDisplay();
     segmentSoon();
   });
