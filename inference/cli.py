@@ -9,6 +9,12 @@ from typing import get_args
 from inference.predictor import in_process_options
 from inference.runtime import EngineChoice, PrecisionChoice, RuntimeOptions
 
+# The help of the tools' ``--cache-dir`` (``inference.runtime.default_cache_dir`` when not given).
+CACHE_DIR_HELP = (
+    "where a .pt checkpoint is exported to ONNX (default: $XDG_CACHE_HOME/onestage, else ~/.cache/onestage: the "
+    "service's default cache_dir)"
+)
+
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, default_engine: str = "auto") -> None:
     """``--runtime``, ``--precision`` and ``--threads``, with help texts that say what ``auto`` picks."""

@@ -1,8 +1,8 @@
 """Every way a request can fail, mapped to its HTTP status and failure-metric reason in one place.
 
 The request steps raise what they know (the pipeline's ``inference.errors``, the batcher's ``QueueFull`` and
-``BackendError``, a passed deadline); ``service_error`` turns each into a ``ServiceError``, and the service
-answers it as JSON ``{"error": ...}``.
+``BackendError``, a passed deadline, a label image too large for its file format); ``service_error`` turns
+each into a ``ServiceError``, and the service answers it as JSON ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from inference.errors import CorruptImage, ImageTooLarge, InputError, UnsupportedImage, UnusableInput
 from service.batcher import BackendError, QueueFull
+from service.render import LabelOverflow
 
 # HTTP status of each kind of refused input.
 INPUT_STATUS: dict[type[InputError], int] = {
@@ -43,6 +44,8 @@ def service_error(error: Exception, retry_after_s: int) -> ServiceError | None:
         return error
     if isinstance(error, InputError):
         return ServiceError(INPUT_STATUS.get(type(error), 422), str(error), "bad_input")
+    if isinstance(error, LabelOverflow):
+        return ServiceError(422, str(error), "bad_input")
     if isinstance(error, QueueFull):
         return ServiceError(503, str(error), "rejected", {"Retry-After": str(retry_after_s)})
     if isinstance(error, DeadlinePassed):

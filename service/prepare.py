@@ -21,7 +21,7 @@ log = logging.getLogger("service.prepare")
 
 
 def main(argv: list[str]) -> int:
-    settings = load_settings(argv)
+    settings = load_settings(argv, prog="python -m service.prepare")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed = []
     for spec in settings.models:

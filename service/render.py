@@ -1,25 +1,28 @@
-"""Pictures of a segmentation answer: the image with its instances drawn (overlay) and a 16-bit label image.
+"""Pictures of a segmentation answer: the image with its instances drawn (overlay) and a label image; and
+the image as the model reads it, for display.
 
-Both take the answer as the API gives it (`SegmentResponse`: instances in descending score order with COCO
-RLE masks of the original image size), so the service (`render=overlay`, `mask_format=label`) and
-`python -m service.predict` draw exactly the same pictures. Masks are decoded one at a time with
-pycocotools, outlines traced with OpenCV, and PNGs written by OpenCV.
+The overlay and the label image take the answer as the API gives it (`SegmentResponse`: instances in
+descending score order with COCO RLE masks of the original image size), so the service (`render=overlay`,
+`mask_format=label`) and `python -m service.predict` draw exactly the same pictures. Masks are decoded one
+at a time with pycocotools, outlines traced with OpenCV, PNGs written by OpenCV and TIFFs by tifffile.
 
-Label image: uint16 [H, W], 0 background, instance i (1-based, in the answer's order) has value i; where
-masks overlap, the higher-scoring instance (the lower value) keeps the pixel. napari, Fiji and scikit-image
-read the PNG as-is.
+Label image: [H, W], 0 background, instance i (1-based, in the answer's order) has value i; where masks
+overlap, the higher-scoring instance (the lower value) keeps the pixel. uint16 up to 65535 instances, uint32
+beyond (TIFF only: PNG holds at most 16 bits). napari, Fiji and scikit-image read either file as-is.
 """
 
 from __future__ import annotations
 
 import colorsys
+import io
 from collections.abc import Iterator
 
 import cv2
 import numpy as np
+import tifffile
 from pycocotools import mask as mask_utils
 
-from service.schemas import RLE, SegmentResponse
+from service.schemas import RLE, LabelFormat, SegmentResponse
 
 # Instance i's hue is frac(i * golden ratio): neighbours in score order get distant hues. The page
 # (service/static/app.js, `instanceColour`) uses the same rule, so its colours match the overlay PNG.
@@ -27,8 +30,16 @@ GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 COLOUR_SATURATION = 0.85
 COLOUR_VALUE = 0.95
 FILL_ALPHA = 0.4  # weight of the instance colour in a filled mask pixel
-MAX_LABEL = np.iinfo(np.uint16).max
+MAX_UINT16_LABEL = int(np.iinfo(np.uint16).max)
 PNG_COMPRESSION = 3  # zlib level: near the smallest files at a fraction of level 9's time
+# Label files by format: media type and file suffix. TIFFs are deflate-compressed (label images are mostly
+# runs; Python's zlib writes them, no codec package needed) and read by Fiji, napari and scikit-image.
+LABEL_MEDIA_TYPES: dict[LabelFormat, str] = {"png": "image/png", "tiff": "image/tiff"}
+LABEL_SUFFIXES: dict[LabelFormat, str] = {"png": ".png", "tiff": ".tif"}
+
+
+class LabelOverflow(ValueError):
+    """More instances than the asked label file format holds (a 16-bit PNG above 65535)."""
 
 
 def instance_colours(count: int) -> np.ndarray:
@@ -51,10 +62,10 @@ def _masks(answer: SegmentResponse) -> Iterator[tuple[int, tuple[int, int], np.n
 
 
 def _paint(answer: SegmentResponse, trace: bool) -> tuple[np.ndarray, list[tuple[int, list[np.ndarray]]]]:
-    """The label image of `answer`'s RLE masks and, if `trace`, each mask's outer contours (image pixels)."""
-    if len(answer.instances) > MAX_LABEL:
-        raise ValueError(f"{len(answer.instances)} instances do not fit a 16-bit label image (at most {MAX_LABEL})")
-    labels = np.zeros((answer.height, answer.width), dtype=np.uint16)
+    """The label image of `answer`'s RLE masks (uint16, or uint32 above 65535 instances) and, if `trace`, each
+    mask's outer contours (image pixels)."""
+    dtype = np.uint16 if len(answer.instances) <= MAX_UINT16_LABEL else np.uint32
+    labels = np.zeros((answer.height, answer.width), dtype=dtype)
     contours: list[tuple[int, list[np.ndarray]]] = []
     for index, (x, y), mask in _masks(answer):
         region = labels[y : y + mask.shape[0], x : x + mask.shape[1]]  # a view: painting it paints `labels`
@@ -66,8 +77,8 @@ def _paint(answer: SegmentResponse, trace: bool) -> tuple[np.ndarray, list[tuple
 
 
 def label_image(answer: SegmentResponse) -> np.ndarray:
-    """[H, W] uint16: 0 background, instance i (1-based, answer order) = i; the higher score wins overlaps.
-    Raises ValueError when an instance has no RLE mask or there are more instances than uint16 holds."""
+    """[H, W] uint16 (uint32 above 65535 instances): 0 background, instance i (1-based, answer order) = i; the
+    higher score wins overlaps. Raises ValueError when an instance has no RLE mask."""
     if any(not isinstance(i.segmentation, RLE) for i in answer.instances):
         raise ValueError("a label image needs every instance's RLE mask")
     return _paint(answer, trace=False)[0]
@@ -98,6 +109,30 @@ def overlay_image(image: np.ndarray, answer: SegmentResponse, *, fill: bool = Tr
                 out, (round(x), round(y)), (round(x + w) - 1, round(y + h) - 1), colours[index].tolist(), thickness
             )
     return out
+
+
+def label_bytes(labels: np.ndarray, label_format: LabelFormat) -> bytes:
+    """A label image (``label_image``) as a PNG or TIFF file of its own integer type; ``LabelOverflow`` for a
+    uint32 image as PNG."""
+    if label_format == "tiff":
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, labels, compression="zlib")
+        return buffer.getvalue()
+    if labels.dtype != np.uint16:
+        raise LabelOverflow(
+            f"more than {MAX_UINT16_LABEL} instances do not fit a 16-bit PNG label image: ask for a TIFF "
+            "(label_format=tiff), which holds 32 bits"
+        )
+    return png_bytes(labels)
+
+
+def display_image(rgb: np.ndarray) -> np.ndarray:
+    """The image as the model reads it (``[H, W, 3]`` uint8), for display under the masks: one grey channel
+    where R, G and B are equal (the microscopy rule's grey: a third of the PNG), else the RGB itself."""
+    grey = rgb[..., 0]
+    if np.array_equal(grey, rgb[..., 1]) and np.array_equal(grey, rgb[..., 2]):
+        return np.ascontiguousarray(grey)
+    return rgb
 
 
 def png_bytes(array: np.ndarray) -> bytes:

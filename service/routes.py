@@ -1,4 +1,5 @@
-"""The HTTP routes: ``POST /segment``, KServe v2 health and model metadata, ``/models`` and ``/metrics``.
+"""The HTTP routes: ``POST /segment``, ``POST /display``, KServe v2 health and model metadata, ``/models`` and
+``/metrics``.
 
 Every route gets the app's ``SegmentService`` through the ``get_service`` dependency (FastAPI ``Depends``);
 the routes only parse parameters and shape answers, the service does the work. Three routers, so that the
@@ -24,6 +25,7 @@ from service.models import ModelEntry
 from service.schemas import (
     AnswerMaskFormat,
     ErrorResponse,
+    LabelFormat,
     Liveness,
     ModelList,
     ModelMetadata,
@@ -41,8 +43,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "body over max_body_bytes, or image over max_image_pixels",
         415: "not a JPEG, PNG, WebP, BMP or TIFF image",
-        422: "invalid query parameter, render=overlay with mask_format polygon or label, scale=auto for a model "
-        "without a recorded object size, or pixels the model cannot read (a stack, a missing channel)",
+        422: "invalid query parameter, render=overlay with mask_format polygon or label, label_format without "
+        "mask_format=label, scale=auto or a diameter for a model without a recorded object size, scale and "
+        "diameter together, or pixels the model cannot read (a stack, a missing channel)",
         500: "the runtime failed",
         503: "queue full or model not ready (see Retry-After)",
         504: "the request waited past its deadline",
@@ -65,14 +68,23 @@ SEGMENT_BODY = {
 SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "JSON (default); with `render=overlay` the image with the instances drawn (PNG, 8-bit "
-        "RGB); with `mask_format=label` a 16-bit greyscale label PNG (0 background, instance i = i in score order, "
-        "the higher score keeps overlapping pixels). PNG answers carry the instance count in `X-Instances`.",
-        "content": {"image/png": IMAGE_BODY},
+        "RGB); with `mask_format=label` a greyscale label image (0 background, instance i = i in score order, the "
+        "higher score keeps overlapping pixels): a 16-bit PNG, or with `label_format=tiff` a TIFF (16-bit, 32-bit "
+        "above 65535 instances). Picture answers carry the instance count in `X-Instances`.",
+        "content": {"image/png": IMAGE_BODY, "image/tiff": IMAGE_BODY},
         "headers": {
-            "X-Instances": {"description": "number of instances drawn (PNG answers)", "schema": {"type": "integer"}}
+            "X-Instances": {"description": "number of instances (picture answers)", "schema": {"type": "integer"}}
         },
     },
     **ERROR_RESPONSES,
+}
+DISPLAY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the image as the model reads it, at its own size: an 8-bit PNG, grey for microscopy "
+        "models (their percentile and channel rule), RGB for photo models",
+        "content": {"image/png": IMAGE_BODY},
+    },
+    **{status: ERROR_RESPONSES[status] for status in (400, 401, 404, 413, 415, 422, 503)},
 }
 
 router = APIRouter()  # open: health and readiness probes
@@ -99,6 +111,18 @@ def entry_or_404(service: Service, name: str) -> ModelEntry:
 Entry = Annotated[ModelEntry, Depends(entry_or_404)]
 
 
+ModelQuery = Annotated[str | None, Query(description="model name (GET /models); default: the first configured")]
+ChannelQuery = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=3,
+        description="microscopy models: the channel of a multi-channel image to segment "
+        "(default: the mean of its colour channels)",
+    ),
+]
+
+
 def scale_query(text: str | None) -> float | Literal["auto"] | None:
     """The ``scale`` query parameter (``parse_scale``); a 422 that says why for anything else."""
     if text is None:
@@ -113,7 +137,7 @@ def scale_query(text: str | None) -> float | Literal["auto"] | None:
 async def segment(
     body: Body,
     service: Service,
-    model: Annotated[str | None, Query(description="model name (GET /models); default: the first configured")] = None,
+    model: ModelQuery = None,
     score_threshold: Annotated[
         float | None,
         Query(
@@ -128,8 +152,15 @@ async def segment(
     ] = None,
     mask_format: Annotated[
         AnswerMaskFormat,
-        Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a 16-bit label PNG)"),
+        Query(description="rle (COCO compressed), polygon, none (boxes only), or label (answer a label image)"),
     ] = "rle",
+    label_format: Annotated[
+        LabelFormat,
+        Query(
+            description="with mask_format=label: png (16-bit) or tiff (16-bit, 32-bit above 65535 instances), "
+            "both read by Fiji, napari and scikit-image"
+        ),
+    ] = "png",
     timeout_ms: Annotated[
         float | None, Query(gt=0, description="a deadline shorter than the server's request_timeout_s")
     ] = None,
@@ -163,15 +194,7 @@ async def segment(
             "max intensity of the original image"
         ),
     ] = False,
-    channel: Annotated[
-        int | None,
-        Query(
-            ge=0,
-            le=3,
-            description="microscopy models: the channel of a multi-channel image to segment "
-            "(default: the mean of its colour channels)",
-        ),
-    ] = None,
+    channel: ChannelQuery = None,
 ) -> Response:
     """Segment one image: instances with boxes, scores, categories and masks in original image pixels, as
     JSON, as a label image or drawn over the image."""
@@ -186,7 +209,16 @@ async def segment(
         channel=channel,
         measure=measure,
     )
-    return await service.segment(body, model, SegmentRequest(options, mask_format, timeout_s, render))
+    request = SegmentRequest(options, mask_format, timeout_s, render, label_format)
+    return await service.segment(body, model, request)
+
+
+@protected.post("/display", response_class=Response, responses=DISPLAY_RESPONSES, openapi_extra=SEGMENT_BODY)
+async def display(body: Body, service: Service, model: ModelQuery = None, channel: ChannelQuery = None) -> Response:
+    """The image as the model reads it (its intensity rule: a raw 16-bit, 12-bit or float microscopy field
+    stretched by its percentiles; its channel rule; EXIF orientation), as an 8-bit PNG at the image's own size,
+    so that a page can draw what the model saw under the masks `POST /segment` answers. Nothing is segmented."""
+    return await service.display(body, model, channel)
 
 
 @router.get("/v2/health/live", response_model=Liveness)

@@ -14,8 +14,10 @@ from model.finishing import Instance as FinishedInstance
 from model.input_contract import InputContract
 from model.mask_contract import MaskFormat
 
-# The forms of an answer's masks: the finishing formats, or "label" (a 16-bit label PNG instead of JSON).
+# The forms of an answer's masks: the finishing formats, or "label" (a label image instead of JSON).
 AnswerMaskFormat = Literal[MaskFormat, "label"]
+# The file a label image comes as: a 16-bit PNG, or a TIFF (16-bit, or 32-bit above 65535 instances).
+LabelFormat = Literal["png", "tiff"]
 Render = Literal["json", "overlay"]
 
 

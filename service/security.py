@@ -70,8 +70,8 @@ class Authenticator:
         """One line at start: open (a warning) or how many keys guard what (never the keys)."""
         if self.store is None:
             log.warning(
-                "no API keys configured: /segment and the model metadata are open to every client that can reach "
-                "port %d (set ONESTAGE_API_KEYS_FILE to require keys)",
+                "no API keys configured: /segment, /display and the model metadata are open to every client that can "
+                "reach port %d (set ONESTAGE_API_KEYS_FILE to require keys)",
                 settings.port,
             )
             return
@@ -81,7 +81,7 @@ class Authenticator:
             self.metrics.key_requests(name)
         metrics = "needs a key too" if settings.metrics_require_key else "stays open"
         log.info(
-            "API keys required on /segment, /models and /v2/models/{name}: %d keys (%d named); /metrics %s",
+            "API keys required on /segment, /display, /models and /v2/models/{name}: %d keys (%d named); /metrics %s",
             len(keys),
             len(named),
             metrics,

@@ -3,9 +3,11 @@
 A segmentation request goes through small named steps (as LitServe names them): ``resolve`` the model ->
 admit it (a slot in the model's queue, before its body is read) -> read the body (``service.body``) -> the
 model's worker (``service.worker``: decode, the pipeline's passes through the dynamic batcher, finish) ->
-``encode`` (JSON; or, in a worker thread, a PNG from ``service.render``: the label image, or the decoded image
-drawn with its instances). Every failure is mapped to its status once (``service.errors``) and answered as
-JSON ``{"error": ...}`` with a ``reason`` in the failure metric; no input can take down the process.
+``encode`` (JSON; or, in a worker thread, a picture from ``service.render``: the label image as PNG or TIFF,
+or the decoded image drawn with its instances). ``display`` answers the image as the model reads it, for the
+page to draw under the masks. Every failure is mapped to its status once (``service.errors``) and answered
+as JSON ``{"error": ...}`` (with a ``reason`` in the failure metric for segmentations); no input can take
+down the process.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from service.body import ImageBody
 from service.errors import ServiceError, error_response, service_error
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import ModelRegistry
-from service.render import label_image, overlay_image, png_bytes
-from service.schemas import AnswerMaskFormat, Render, SegmentResponse
+from service.render import LABEL_MEDIA_TYPES, display_image, label_bytes, label_image, overlay_image, png_bytes
+from service.schemas import AnswerMaskFormat, LabelFormat, Render, SegmentResponse
 from service.settings import Settings
 from service.worker import ModelWorker
 
@@ -40,9 +42,10 @@ class SegmentRequest:
     """One ``POST /segment``: what to segment (the pipeline's options) and how to answer."""
 
     options: SegmentOptions
-    answer_format: AnswerMaskFormat  # the pipeline's mask formats, or "label" (a label PNG, painted from RLE)
+    answer_format: AnswerMaskFormat  # the pipeline's mask formats, or "label" (a label image, painted from RLE)
     timeout_s: float
     render: Render = "json"
+    label_format: LabelFormat = "png"  # the label image's file (mask_format=label)
 
     @property
     def picture(self) -> bool:
@@ -56,6 +59,8 @@ class SegmentRequest:
                 "render=overlay draws the masks (mask_format=rle, the default) or the boxes (mask_format=none) on "
                 f"the image; mask_format={self.answer_format} cannot be drawn: leave render=json for it"
             )
+        if self.label_format != "png" and self.answer_format != "label":
+            return f"label_format={self.label_format} is the file of a label image: ask for it with mask_format=label"
         return None
 
 
@@ -129,15 +134,48 @@ class SegmentService:
         return entry.worker
 
     def encode(self, answer: SegmentResponse, request: SegmentRequest, image: np.ndarray) -> Response:
-        """The answer as JSON, as the label PNG (mask_format=label) or drawn over the decoded image (the
-        8-bit RGB the model read, before resizing; render=overlay)."""
+        """The answer as JSON, as the label image (mask_format=label, a PNG or TIFF file) or drawn over the
+        decoded image (the 8-bit RGB the model read, before resizing; render=overlay, PNG)."""
+        count = {"X-Instances": str(len(answer.instances))}
         if request.answer_format == "label":
-            picture = label_image(answer)
-        elif request.render == "overlay":
-            picture = overlay_image(image, answer)
-        else:
-            return Response(answer.model_dump_json(), media_type="application/json")
-        return Response(png_bytes(picture), media_type="image/png", headers={"X-Instances": str(len(answer.instances))})
+            data = label_bytes(label_image(answer), request.label_format)
+            return Response(data, media_type=LABEL_MEDIA_TYPES[request.label_format], headers=count)
+        if request.render == "overlay":
+            return Response(png_bytes(overlay_image(image, answer)), media_type="image/png", headers=count)
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    def failure(self, raised: Exception, label: str | None) -> tuple[int, Response]:
+        """The status and JSON answer of a failed request; counted under ``label`` in the failure metric
+        unless None (requests outside the segmentation metrics)."""
+        error = service_error(raised, self.settings.retry_after_s)
+        if error is None:
+            log.exception("unexpected failure on a %s request", label or "display")
+            error = ServiceError(500, "internal server error", "backend")
+        if label is not None:
+            self.metrics.fail(label, error.reason)
+        return error.status, error_response(error.status, error.message, error.headers)
+
+    async def display(self, body: ImageBody, model_name: str | None, channel: int | None) -> Response:
+        """The image as model ``model_name`` reads it (its intensity and channel rules, EXIF orientation
+        applied, not resized) as a PNG: grey for the microscopy rule, else RGB (``service.render``). Admitted
+        as a segmentation is (a slot in the model's queue while the body is read and decoded, so a burst is
+        refused with 503 instead of buffering bodies); not counted in the segmentation metrics."""
+        try:
+            worker = self.resolve(model_name)
+            request_log.note_model(worker.name)
+            slot = worker.reserve()
+            try:
+                data = await body.read()
+
+                def rendition() -> bytes:
+                    return png_bytes(display_image(worker.pipeline.decode(data, channel).rgb))
+
+                picture = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, rendition)
+            finally:
+                slot.release()
+            return Response(picture, media_type="image/png")
+        except Exception as raised:
+            return self.failure(raised, None)[1]
 
     async def segment(self, body: ImageBody, model_name: str | None, request: SegmentRequest) -> Response:
         arrived = time.perf_counter()
@@ -170,13 +208,7 @@ class SegmentService:
             status = 200
             return response
         except Exception as raised:
-            error = service_error(raised, self.settings.retry_after_s)
-            if error is None:
-                log.exception("unexpected failure on a %s request", label)
-                self.metrics.fail(label, "backend")
-                return error_response(500, "internal server error")
-            status = error.status
-            self.metrics.fail(label, error.reason)
-            return error_response(error.status, error.message, error.headers)
+            status, response = self.failure(raised, label)
+            return response
         finally:
             self.metrics.request_duration.labels(label, str(status)).observe(time.perf_counter() - arrived)

@@ -68,8 +68,13 @@ def bundled_models() -> list[ModelSpec]:
 
 
 def _spare_cores() -> int:
-    """The cores onnxruntime's default thread count (half of them) leaves to the request threads."""
+    """Threads for the request steps around inference (decode, finishing): half the usable cores, rounded up."""
     return max(usable_cores() - usable_cores() // 2, 1)
+
+
+def _finishing_threads() -> int:
+    """Threads that may share one image's mask finishing: ``_spare_cores``, at most 4."""
+    return min(_spare_cores(), 4)
 
 
 class Settings(BaseSettings):
@@ -133,14 +138,14 @@ class Settings(BaseSettings):
     cpu_workers: int = Field(
         default_factory=_spare_cores,
         ge=1,
-        description="threads for decoding and mask finishing (default: the cores onnxruntime leaves)",
+        description="threads for decoding and mask finishing (default: half the usable cores, rounded up)",
     )
     finishing_threads: int = Field(
-        default_factory=lambda: min(_spare_cores(), 4),
+        default_factory=_finishing_threads,
         ge=1,
         le=64,
         description="threads that may share one image's mask finishing: its request thread plus helpers from a "
-        "pool the process shares (default: the cores onnxruntime leaves, at most 4)",
+        "pool the process shares (default: half the usable cores, rounded up, at most 4)",
     )
     warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
@@ -159,7 +164,7 @@ class Settings(BaseSettings):
         None,
         description="file of accepted API keys, one '[name:]key' or '[name:]sha256:<hex>' a line "
         "(python -m service.keys), "
-        "re-read when it changes and on SIGHUP; with any key set, /segment and the model metadata need "
+        "re-read when it changes and on SIGHUP; with any key set, /segment, /display and the model metadata need "
         "'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
     )
     api_keys: SecretStr = Field(
@@ -218,6 +223,7 @@ def environment_names() -> set[str]:
     return names | {f"ONESTAGE_RUNTIME__{name.upper()}" for name in RuntimeOptions.model_fields}
 
 
-def load_settings(argv: list[str] | None) -> Settings:
-    """Settings from the environment and ``argv`` (None: no CLI parsing, environment and defaults only)."""
-    return Settings(_cli_parse_args=argv) if argv is not None else Settings()
+def load_settings(argv: list[str] | None, prog: str = "python -m service") -> Settings:
+    """Settings from the environment and ``argv`` (None: no CLI parsing, environment and defaults only); ``prog``
+    is the command ``--help`` names."""
+    return Settings(_cli_parse_args=argv, _cli_prog_name=prog) if argv is not None else Settings()

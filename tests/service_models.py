@@ -14,13 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 from model.detector import OneStageDetector
 
 CLASS_NAMES = ["cell", "nucleus", "debris"]
 CATEGORY_IDS = [3, 5, 9]  # non-contiguous dataset ids, so responses must map class indices
 SCORE_LOGIT = float(np.log(0.05 / 0.95))  # the head's default score threshold as a logit
+# The microscopy input contract of the bundled recipes (percentile intensity, the scale size rule), at scale 1.
+MICROSCOPY = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile")
+CONFIDENT_LOGIT_SHIFT = 3.0  # lifts the random head's scores to about 0.5 and up, as a trained model's
 
 
 def tiny_detector(method: str, *, seed: int = 0, extra: tuple[str, ...] = ()) -> tuple[OneStageDetector, Config]:
@@ -102,4 +105,15 @@ def tiny_checkpoint(
         },
         path,
     )
+    return path
+
+
+def microscopy_checkpoint(method: str, path: Path, *, object_size: float) -> Path:
+    """A tiny `method` checkpoint with the microscopy contract that records its training objects' size
+    (`object_size`, input pixels) and scores confidently (about 0.5 and up, as a trained model), so that
+    scale=auto has objects to measure and a diameter sets the scale."""
+    tiny_checkpoint(method, path, extra=MICROSCOPY, object_size=object_size)
+    confident = load_checkpoint(path)
+    confident["model"]["head.cls_logits.bias"] += CONFIDENT_LOGIT_SHIFT
+    save_checkpoint(confident, path)
     return path

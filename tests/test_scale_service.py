@@ -1,6 +1,7 @@
 """The input contract over HTTP: a microscopy model reads raw 16-bit files by its percentile rule, runs them at
 native scale (or the caller's scale, or one estimated with scale=auto) and answers exactly what the in-process
-Predictor (evaluation's and the predict CLI's) computes; unusable scales and channels get a 4xx that says why."""
+Predictor (evaluation's and the predict CLI's) computes; unusable scales and channels get a 4xx that says why;
+``POST /display`` shows a person exactly the image the model reads."""
 
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from export.runtimes import OnnxRuntime
+from inference.decode import decode_image
 from inference.pipeline import SegmentOptions
 from inference.predictor import Predictor
 from inference.runtime import cached_name
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.input_contract import InputContract
 from model.intensity import stretch_to_uint8
 from service.launcher import ServiceProcess
-from tests.service_models import tiny_checkpoint
+from tests.service_models import microscopy_checkpoint, tiny_checkpoint
 from training.nucleus import HELA_IMAGES, resource
 
-MICROSCOPY = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile")
 MAX_PIXELS = 400_000
 OBJECT_SIZE = 12.0  # the tiny model's boxes are ~3 strides wide: about 24 px, so auto asks for ~0.5
 
@@ -42,13 +43,9 @@ def field() -> np.ndarray:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, dict[str, Path]]]:
     workdir = tmp_path_factory.mktemp("scale_service")
     checkpoints = {
-        "cells": tiny_checkpoint("embedmask", workdir / "cells.pt", extra=MICROSCOPY, object_size=OBJECT_SIZE),
+        "cells": microscopy_checkpoint("embedmask", workdir / "cells.pt", object_size=OBJECT_SIZE),
         "photos": tiny_checkpoint("meinst", workdir / "photos.pt"),
     }
-    # Confident detections (scores about 0.5 and up), as a trained model's, so that scale=auto has objects to measure.
-    confident = load_checkpoint(checkpoints["cells"])
-    confident["model"]["head.cls_logits.bias"] += 3.0
-    save_checkpoint(confident, checkpoints["cells"])
     models = [{"name": name, "path": str(path)} for name, path in checkpoints.items()]
     process = ServiceProcess(
         [
@@ -204,3 +201,60 @@ def test_a_diameter_and_measurements_over_http(server, field: np.ndarray) -> Non
     assert both.status_code == 422 and "not both" in both.json()["error"]
     photo = post(process.url, tiff(field), model="photos", diameter="24")
     assert photo.status_code == 422 and "training object size" in photo.json()["error"]
+
+
+def display(url: str, data: bytes, **params: object) -> httpx.Response:
+    return httpx.post(
+        f"{url}/display", content=data, headers={"Content-Type": "image/tiff"}, params=params, timeout=120
+    )
+
+
+def test_display_is_the_image_the_model_reads_for_every_encoding(server, field: np.ndarray) -> None:
+    """What the page draws under the masks: a raw 16-bit field, a 12-bit signal in 16 bits, a float TIFF, an
+    8-bit PNG and a two-channel ImageJ stack with its channel, each exactly the model's 8-bit view
+    (``decode_image`` by the model's advertised contract), visibly stretched rather than black or flat."""
+    process, _ = server
+    contract = InputContract.model_validate(httpx.get(f"{process.url}/v2/models/cells").json()["input"])
+    png = io.BytesIO()
+    Image.fromarray(stretch_to_uint8(field, 1.0, 99.8)).save(png, format="PNG")
+    twelve_bit = ((field.astype(np.int64) - field.min()) * 4095 // np.ptp(field)).astype(np.uint16)
+    stack = np.stack([np.random.default_rng(0).integers(0, 60000, field.shape, dtype=np.uint16), field])
+    cases: dict[str, tuple[bytes, int | None]] = {
+        "raw 16-bit TIFF": (tiff(field), None),
+        "12-bit in 16 TIFF": (tiff(twelve_bit), None),
+        "float TIFF": (tiff(field.astype(np.float32) / 65535), None),
+        "8-bit PNG": (png.getvalue(), None),
+        "2-channel TIFF, channel 1": (tiff(stack, photometric="minisblack"), 1),
+    }
+    shown = {}
+    for name, (data, channel) in cases.items():
+        params = {"model": "cells"} | ({} if channel is None else {"channel": channel})
+        response = display(process.url, data, **params)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png", name
+        with Image.open(io.BytesIO(response.content)) as opened:
+            assert opened.mode == "L", name  # grey: the microscopy rule's one channel
+            shown[name] = np.asarray(opened).astype(np.int64)
+        expected = decode_image(data, contract, channel).rgb
+        assert np.array_equal(np.repeat(shown[name][..., None], 3, axis=2), expected), name
+        assert shown[name].shape == field.shape, name
+        assert np.percentile(shown[name], 99) - np.percentile(shown[name], 1) > 200, name  # stretched, not flat
+    for name in cases:  # one field, one picture, whatever its encoding (a grey level or two apart)
+        assert np.abs(shown[name] - shown["raw 16-bit TIFF"]).mean() < 2, name
+
+
+def test_display_of_a_photo_model_is_rgb_and_refusals_say_why(server, field: np.ndarray) -> None:
+    process, _ = server
+    colour = np.zeros((40, 50, 3), np.uint8)
+    colour[..., 0], colour[..., 2] = 200, 30
+    png = io.BytesIO()
+    Image.fromarray(colour).save(png, format="PNG")
+    shown = display(process.url, png.getvalue(), model="photos")
+    assert shown.status_code == 200
+    with Image.open(io.BytesIO(shown.content)) as opened:
+        assert opened.mode == "RGB" and np.array_equal(np.asarray(opened), colour)
+    text = display(process.url, b"not an image at all")
+    assert text.status_code == 415 and "not a supported image" in text.json()["error"]
+    missing = display(process.url, tiff(field), model="cells", channel=2)
+    assert missing.status_code == 422 and "channel 2" in missing.json()["error"]
+    unknown = display(process.url, tiff(field), model="nobody")
+    assert unknown.status_code == 404 and "nobody" in unknown.json()["error"]

@@ -290,6 +290,19 @@ def test_segment_needs_a_key_in_either_header(guarded: ServiceProcess) -> None:
     assert OPEN_WARNING not in guarded.log()
 
 
+def test_display_needs_a_key_too(guarded: ServiceProcess) -> None:
+    """The page's picture of the image is the image: no key, no picture."""
+
+    def display(headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(
+            f"{guarded.url}/display", content=PHOTO.read_bytes(), headers={"Content-Type": "image/jpeg", **headers}
+        )
+
+    assert_unauthorized(display({}))
+    shown = display({"X-API-Key": PLAIN_KEY})
+    assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+
+
 def test_model_metadata_needs_a_key_and_health_metrics_docs_stay_open(guarded: ServiceProcess) -> None:
     for path in ("/models", "/v2/models/meinst", "/v2/models/unknown"):
         assert_unauthorized(httpx.get(f"{guarded.url}{path}"))  # no key: not even whether a model exists
@@ -317,7 +330,7 @@ def test_openapi_documents_bearer_and_api_key_on_the_protected_routes(guarded: S
     schemes = schema["components"]["securitySchemes"]
     assert schemes["bearer"] == {"type": "http", "scheme": "bearer", "description": schemes["bearer"]["description"]}
     assert (schemes["apiKey"]["in"], schemes["apiKey"]["name"]) == ("header", "X-API-Key")
-    for path, method in (("/segment", "post"), ("/models", "get"), ("/v2/models/{name}", "get")):
+    for path, method in (("/segment", "post"), ("/display", "post"), ("/models", "get"), ("/v2/models/{name}", "get")):
         assert schema["paths"][path][method]["security"] == [{"bearer": []}, {"apiKey": []}], path
     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready", "/metrics"):
         assert "security" not in schema["paths"][path]["get"], path

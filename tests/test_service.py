@@ -339,6 +339,7 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
         "score_threshold",
         "max_detections",
         "mask_format",
+        "label_format",
         "timeout_ms",
         "render",
         "scale",
@@ -346,6 +347,9 @@ def test_health_models_metadata_and_docs(server: ServiceProcess) -> None:
         "channel",
         "measure",
     }
+    display = httpx.get(f"{url}/openapi.json").json()["paths"]["/display"]["post"]
+    assert {p["name"] for p in display["parameters"]} == {"model", "channel"}
+    assert set(display["responses"]["200"]["content"]) == {"image/png"}
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -29,7 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from inference.cli import add_runtime_arguments, runtime_options
+from inference.cli import CACHE_DIR_HELP, add_runtime_arguments, runtime_options
 from inference.pipeline import DEFAULT_SCALE_HELP, Scale, SegmentOptions
 from inference.predictor import Predictor
 from inference.sizing import Bucket
@@ -181,13 +181,15 @@ def tile_size(text: str) -> Bucket:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt), .onnx graph or engine")
     parser.add_argument("--annotations", required=True, help="COCO-format instances json")
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
     parser.add_argument("--output", default=None, help="COCO results file (default: <checkpoint>.results.json)")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per runtime call (default 1)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where a .pt is exported (default: the service's)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     add_runtime_arguments(parser)
     parser.add_argument(
         "--scale",

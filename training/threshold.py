@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from inference.cli import add_runtime_arguments, runtime_options
+from inference.cli import CACHE_DIR_HELP, add_runtime_arguments, runtime_options
 from inference.pipeline import DEFAULT_SCALE_HELP
 from inference.predictor import Predictor
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -27,7 +27,9 @@ from training.evaluate import best_f1_threshold, load_coco, predict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.threshold", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
     parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
     parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
@@ -36,11 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         type=scale_argument,
         default=None,
         metavar="S|auto",
-        help=f"default: the service's, {DEFAULT_SCALE_HELP}",
+        help="a factor on the model's own input size, or 'auto' to estimate it per image from a first pass "
+        f"(default: the service's, {DEFAULT_SCALE_HELP})",
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="where the .pt is exported (default: the service's)"
-    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the checkpoint as it is")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
