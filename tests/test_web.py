@@ -534,9 +534,10 @@ def test_a_raw_16_bit_field_is_visible_and_its_masks_stay_on_it_at_every_zoom(
 def test_object_size_options_reach_the_api_and_the_page_says_what_ran(
     server: ServiceProcess, browser: Any, field_tiff: Path
 ) -> None:
-    """auto and a diameter are sent as scale=auto and diameter=; the page says the scale the answer ran at and
+    """auto (the API's default for a model that records its object size, and the page's), the model's own scale
+    and a diameter are sent as scale=auto, scale=1 and diameter=; the page says the scale the answer ran at and
     the diameter it assumed, and the diameter the model expects; a model without a recorded object size
-    offers neither."""
+    offers neither auto nor a diameter."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
@@ -550,19 +551,20 @@ def test_object_size_options_reach_the_api_and_the_page_says_what_ran(
     choose(browser, wait, field_tiff)
     data = field_tiff.read_bytes()
     sizing = browser.find_element(By.ID, "sizing")
-    assert sizing.get_attribute("data-mode") == "model" and "the model's own scale" in sizing.text
-    assert f"assuming objects {NUCLEUS_SIZE:g} px across" in sizing.text
 
     def segment_requests() -> list[str]:
         return [url for url in browser.execute_script("return window.sent") if url.startswith("/segment?")]
 
-    mode = Select(browser.find_element(By.ID, "size-mode"))
-    mode.select_by_value("auto")
-    wait.until(lambda d: d.find_element(By.ID, "sizing").get_attribute("data-mode") == "auto")
-    assert "scale=auto" in segment_requests()[-1]
+    assert sizing.get_attribute("data-mode") == "auto" and "scale=auto" in segment_requests()[-1]
     auto = answer(server.url, data, model=NUCLEI, scale="auto", score_threshold=0)
     assert float(sizing.get_attribute("data-scale")) == pytest.approx(auto.scale) and auto.scale != 1
     assert f"scale {auto.scale:.3g} measured by scale=auto" in sizing.text
+
+    mode = Select(browser.find_element(By.ID, "size-mode"))
+    mode.select_by_value("model")
+    wait.until(lambda d: d.find_element(By.ID, "sizing").get_attribute("data-mode") == "model")
+    assert "scale=1" in segment_requests()[-1] and "the model's own scale" in sizing.text
+    assert f"assuming objects {NUCLEUS_SIZE:g} px across" in sizing.text
 
     mode.select_by_value("diameter")
     assert browser.find_element(By.ID, "size-value").get_attribute("value") == f"{NUCLEUS_SIZE:g}"  # prefilled

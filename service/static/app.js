@@ -240,7 +240,7 @@ function startPage() {
     base: null, // ImageData: the image as the model reads it (POST /display), at its own size
     displayKey: null, // the file, model and channel `base` is (or is being fetched) for
     answer: null, // the last successful /segment JSON
-    sizeMode: "model", // the object size option the shown answer was asked with
+    sizeMode: "auto", // the object size option the shown answer was asked with
     labels: null, // Uint32Array [h * w]: 0 background, i + 1 = instance i (the higher score keeps overlaps)
     extents: null, // Float64Array [4 * instances]: each instance's [x0, y0, x1, y1) in the label image
     colours: [],
@@ -254,6 +254,7 @@ function startPage() {
     request: 0, // sequence number: answers to superseded requests are dropped
     models: new Map(), // name -> GET /models entry
     thresholdMoved: false, // the person moved the slider: stop following the model's recommended threshold
+    sizeChosen: false, // the person chose an object size option: stop following the model's default (the API's)
   };
 
   function showError(text) {
@@ -332,10 +333,12 @@ function startPage() {
   // diameter, or scale 1).
   function updateSizeControls(prefill) {
     const model = state.models.get(el.model.value);
-    const sized = model?.input?.object_size != null;
+    const sized = model === undefined || model.input?.object_size != null; // not listed yet: leave the choice be
     for (const option of el.sizeMode.options) {
       if (option.value === "auto" || option.value === "diameter") option.disabled = !sized;
     }
+    // The API's default: auto for a model that records its object size, its own scale for one that does not.
+    if (!state.sizeChosen) el.sizeMode.value = sized ? "auto" : "model";
     if (!sized && (el.sizeMode.value === "auto" || el.sizeMode.value === "diameter")) el.sizeMode.value = "model";
     const { field } = SIZE_OPTIONS[el.sizeMode.value];
     el.sizeValue.disabled = field === null;
@@ -354,8 +357,8 @@ function startPage() {
   /** The size parameters of a request, or null (with a message shown) when the number field is unusable. */
   function sizeParams() {
     const mode = el.sizeMode.value;
-    if (mode === "model") return {};
-    if (mode === "auto") return { scale: "auto" };
+    if (mode === "model") return { scale: "1" };
+    if (mode === "auto") return { scale: "auto" }; // the API's default for models that record their object size
     const value = Number(el.sizeValue.value);
     if (el.sizeValue.value.trim() === "" || !(value > 0)) {
       showError(mode === "diameter"
@@ -941,6 +944,7 @@ function startPage() {
     segmentSoon();
   });
   el.sizeMode.addEventListener("change", () => {
+    state.sizeChosen = true;
     updateSizeControls(true);
     segmentSoon();
   });
