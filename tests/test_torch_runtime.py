@@ -9,6 +9,8 @@ to what a user sees: the confident detections (score >= 0.3) keep their boxes an
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -303,3 +305,22 @@ def test_service_warm_up_captures_every_batch_size(tmp_path: Path) -> None:
     loaded, _ = load_model(spec, settings)
     assert loaded.providers[:3] == ["cuda:0", "fp32", "cuda_graphs"]
     assert loaded.runtime.captured_shapes == [(b, 3, h, w) for b in (1, 2, 3) for h, w in ((128, 128), (128, 192))]
+
+
+def test_prepare_leaves_a_checkpoint_for_the_torch_engine_as_it_is(tmp_path: Path) -> None:
+    """``python -m service.prepare --runtime.engine torch`` has nothing to export (the engine runs the checkpoint)
+    and says so instead of failing; the default engine exports the graph into the cache."""
+    checkpoint = tiny_checkpoint("meinst", tmp_path / "m.pt")
+    models = json.dumps([{"name": "m", "path": str(checkpoint)}])
+    for engine, exported in (("torch", False), ("onnxruntime", True)):
+        cache = tmp_path / f"cache-{engine}"
+        done = subprocess.run(
+            [sys.executable, "-m", "service.prepare", "--models", models, "--cache-dir", str(cache)]
+            + ["--runtime.engine", engine],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert any(cache.glob("*.onnx")) == exported
