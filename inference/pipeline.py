@@ -30,9 +30,11 @@ from inference.hints import capacity_hints, colour_hints, density_hints
 from inference.measure import Measurement, measure
 from inference.scale import (
     AUTO_MIN_SCORE,
+    ProbeEvidence,
     assumed_diameter,
-    estimate_scale,
+    choose_estimate,
     input_pixels_per_image_pixel,
+    probe_evidence,
     scale_for_diameter,
 )
 from inference.sizing import Bucket, check_buckets, choose_bucket, default_buckets, input_size, pad_batch
@@ -56,6 +58,11 @@ DEFAULT_SCALE_HELP = "auto (the model's own scale, 1, for models that record no 
 # scale=auto keeps the model's own scale when the estimate lies within this factor of it (the estimate's noise
 # on images at the training magnification would otherwise cost accuracy and a second pass).
 AUTO_SNAP = 1.25
+# scale=auto's probes: the model's own scale, and scales for objects about three times larger and smaller than
+# the training objects (a model trained with scale jitter detects objects of about a third to three times its
+# training size at each); the probes other than the own scale's run on a bucket's sides divided by this.
+AUTO_PROBE_SCALES = (1.0, 1 / 3, 3.0)
+AUTO_PROBE_SHRINK = 2
 
 
 @dataclass(frozen=True)
@@ -289,15 +296,19 @@ class ImagePipeline:
             answered_by_probe=probed is not None,
         )
 
-    def probe_region(self, image: np.ndarray) -> np.ndarray:
-        """What a ``scale=auto`` probe runs on: the image, or for a scale-rule model, when the image at the
-        model's own scale would need tiles, its centre as large as one shape bucket holds (one input: the
-        probe costs at most one bucket's inference whatever the image's size)."""
+    def probe_region(self, image: np.ndarray, scale: float = 1.0, shrink: int = 1) -> np.ndarray:
+        """What a ``scale=auto`` probe at caller scale ``scale`` runs on: the image, or for a scale-rule model,
+        when the image at that scale would not fit the largest shape bucket with its sides divided by
+        ``shrink``, its centre as large as that holds (one input: a probe costs at most one bucket's inference
+        whatever the image's size)."""
         height, width = image.shape[:2]
         if self.contract.resize != "scale":
             return image
-        factor = input_pixels_per_image_pixel(self.contract, (height, width))
-        crops = [(min(height, int(b[0] / factor)), min(width, int(b[1] / factor))) for b in self.buckets]
+        factor = input_pixels_per_image_pixel(self.contract, (height, width), scale)
+        crops = [
+            (min(height, max(1, int(b[0] / shrink / factor))), min(width, max(1, int(b[1] / shrink / factor))))
+            for b in self.buckets
+        ]
         crop_h, crop_w = max(crops, key=lambda hw: hw[0] * hw[1])
         top, left = (height - crop_h) // 2, (width - crop_w) // 2
         return image[top : top + crop_h, left : left + crop_w]
@@ -305,29 +316,39 @@ class ImagePipeline:
     def auto_scale(
         self, image: np.ndarray, options: SegmentOptions, threshold: float, warnings: list[str]
     ) -> Generator[Pass, PassResult, tuple[float, tuple[Pass, PassResult] | None]]:
-        """``scale=auto``: a probe pass at the model's own scale on ``probe_region``, and the scale that brings
-        its median confident object to the training size (``inference.scale.estimate_scale``), kept at the
-        model's own where it is within ``AUTO_SNAP`` of it (or the probe found too few objects). A probe of
-        the whole image that keeps the model's own scale is the answer itself: it is finished as the answer
-        (masks as asked, detections from the lower of the answer's and the estimate's thresholds, so that
-        the answer's are a subset; the caller's cap applied after). Returns the scale, and the probe's pass
-        and result when they answer."""
-        region = self.probe_region(image)
-        whole = region.shape == image.shape
-        probe_options = replace(options, max_detections=None, mask_format=options.mask_format if whole else "none")
-        probe = self.plan(region, 1.0, probe_options, min(threshold, AUTO_MIN_SCORE))
-        result = yield probe
-        boxes = np.array([i.box for i in result.instances], dtype=np.float32).reshape(-1, 4)
-        scores = np.array([i.score for i in result.instances], dtype=np.float32)
-        estimate = estimate_scale(self.contract, boxes, scores, region.shape[:2])
-        if estimate is None:
+        """``scale=auto``: a probe pass at each of ``AUTO_PROBE_SCALES`` on its ``probe_region`` (the model's own
+        scale on up to one bucket, the others on a quarter of one), and the scale implied by the probe whose
+        confident detections most look like the training objects (``inference.scale.choose_estimate``), kept
+        at the model's own where it is within ``AUTO_SNAP`` of it (or no probe measured objects). A probe of
+        the whole image at the model's own scale, when the scale stays, is the answer itself: it is finished
+        as the answer (masks as asked, detections from the lower of the answer's and the estimate's
+        thresholds, so that the answer's are a subset; the caller's cap applied after). Returns the scale, and
+        that probe's pass and result when they answer."""
+        evidence: list[ProbeEvidence] = []
+        own: tuple[Pass, PassResult, bool] | None = None
+        for probe_scale in AUTO_PROBE_SCALES:
+            region = self.probe_region(image, probe_scale, 1 if probe_scale == 1.0 else AUTO_PROBE_SHRINK)
+            whole = probe_scale == 1.0 and region.shape == image.shape
+            mask_format = options.mask_format if whole else "none"  # only a possible answer needs masks
+            probe_options = replace(options, max_detections=None, mask_format=mask_format)
+            probe = self.plan(region, probe_scale, probe_options, min(threshold, AUTO_MIN_SCORE))
+            result = yield probe
+            boxes = np.array([i.box for i in result.instances], dtype=np.float32).reshape(-1, 4)
+            scores = np.array([i.score for i in result.instances], dtype=np.float32)
+            evidence.append(probe_evidence(self.contract, boxes, scores, region.shape[:2], probe_scale))
+            if probe_scale == 1.0:
+                own = (probe, result, whole)
+        chosen = choose_estimate(evidence)
+        if chosen is None or chosen.estimate is None:
             warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
-        elif estimate.clamped:
-            warnings.append(f"scale=auto measured objects outside what {SCALE_LIMITS} can bring to size")
-        if estimate is not None and abs(np.log(estimate.scale)) > np.log(AUTO_SNAP):
-            return estimate.scale, None
-        if not whole:
-            return 1.0, None
+            scale = 1.0
+        else:
+            if chosen.estimate.clamped:
+                warnings.append(f"scale=auto measured objects outside what {SCALE_LIMITS} can bring to size")
+            scale = chosen.estimate.scale if abs(np.log(chosen.estimate.scale)) > np.log(AUTO_SNAP) else 1.0
+        if scale != 1.0 or own is None or not own[2]:
+            return scale, None
+        probe, result, _ = own
         kept = [i for i in result.instances if i.score >= threshold][: options.max_detections]
         return 1.0, (replace(probe, limit=options.max_detections), replace(result, instances=kept))
 

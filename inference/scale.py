@@ -19,6 +19,9 @@ from model.input_contract import SCALE_LIMITS, InputContract
 # The first pass's detections at least this confident, and at least this many of them.
 AUTO_MIN_SCORE = 0.3
 AUTO_MIN_OBJECTS = 3
+# A detection supports a probe's scale when its size at that scale is within this factor of the training
+# objects' (at the right scale, the image's objects look like the training objects).
+SUPPORT_FACTOR = 2.0
 
 
 class ChosenScale(NamedTuple):
@@ -71,3 +74,37 @@ def estimate_scale(
     if diameter <= 0:
         return None
     return scale_for_diameter(contract, diameter, image_size)
+
+
+class ProbeEvidence(NamedTuple):
+    """What one ``scale=auto`` probe says: the scale it implies, and how strongly."""
+
+    scale: float  # the caller scale the probe ran at
+    estimate: ChosenScale | None  # the scale its median confident object implies (``estimate_scale``)
+    support: float  # summed score of its confident detections sized like the training objects, per input megapixel
+
+
+def probe_evidence(
+    contract: InputContract, boxes: np.ndarray, scores: np.ndarray, region_size: tuple[int, int], scale: float
+) -> ProbeEvidence:
+    """The evidence of a probe at caller scale ``scale`` over a region of ``region_size`` (H, W) image pixels
+    (``boxes`` xyxy in image pixels). Support is per input megapixel, so probes of different sizes compare."""
+    estimate = estimate_scale(contract, boxes, scores, region_size)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64)
+    per_pixel = input_pixels_per_image_pixel(contract, region_size, scale)
+    sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+    object_size = contract.object_size or 1.0
+    with np.errstate(divide="ignore"):
+        sized = (scores >= AUTO_MIN_SCORE) & (np.abs(np.log(sides * per_pixel / object_size)) <= np.log(SUPPORT_FACTOR))
+    input_megapixels = region_size[0] * region_size[1] * per_pixel**2 / 1e6
+    return ProbeEvidence(scale, estimate, float(scores[sized].sum()) / max(input_megapixels, 1e-9))
+
+
+def choose_estimate(evidence: list[ProbeEvidence]) -> ProbeEvidence | None:
+    """The probe to believe: the one whose confident detections most look like the training objects (most
+    support per input pixel; the earlier one on a tie); None when no probe measured objects."""
+    measured = [probe for probe in evidence if probe.estimate is not None]
+    if not measured:
+        return None
+    return max(measured, key=lambda probe: (probe.support, -evidence.index(probe)))

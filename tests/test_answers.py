@@ -17,7 +17,9 @@ from skimage.measure import regionprops
 from inference.errors import UnusableInput
 from inference.pipeline import SegmentOptions
 from inference.predictor import Predictor, in_process_options
+from inference.scale import choose_estimate, probe_evidence
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.input_contract import InputContract
 from tests.service_models import tiny_checkpoint
 from training.nucleus import HELA_IMAGES, resource
 
@@ -113,11 +115,14 @@ def test_measurements_equal_regionprops_on_full_frame_masks_and_raw_values(
 
 
 def test_auto_keeps_the_model_scale_near_the_training_size_and_its_probe_is_the_answer(
-    tmp_path: Path, field: np.ndarray
+    tmp_path: Path, field: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A model that records its training objects 10% larger than this field's: scale=auto snaps to the model's
-    own scale and answers with its probe (no second pass), exactly as scale=1 does; one that records them half
-    as large runs a second pass at about half the scale."""
+    own scale and answers with its own-scale probe (no answering pass), exactly as scale=1 does; one that
+    records them half as large runs an answering pass at about half the scale. (The tiny random model's boxes
+    have one size at every scale, so only the own-scale probe runs here; choosing among probes is tested on
+    evidence below.)"""
+    monkeypatch.setattr("inference.pipeline.AUTO_PROBE_SCALES", (1.0,))
     path = tiny_checkpoint("embedmask", tmp_path / "nuclei.pt", extra=MICROSCOPY, object_size=1.0)
     saved = load_checkpoint(path)
     saved["model"]["head.cls_logits.bias"] += 3.0
@@ -138,3 +143,24 @@ def test_auto_keeps_the_model_scale_near_the_training_size_and_its_probe_is_the_
     halving = Predictor.open(path, in_process_options(engine="onnxruntime"), cache_dir=tmp_path)
     half = halving(tiff(field), SegmentOptions(scale="auto"))
     assert not half.answered_by_probe and 0.4 < half.scale < 0.6
+
+
+def test_the_believed_probe_is_the_one_whose_objects_look_like_the_training_objects() -> None:
+    """Nuclei three times the training size: the own-scale probe sees a few confident fragments of training size
+    in a large region (little support per input pixel), the probe at a third sees the nuclei, training-sized
+    there, densely; the second is believed and its estimate (about a third) used. Probes that measured nothing
+    never win; none measuring gives no estimate."""
+    contract = InputContract(
+        size_divisibility=32, min_size=128, max_size=192, pad_value=[0, 0, 0], resize="scale", scale=2.0,
+        intensity="percentile", object_size=48.0,
+    )  # fmt: skip
+    fragments = np.array([[10, 10, 34, 34], [100, 40, 124, 64], [200, 80, 224, 104]], np.float32)  # 24 px: 48 input px
+    nuclei = np.array([[x, y, x + 72, y + 72] for x in (0, 80, 160) for y in (0, 80)], np.float32)  # 72 px at 2/3
+    own = probe_evidence(contract, fragments, np.full(3, 0.4), (256, 256), 1.0)
+    third = probe_evidence(contract, nuclei, np.full(6, 0.9), (160, 240), 1 / 3)
+    nothing = probe_evidence(contract, np.zeros((0, 4), np.float32), np.zeros(0), (64, 64), 3.0)
+    assert own.estimate is not None and own.estimate.scale == pytest.approx(1.0)
+    assert third.estimate is not None and third.estimate.scale == pytest.approx(1 / 3)
+    assert third.support > own.support > nothing.support == 0.0
+    assert choose_estimate([own, third, nothing]) == third
+    assert choose_estimate([nothing]) is None

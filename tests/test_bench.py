@@ -254,3 +254,42 @@ def test_finishing(tmp_path: Path) -> None:
     for case in cases:
         assert case["identical_rle"] and case["image_size"] == [128, 160] and case["speedup_wall"] > 0
         assert case["ours"]["wall_ms_median"] > 0 and case["full_frame"]["wall_ms_median"] > 0
+
+
+def test_scale_probes(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
+    """The probe records on one tuning set (here the val field itself), each strategy replayed."""
+    index = tmp_path / "sets.json"
+    index.write_text(json.dumps({"sets": [{"name": "val_fields"}]}))
+    for suffix in (".json", ""):  # the set's files beside its index, as training.shifted writes them
+        (tmp_path / f"val_fields{suffix}").symlink_to(nucleus_data / f"val_fields{suffix}")
+    out = tmp_path / "scale_probes.json"
+    run_bench(
+        "scale_probes",
+        *("--checkpoints", str(nucleus_model), "--sets", str(index), "--probe-scales", "1", "0.5"),
+        *("--cache-dir", str(workdir / "cache"), "--output", str(out)),
+    )
+    (entry,) = read(out)["models"]["embedmask_nucleus"].values()
+    assert set(entry["summary"]) == {"shipped", "own", "all"} and entry["images"]
+    for image in entry["images"]:
+        assert image["ideal"] > 0 and set(image["probes"]) == {"1", "0.5"}
+        assert all(0.1 <= scale <= 10 for scale in image["chosen"].values())
+
+
+def test_entry_points(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
+    """Evaluation, the predict CLI in process and the service on the tiny model: every answered instance is one
+    evaluation's results hold too (the same pipeline)."""
+    out = tmp_path / "entry_points.json"
+    run_bench(
+        "entry_points",
+        *("--checkpoints", str(nucleus_model), "--annotations", str(nucleus_data / "test_fields.json")),
+        *("--images", str(nucleus_data / "test_fields"), "--cache-dir", str(workdir / "cache"), "--output", str(out)),
+    )
+    rows = read(out)["rows"]
+    assert [r["entry_point"] for r in rows] == [
+        "training.evaluate",
+        "service.predict --checkpoint",
+        "POST /segment (service.predict --url)",
+    ]
+    for row in rows[1:]:
+        held, total = row["held_by_evaluation"].split(" of ")
+        assert held == total and row["instances"] <= rows[0]["instances"]
