@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 
 from export.metadata import DETECTION_OUTPUTS, MASK_OUTPUT, GraphMetadata
 from inference.predictor import Predictor
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
 from model.detector import OneStageDetector
 from model.input_contract import InputContract, resized_shape
@@ -248,3 +248,33 @@ def test_best_f1_threshold_is_where_false_detections_start_to_cost_more_than_the
     best = best_f1_threshold(coco, results, "bbox")
     assert best["threshold"] == pytest.approx(0.6)
     assert best["f1"] == pytest.approx(6 / 7) and best["precision"] == pytest.approx(0.75) and best["recall"] == 1.0
+
+
+def test_choose_scale_stores_the_best_val_scale_and_rescales_what_depends_on_it(
+    nucleus_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """training.choose_scale tries each candidate on the val split through the pipeline, keeps the best segm AP
+    as data.scale_test and rescales the recorded object size (x new/old) and density (x (old/new)^2)."""
+    from tests.service_models import tiny_checkpoint
+    from training.choose_scale import main as choose_scale
+
+    extra = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile", "model.num_classes=1")
+    path = tiny_checkpoint("embedmask", tmp_path / "model.pt", extra=extra, object_size=12.0)
+    saved = load_checkpoint(path)
+    saved.update(class_names=["nucleus"], category_ids=[1], object_density=100.0)
+    save_checkpoint(saved, path)
+    choose_scale(
+        [
+            *("--checkpoint", str(path), "--annotations", str(nucleus_root / "val.json")),
+            *("--images", str(nucleus_root / "val"), "--scales", "0.5", "1.0", "--runtime", "onnxruntime"),
+            *("--cache-dir", str(tmp_path / "cache")),
+        ]
+    )
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    best = report["scale_test"]
+    assert set(report["segm_AP"]) == {"0.5", "1.0"} and report["segm_AP"][str(best)] == max(report["segm_AP"].values())
+    chosen = load_checkpoint(path)
+    assert chosen["config"]["data"]["scale_test"] == best
+    assert chosen["object_size"] == pytest.approx(12.0 * best) and chosen["object_density"] == pytest.approx(
+        100 / best**2
+    )
