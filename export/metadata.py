@@ -26,6 +26,12 @@ DETECTION_OUTPUTS = ("num_dets", "boxes", "scores", "classes")
 MASK_OUTPUT = "masks"
 # Node names carry the module path under this attribute of ``export.onnx_export.GraphModule`` ("/model/backbone/...").
 WRAPPED_NAME = "model"
+# What a graph computes in on a CPU with bf16 (OpenVINO), from the fastest to the most exact: every operation
+# the CPU plugin lowers in bf16; bf16 but the mask decode in fp32 (the operations only the masks output needs,
+# after the last convolution: EmbedMask's embeddings, coupling and log-probabilities, MEInst's codec); bf16 but
+# the whole mask branch in fp32 (its convolutions too); fp32 throughout. ``export.openvino_runtime`` applies it.
+CpuPrecision = Literal["bf16", "bf16+fp32_mask_decode", "bf16+fp32_mask_branch", "fp32"]
+CPU_PRECISIONS: tuple[CpuPrecision, ...] = ("bf16", "bf16+fp32_mask_decode", "bf16+fp32_mask_branch", "fp32")
 
 
 class GraphMetadata(BaseModel):
@@ -43,6 +49,9 @@ class GraphMetadata(BaseModel):
     # Objects per input megapixel of the training images (95th percentile, at the contract's size), for the
     # answers' density warning; None in graphs exported before.
     object_density: float | None = None
+    # The precision chosen for this model on a bf16 CPU by a measured check on its validation split
+    # (``training.precision``); None: not measured (the runtime's default applies).
+    cpu_precision: CpuPrecision | None = None
     nms_threshold: float
     max_detections: int
     pre_nms_topk: int  # candidates per FPN level before NMS

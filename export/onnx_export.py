@@ -49,6 +49,7 @@ def build_metadata(cfg: Config, checkpoint_metadata: dict[str, Any]) -> GraphMet
         score_threshold=model.head.score_threshold,
         recommended_score_threshold=checkpoint_metadata.get("recommended_score_threshold"),
         object_density=checkpoint_metadata.get("object_density"),
+        cpu_precision=checkpoint_metadata.get("cpu_precision"),
         nms_threshold=model.head.nms_threshold,
         max_detections=model.head.max_detections,
         pre_nms_topk=model.head.pre_nms_topk,

@@ -3,7 +3,9 @@
 Both take uint8 RGB ``images [B, 3, H, W]`` (H, W multiples of 32) and return the graph contract as numpy
 arrays (``num_dets``, ``boxes``, ``scores``, ``classes`` and, for mask methods, ``masks``), and expose the
 exported ``metadata`` record, so the service never needs the checkpoint or the config. The module does not
-import torch (only the TensorRT runtime's methods do), so a service running ONNX graphs never loads it.
+import torch (only the TensorRT runtime's methods do), so a service running ONNX graphs never loads it, nor
+onnxruntime until a session is opened or a CUDA device asks for its providers (~20 MB a service on
+OpenVINO does without).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from export.metadata import METADATA_KEY, GraphMetadata, read_engine_sidecar
 from export.tensorrt_build import import_tensorrt
@@ -55,7 +56,11 @@ def default_providers() -> list[str]:
     onnxruntime-gpu lists its CUDA provider even on hosts that cannot load it, so the device is checked
     too; the TensorRT provider is left to explicit requests (it builds an engine per new input shape).
     """
-    if "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0:
+    if cuda_device_count() == 0:
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -72,6 +77,8 @@ class OnnxRuntime:
     ) -> None:
         """``cpu_arena=False`` turns onnxruntime's CPU memory arena off: activations go back to the system
         after each run instead of staying reserved for the largest shape seen (the service's lean default)."""
+        import onnxruntime as ort
+
         requested = list(providers) if providers is not None else default_providers()
         if "CPUExecutionProvider" not in requested:
             requested.append("CPUExecutionProvider")

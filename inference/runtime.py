@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from export import tensorrt_build
-from export.metadata import GraphMetadata, read_engine_sidecar, read_onnx_metadata
+from export.metadata import CPU_PRECISIONS, GraphMetadata, read_engine_sidecar, read_onnx_metadata
 from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
 from inference.sizing import Bucket, default_buckets
 from model.runtime_protocol import Runtime
@@ -43,12 +43,12 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 CHECKPOINT_SUFFIX = ".pt"
 Engine = Literal["onnxruntime", "openvino", "tensorrt", "torch"]
 EngineChoice = Literal["auto", "onnxruntime", "openvino", "tensorrt", "torch"]
-PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16", "bf16+fp32_mask_decode", "bf16+fp32_mask_branch"]
 # The precisions each engine can run (the first is what ``auto`` means where the engine does not decide itself:
-# OpenVINO's auto is bf16 where the CPU has it).
+# OpenVINO's auto is the model's measured choice where the CPU has bf16, ``export.openvino_runtime``).
 ENGINE_PRECISIONS: dict[Engine, tuple[str, ...]] = {
     "onnxruntime": ("fp32",),
-    "openvino": ("auto", "bf16", "fp32"),
+    "openvino": ("auto", *CPU_PRECISIONS),
     "tensorrt": ("fp32", "fp16"),
     "torch": ("fp32", "fp16", "bf16"),
 }
@@ -73,6 +73,10 @@ def default_streams() -> int:
     return max(usable_cores() // default_threads_per_stream(), 1)
 
 
+# OpenVINO engines kept per model: the warm bucket and two more (bounded memory under traffic of many shapes).
+DEFAULT_MAX_ENGINES = 3
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onestage"
 
@@ -91,8 +95,10 @@ class RuntimeOptions(BaseModel):
     )
     precision: PrecisionChoice = Field(
         "auto",
-        description="openvino: auto (bf16 where the CPU has it), bf16 or fp32; tensorrt: fp32 or fp16 (FP16 "
-        "convolution trunks); torch: fp32, fp16 or bf16 autocast of the network part; onnxruntime: fp32",
+        description="openvino: auto (where the CPU has bf16, the model's measured choice, else bf16 with the mask "
+        "decode in fp32; fp32 elsewhere), bf16, bf16+fp32_mask_decode, bf16+fp32_mask_branch or fp32; tensorrt: "
+        "fp32 or fp16 (FP16 convolution trunks); torch: fp32, fp16 or bf16 autocast of the network part; "
+        "onnxruntime: fp32",
     )
     streams: int = Field(
         default_factory=default_streams,
@@ -122,6 +128,13 @@ class RuntimeOptions(BaseModel):
         False, description="torch on CUDA: capture the network part per input shape (warm-up captures every batch)"
     )
     compile: bool = Field(False, description="torch: torch.compile the network part (compiles during warm-up)")
+    max_engines: int | None = Field(
+        DEFAULT_MAX_ENGINES,
+        ge=1,
+        description="openvino: compiled shapes kept at once (each holds its own copy of the graph per stream, "
+        "~100 MB with two); beyond it the least recently used is released and compiled again (from the model "
+        "cache, ~0.5 s) when next needed; null: keep every shape",
+    )
 
 
 @dataclass
@@ -137,6 +150,9 @@ class OpenedModel:
     providers: list[str]
     streams: int  # batches the runtime runs at once
     metadata: GraphMetadata
+    # The largest batch worth forming for the engine: 1 on OpenVINO, whose batch-1 engines run a batch image by
+    # image (``OpenVinoRuntime.BEST_BATCH_SIZE``); None: any (the service's ``max_batch_size``).
+    max_batch_size: int | None = None
 
 
 def file_version(path: Path) -> str:
@@ -261,6 +277,14 @@ def check_precision(engine: Engine, precision: PrecisionChoice) -> str:
     return precision
 
 
+def export_ahead(path: Path, options: RuntimeOptions, cache_dir: Path) -> None:
+    """Export the checkpoint ``path`` to the ONNX graph ``prepare_graph`` will want for it (unless cached), so
+    that several models' exports (each a child process) can run side by side before they open one by one;
+    nothing for graphs, engines and the torch engine."""
+    if path.suffix == CHECKPOINT_SUFFIX and path.is_file() and choose_engine(options, path.suffix) != "torch":
+        export_checkpoint(path, cache_dir / cached_name(path, ".onnx"))
+
+
 def prepare_graph(
     path: Path,
     options: RuntimeOptions,
@@ -309,7 +333,7 @@ def open_runtime(
     engine = choose_engine(options, graph_path.suffix)
     precision = check_precision(engine, options.precision)
     runtime: Runtime
-    streams = 1
+    streams, best_batch = 1, None
     if engine == "torch":
         runtime, metadata, providers = _open_torch(path, options, precision)
     elif engine == "tensorrt":
@@ -321,10 +345,11 @@ def open_runtime(
         streams = options.streams
         openvino = OpenVinoRuntime(
             graph_path,
-            precision=precision,  # type: ignore[arg-type]  # auto, bf16 or fp32: check_precision allowed it
+            precision=precision,  # type: ignore[arg-type]  # auto or a CpuPrecision: check_precision allowed it
             threads=options.threads,
             streams=streams,
             cache_dir=cache_dir / "openvino",
+            max_engines=options.max_engines,
         )
         runtime, metadata, providers, precision = (
             openvino,
@@ -332,6 +357,7 @@ def open_runtime(
             list(openvino.providers),
             openvino.precision,
         )
+        best_batch = OpenVinoRuntime.BEST_BATCH_SIZE
     else:
         runtime, metadata, providers, streams = _open_onnxruntime(graph_path, options)
     if metadata.mask_kind is None:
@@ -346,6 +372,7 @@ def open_runtime(
         providers=providers,
         streams=streams,
         metadata=metadata,
+        max_batch_size=best_batch,
     )
 
 
@@ -393,14 +420,30 @@ def _open_torch(path: Path, options: RuntimeOptions, precision: str) -> tuple[Ru
     return runtime, build_metadata(cfg, checkpoint_metadata), providers
 
 
+def served_batch_size(model: OpenedModel, max_batch_size: int) -> int:
+    """The largest batch to form for ``model``: ``max_batch_size``, capped by what its engine runs best."""
+    return min(max_batch_size, model.max_batch_size or max_batch_size)
+
+
+def warm_buckets(model: OpenedModel, buckets: Sequence[Bucket]) -> list[Bucket]:
+    """The buckets warmed before a model is ready, of its ``buckets``: every one, but on OpenVINO (an engine
+    compiled and held per shape) only the largest, where tiles and the bundled microscopy models' images run;
+    other shapes compile on first use (from the model cache after the first start)."""
+    if model.engine != "openvino":
+        return list(buckets)
+    return [max(buckets, key=lambda hw: (hw[0] * hw[1], hw))]
+
+
 def warm_up(model: OpenedModel, buckets: Sequence[Bucket], max_batch_size: int, every_batch_size: bool = False) -> None:
-    """Run every bucket at batch 1 and at ``max_batch_size`` (or at every batch size up to it: a CUDA graph
-    serves one exact shape) on a flat image of the padding value, once per stream (the streams take turns in
-    order, so each one sees every shape): no request then pays for first-run allocation or an engine compile."""
+    """Run every bucket at batch 1 and at the largest batch served (``served_batch_size``; or at every batch size
+    up to it: a CUDA graph serves one exact shape) on a flat image of the padding value, once per stream (the
+    streams take turns in order, so each one sees every shape): no request then pays for first-run allocation
+    or an engine compile on these buckets."""
     started = time.perf_counter()
+    largest = served_batch_size(model, max_batch_size)
     pad_value = np.asarray(model.metadata.input.pad_value, dtype=np.uint8)[None, :, None, None]
     for bucket in buckets:
-        for batch in range(1, max_batch_size + 1) if every_batch_size else sorted({1, max_batch_size}):
+        for batch in range(1, largest + 1) if every_batch_size else sorted({1, largest}):
             flat = np.empty((batch, 3, *bucket), dtype=np.uint8)
             flat[...] = pad_value
             for _ in range(model.streams):

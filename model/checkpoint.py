@@ -11,7 +11,9 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no p
 - ``object_size`` (median training-object box side at the test scale, for ``scale=auto``), ``object_density``
   (objects per input megapixel of the training images, 95th percentile, for the density warning) and
   ``recommended_score_threshold`` (the best-F1 score threshold on the validation split, what answers default
-  to); either may be missing or None in older checkpoints;
+  to) and ``cpu_precision`` (what the graph computes in on a bf16 CPU, chosen on the validation split by
+  ``python -m training.precision``; ``export.metadata.CpuPrecision``); any may be missing or None in older
+  checkpoints;
 - only in resumable checkpoints: ``optimizer``, ``scheduler``, ``grad_scaler``.
 """
 
@@ -29,7 +31,7 @@ from model.config import Config
 from model.detector import OneStageDetector
 
 METADATA_KEYS = ("class_names", "category_ids", "iteration", "metrics")
-OPTIONAL_METADATA_KEYS = ("object_size", "object_density", "recommended_score_threshold")
+OPTIONAL_METADATA_KEYS = ("object_size", "object_density", "recommended_score_threshold", "cpu_precision")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
@@ -70,7 +72,7 @@ def load_detector(
 ) -> tuple[OneStageDetector, Config, dict[str, Any]]:
     """The detector in eval mode with the checkpoint's weights, its Config, and metadata
     (``class_names``, ``category_ids``, ``iteration``, ``metrics``, ``object_size``, ``object_density``,
-    ``recommended_score_threshold``).
+    ``recommended_score_threshold``, ``cpu_precision``).
 
     The network is built without its ImageNet file (the checkpoint holds every weight), so serving
     and export need neither the weights package nor the MEInst codec file.
@@ -83,7 +85,7 @@ def load_detector(
     model = OneStageDetector(build_cfg)
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    # Recorded by checkpoints written since: object_size (scale=auto), object_density and
-    # recommended_score_threshold (answers).
+    # Recorded by checkpoints written since: object_size (scale=auto), object_density,
+    # recommended_score_threshold (answers) and cpu_precision (training.precision).
     optional = {key: checkpoint.get(key) for key in OPTIONAL_METADATA_KEYS}
     return model, cfg, {key: checkpoint[key] for key in METADATA_KEYS} | optional

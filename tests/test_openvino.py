@@ -18,13 +18,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openvino as ov
 import pytest
 
+from export.metadata import read_onnx_metadata
 from export.onnx_export import export_onnx
-from export.openvino_runtime import OpenVinoRuntime, cpu_has_bf16, resolve_precision
+from export.openvino_runtime import (
+    CONVOLUTIONS,
+    DEFAULT_CPU_PRECISION,
+    OpenVinoRuntime,
+    cpu_has_bf16,
+    fp32_operations,
+    resolve_precision,
+)
 from export.parity import compare_outputs, mask_ious, match_image
 from export.runtimes import OnnxRuntime
 from inference.runtime import RuntimeOptions, export_checkpoint, open_runtime
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.intensity import decode_rgb8
 from service.models import load_model
 from service.settings import ModelSpec, Settings
@@ -74,12 +84,99 @@ def test_runtime_rejects_inputs_outside_the_contract(tiny_graph: Path) -> None:
         runtime.infer(noise_images(0, 96, 128))
 
 
-def test_auto_precision_follows_the_cpu() -> None:
-    assert resolve_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
-    assert resolve_precision("fp32") == "fp32"
-    if not cpu_has_bf16():
-        with pytest.raises(ValueError, match="lacks it"):
-            resolve_precision("bf16")
+def test_auto_precision_follows_the_cpu_and_the_models_measured_choice(tiny_graph: Path) -> None:
+    """auto: fp32 without bf16; with it, the precision the graph records (chosen on its validation split) or
+    the default, bf16 with the mask decode in fp32."""
+    metadata = read_onnx_metadata(tiny_graph)
+    assert metadata.cpu_precision is None
+    measured = metadata.model_copy(update={"cpu_precision": "bf16"})
+    if cpu_has_bf16():
+        assert resolve_precision("auto", metadata) == DEFAULT_CPU_PRECISION == "bf16+fp32_mask_decode"
+        assert resolve_precision("auto", measured) == "bf16"
+    else:
+        assert resolve_precision("auto", metadata) == resolve_precision("auto", measured) == "fp32"
+        for forced in ("bf16", "bf16+fp32_mask_decode"):
+            with pytest.raises(ValueError, match="lacks bf16"):
+                resolve_precision(forced)
+    assert resolve_precision("fp32", measured) == "fp32"
+
+
+def test_the_mask_decode_and_branch_are_found_by_the_graphs_structure(tiny_graph: Path) -> None:
+    """The mask branch: what only the masks output needs; its decode: the part after the last convolution
+    (EmbedMask's embeddings and coupling, MEInst's codec). The detections' operations are never in either."""
+    model = ov.Core().read_model(str(tiny_graph))
+    types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    branch = fp32_operations(model, "bf16+fp32_mask_branch")
+    decode = fp32_operations(model, "bf16+fp32_mask_decode")
+    assert decode and decode < branch
+    assert any(types[name] in CONVOLUTIONS for name in branch)  # the mask head's convolutions
+    assert not any(types[name] in CONVOLUTIONS for name in decode)
+    assert any(types[name] == "MatMul" for name in decode)  # EmbedMask's coupling, MEInst's codec
+    detections = {op.get_friendly_name() for op in model.get_ordered_ops() if "NonMaxSuppression" in op.get_type_name()}
+    assert detections and not detections & branch
+    assert fp32_operations(model, "bf16") == fp32_operations(model, "fp32") == set()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16: everything runs in fp32")
+def test_openvino_keeps_the_marked_operations_in_fp32(tiny_graph: Path, tmp_path: Path) -> None:
+    """The mark survives OpenVINO's IR and its CPU plugin (which ignores it when set from Python): under
+    bf16+fp32_mask_decode EmbedMask's coupling MatMul runs in f32 while the convolutions run in bf16; under
+    bf16 it runs in bf16 too. The marked IR is cached, so a second runtime on the cache writes none."""
+    if tiny_graph.stem != "embedmask":
+        pytest.skip(
+            "MEInst's codec MatMul has constant weights: the plugin makes it a FullyConnected and drops the mark"
+        )
+    model = ov.Core().read_model(str(tiny_graph))
+    types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
+    matmuls = {name for name in fp32_operations(model, "bf16+fp32_mask_decode") if types[name] == "MatMul"}
+
+    def precisions(runtime: OpenVinoRuntime) -> dict[str, set[str]]:
+        """Runtime precisions of the convolutions and of what the decode's MatMuls became."""
+        found: dict[str, set[str]] = {"convolutions": set(), "matmuls": set()}
+        for op in runtime.engine(128, 160).compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            precision = info["runtimePrecision"].astype(str)
+            if info["layerType"].astype(str) == "Convolution":
+                found["convolutions"].add(precision)
+            if matmuls & set(info["originalLayersNames"].astype(str).split(",")):
+                found["matmuls"].add(precision)
+        return found
+
+    mixed = precisions(OpenVinoRuntime(tiny_graph, precision="bf16+fp32_mask_decode", cache_dir=tmp_path))
+    plain = precisions(OpenVinoRuntime(tiny_graph, precision="bf16"))
+    assert mixed["convolutions"] == plain["convolutions"] == {"bf16"}
+    assert mixed["matmuls"] == {"f32"} and plain["matmuls"] == {"bf16"}
+    (written,) = (tmp_path / "ir").glob("*.xml")
+    OpenVinoRuntime(tiny_graph, precision="bf16+fp32_mask_decode", cache_dir=tmp_path)
+    assert list((tmp_path / "ir").glob("*.xml")) == [written]
+
+
+def test_a_checkpoints_measured_precision_reaches_the_runtime(tmp_path: Path) -> None:
+    """``cpu_precision`` in a checkpoint (``training.precision`` writes it) travels into the exported graph's
+    metadata, and ``auto`` runs it where the CPU has bf16."""
+    checkpoint = tiny_checkpoint("embedmask", tmp_path / "tiny.pt")
+    saved = load_checkpoint(checkpoint)
+    saved["cpu_precision"] = "bf16+fp32_mask_branch"
+    save_checkpoint(saved, checkpoint)
+    opened = open_runtime(checkpoint, RuntimeOptions(engine="openvino"), tmp_path / "cache")
+    assert opened.metadata.cpu_precision == "bf16+fp32_mask_branch"
+    assert opened.precision == ("bf16+fp32_mask_branch" if cpu_has_bf16() else "fp32")
+    assert opened.max_batch_size == 1  # batch-1 engines: the service forms no larger batches
+
+
+def test_engines_beyond_max_engines_are_released_and_compiled_again(tiny_graph: Path) -> None:
+    """At most ``max_engines`` shapes stay compiled, the least recently used released first; a released
+    shape compiles again on its next use with the same outputs."""
+    runtime = OpenVinoRuntime(tiny_graph, precision="fp32", threads=1, max_engines=2)
+    first = runtime.infer(noise_images(1, 96, 128, seed=1))
+    runtime.infer(noise_images(1, 128, 128))
+    runtime.infer(noise_images(1, 96, 128, seed=2))  # 96x128 is now the most recently used
+    runtime.infer(noise_images(1, 128, 160))
+    assert runtime.shapes == [(96, 128), (128, 160)]
+    runtime.infer(noise_images(1, 128, 128))
+    assert runtime.shapes == [(128, 128), (128, 160)]
+    again = runtime.infer(noise_images(1, 96, 128, seed=1))
+    assert all(np.array_equal(first[name], again[name]) for name in first)
 
 
 def test_model_cache_makes_a_second_start_fast(tiny_graph: Path, tmp_path: Path) -> None:
@@ -161,8 +258,8 @@ def test_bf16_keeps_what_users_see_on_a_trained_model(method: str, hela_tiles: n
 
 
 def test_service_serves_through_openvino(tmp_path: Path) -> None:
-    """``--runtime.engine openvino``: one batch-1 engine per bucket, compiled at warm-up into the cache directory,
-    and a batch of 3 answered image by image as onnxruntime answers it."""
+    """``--runtime.engine openvino``: one batch-1 engine per bucket, the largest compiled at warm-up into the cache
+    directory and the others on first use, and a batch of 3 answered image by image as onnxruntime answers it."""
     spec = ModelSpec(name="tiny", path=tiny_checkpoint("meinst", tmp_path / "tiny.pt"), buckets=["128x128", "128x192"])
     settings = Settings(
         models=[spec],
@@ -173,8 +270,10 @@ def test_service_serves_through_openvino(tmp_path: Path) -> None:
     model, _ = load_model(spec, settings)
     assert (model.engine, model.streams, model.precision) == ("openvino", 2, "fp32")
     assert isinstance(model.runtime, OpenVinoRuntime)
-    assert model.runtime.shapes == [(128, 128), (128, 192)]
+    assert model.runtime.shapes == [(128, 192)]
     assert any((tmp_path / "cache" / "openvino").iterdir())
+    model.runtime.infer(noise_images(1, 128, 128))
+    assert model.runtime.shapes == [(128, 128), (128, 192)]
     images = noise_images(3, 128, 192, seed=5)
     reference = OnnxRuntime(model.graph_path, providers=["CPUExecutionProvider"]).infer(images)
     assert (
@@ -245,3 +344,24 @@ def test_service_takes_runtime_options_per_model(tmp_path: Path) -> None:
     for bad in ({"engnie": "onnxruntime"}, {"engine": "tensorflow"}, {"streams": 0}):
         with pytest.raises(ValueError):
             ModelSpec(name="c", path=tmp_path / "c.onnx", runtime=bad)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16: training.precision has nothing to choose")
+def test_precision_check_stores_the_fastest_precision_within_tolerance(tmp_path: Path) -> None:
+    """``python -m training.precision`` on a validation split: fp32 onnxruntime is the reference and the fastest
+    OpenVINO precision within the tolerance is written into the checkpoint, whose next export carries it. (A
+    random-weight model scores about nothing in every precision, so bf16 itself is within any tolerance.)"""
+    from training.nucleus import build
+    from training.precision import main
+
+    build(str(tmp_path / "nucleus"), tile=256, frames=1)
+    extra = ("data.resize=scale", "data.scale_test=1.0", "data.intensity=percentile", "model.num_classes=1")
+    checkpoint = tiny_checkpoint("embedmask", tmp_path / "tiny.pt", extra=extra)
+    saved = load_checkpoint(checkpoint)
+    saved.update(class_names=["nucleus"], category_ids=[1])
+    save_checkpoint(saved, checkpoint)
+    args = ["--checkpoint", str(checkpoint), "--annotations", str(tmp_path / "nucleus" / "val_fields.json")]
+    main([*args, "--images", str(tmp_path / "nucleus" / "val_fields"), "--cache-dir", str(tmp_path / "cache")])
+    assert load_checkpoint(checkpoint)["cpu_precision"] == "bf16"
+    opened = open_runtime(checkpoint, RuntimeOptions(engine="openvino"), tmp_path / "cache")
+    assert opened.metadata.cpu_precision == opened.precision == "bf16"
