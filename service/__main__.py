@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from service import heap
 from service.app import create_app
 from service.keys import KeyFileError
 from service.request_log import configure_logging
@@ -21,6 +22,7 @@ from service.settings import Settings, load_settings
 
 
 def main(argv: list[str]) -> int:
+    heap.limit_arenas()  # before the server, the request workers and the engines start their threads
     settings: Settings = load_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     missing = [f"{spec.name}: {spec.path}" for spec in settings.models if not spec.path.is_file()]

@@ -1,9 +1,10 @@
 """The served models and their states: each configured path opened by the runtime factory
 (``inference.runtime.open_runtime``, with the model's runtime options), wrapped in its pipeline and warmed up.
 
-A model counts as ready only after every inference stream ran on every shape bucket at batch 1 and at the
-largest batch (``inference.runtime.warm_up``), so that no request pays for first-run allocation or an engine
-compile, and after the app started its worker (``service.worker``).
+A model counts as ready only after every inference stream ran on its warm buckets (``--warm-buckets``, or by
+default every bucket, but on OpenVINO only the largest: ``inference.runtime.warm_buckets``) at batch 1 and at
+the largest batch it serves (``inference.runtime.warm_up``), so that no request on them pays for first-run
+allocation or an engine compile, and after the app started its worker (``service.worker``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from inference.pipeline import ImagePipeline
-from inference.runtime import OpenedModel, open_runtime, warm_up
+from inference.runtime import OpenedModel, export_ahead, open_runtime, warm_buckets, warm_up
+from service import heap
 from service.settings import ModelSpec, Settings
 from service.worker import ModelWorker
 
@@ -48,7 +50,9 @@ def load_model(spec: ModelSpec, settings: Settings) -> tuple[OpenedModel, ImageP
     )
     if settings.warmup:
         every_batch_size = opened.engine == "torch" and options.cuda_graphs  # a CUDA graph serves one shape
-        warm_up(opened, pipeline.buckets, settings.max_batch_size, every_batch_size)
+        warm = settings.warm_shapes() or warm_buckets(opened, pipeline.buckets)
+        warm_up(opened, warm, settings.max_batch_size, every_batch_size)
+    heap.trim()  # what the export, the compile and the warm-up freed
     return opened, pipeline
 
 
@@ -66,6 +70,15 @@ class ModelRegistry:
     @property
     def ready(self) -> bool:
         return all(entry.state == "ready" for entry in self.entries.values())
+
+    def export_ahead(self, name: str) -> None:
+        """Export one model's checkpoint ahead of its load (blocking; ``inference.runtime.export_ahead``). A
+        failure is only logged: the load exports again and records the error."""
+        spec = self.entries[name].spec
+        try:
+            export_ahead(spec.path, self.settings.runtime_options(spec), self.settings.cache_dir)
+        except Exception:
+            log.warning("model %s: exporting ahead failed; its load will try again", name, exc_info=True)
 
     def load(self, name: str) -> tuple[OpenedModel, ImagePipeline] | None:
         """Load one model (blocking); on failure record the error and return None. The state stays

@@ -83,9 +83,13 @@ class SegmentService:
         self._loader = asyncio.get_running_loop().create_task(self._load_all(), name="onestage-load")
 
     async def _load_all(self) -> None:
-        """Compile the finishing kernel and load models one by one off the event loop (live answers
+        """Compile the finishing kernel and export every checkpoint side by side (on a cold cache the exports
+        are most of the start), then load the models one by one, all off the event loop (live answers
         meanwhile; ready waits for all)."""
-        await asyncio.to_thread(finishing.compile_kernel)
+        await asyncio.gather(
+            asyncio.to_thread(finishing.compile_kernel),
+            *(asyncio.to_thread(self.registry.export_ahead, name) for name in self.registry.entries),
+        )
         for name in self.registry.entries:
             loaded = await asyncio.to_thread(self.registry.load, name)
             if loaded is None or self.stopping:

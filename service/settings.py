@@ -147,7 +147,14 @@ class Settings(BaseSettings):
         description="threads that may share one image's mask finishing: its request thread plus helpers from a "
         "pool the process shares (default: half the usable cores, rounded up, at most 4)",
     )
-    warmup: bool = Field(True, description="run every model on every bucket (batch 1 and max) before reporting ready")
+    warmup: bool = Field(
+        True, description="run every model on its warm buckets (batch 1 and max) before reporting ready"
+    )
+    warm_buckets: list[str] = Field(
+        default_factory=list,
+        description="shapes HxW every model runs before it reports ready; empty: every bucket, but on OpenVINO "
+        "(one engine compiled per shape) the largest only, the others compiled on first use",
+    )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown: longest wait for in-flight requests")
     drain_s: float = Field(
         0.0,
@@ -181,7 +188,7 @@ class Settings(BaseSettings):
         "empty: CORS off (same-origin)",
     )
 
-    @field_validator("buckets")
+    @field_validator("buckets", "warm_buckets")
     @classmethod
     def _buckets_parse(cls, value: list[str]) -> list[str]:
         for bucket in value:
@@ -206,6 +213,10 @@ class Settings(BaseSettings):
         """``spec``'s shape buckets, or the service's, or None (the model's defaults)."""
         texts = spec.buckets if spec.buckets is not None else self.buckets
         return [parse_bucket(text) for text in texts] or None
+
+    def warm_shapes(self) -> list[tuple[int, int]]:
+        """The shapes every model warms up on, as ``warm_buckets`` names them (empty: the engine's default)."""
+        return [parse_bucket(text) for text in self.warm_buckets]
 
     @field_validator("models")
     @classmethod

@@ -18,7 +18,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import numpy as np
 
 from inference.pipeline import ImagePipeline, Pass, PassResult, Segmentation, SegmentOptions, advance
-from inference.runtime import OpenedModel
+from inference.runtime import OpenedModel, served_batch_size
 from model.finishing import Instance
 from service.batcher import DynamicBatcher, Outputs, QueueFull, Reservation
 from service.errors import DeadlinePassed
@@ -41,19 +41,22 @@ class ModelWorker:
         self.name, self.opened, self.pipeline = name, opened, pipeline
         self.metrics, self.cpu_pool = metrics, cpu_pool
         self.inference_pool = ThreadPoolExecutor(opened.streams, thread_name_prefix=f"onestage-infer-{name}")
+        # No larger batches than the engine runs best: on the CPU engines a batch costs as much per image as
+        # single images and makes its requests wait for one another (``inference.runtime.served_batch_size``).
+        batch_size = served_batch_size(opened, settings.max_batch_size)
         self.batcher = DynamicBatcher(
             name,
             opened.runtime.infer,
             tuple(pipeline.contract.pad_value),  # type: ignore[arg-type]  # three values, checked by the contract
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=batch_size,
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             executor=self.inference_pool,
             metrics=metrics,
             max_in_flight=opened.streams,
         )
-        # A request keeps at most two batches of its inputs queued: one running, the next one waiting.
-        self.window = 2 * settings.max_batch_size
+        # A request keeps at most a batch of its inputs queued per stream (running) and one more (the next).
+        self.window = (opened.streams + 1) * batch_size
 
     def start(self) -> None:
         """Start batching (on the running event loop) and publish the model's identity."""
