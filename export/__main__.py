@@ -1,14 +1,16 @@
 """Lower a checkpoint to a fused graph.
 
-    python -m export --checkpoint CKPT --format onnx --output model.onnx
+    python -m export --checkpoint CKPT --format onnx --output model.onnx [--checkpoint CKPT2 --output b.onnx ...]
     python -m export --checkpoint CKPT --format tensorrt --output model.plan [--fp16] [--max-batch 8]
         [--min-shape 1x3x64x64 --opt-shape 4x3x800x1344 --max-shape 8x3x1344x1344] [--workspace-gib 4]
     python -m export --checkpoint CKPT --format triton --output REPO [--name NAME]
         [--triton-backend onnxruntime|tensorrt] [--max-batch 8] [--max-queue-delay-us 2000] [--max-queue-size 64]
 
 Every ONNX export is checked against eager PyTorch on a random batch (onnxruntime, CPU) unless
-``--skip-check``. TensorRT needs an NVIDIA GPU host with the ``tensorrt`` package; the ONNX graph it is
-built from is written next to the engine (``model.onnx`` beside ``model.plan``).
+``--skip-check``. ONNX exports take several ``--checkpoint``/``--output`` pairs, so that one process (one
+import of torch, most of an export's time) exports them all. TensorRT needs an NVIDIA GPU host with the
+``tensorrt`` package; the ONNX graph it is built from is written next to the engine (``model.onnx`` beside
+``model.plan``).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, action="append", help="repeat for several ONNX exports")
     parser.add_argument("--format", required=True, choices=["onnx", "tensorrt", "triton"])
     parser.add_argument(
-        "--output", required=True, help="the .onnx file, the engine file, or the Triton repository folder"
+        "--output",
+        required=True,
+        action="append",
+        help="the .onnx file, the engine file, or the Triton repository folder (one per --checkpoint)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--skip-check", action="store_true", help="do not compare the ONNX graph with eager PyTorch")
@@ -89,17 +94,24 @@ def _export_checked(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if len(args.checkpoint) != len(args.output):
+        parser.error(f"{len(args.checkpoint)} --checkpoint but {len(args.output)} --output: give one output each")
+    if args.format == "onnx":
+        for checkpoint, output in zip(args.checkpoint, args.output):
+            model, cfg, checkpoint_metadata = load_detector(checkpoint)
+            _export_checked(model, args, cfg, checkpoint_metadata, Path(output))
+        return
+    if len(args.checkpoint) > 1:
+        parser.error(f"--format {args.format} exports one checkpoint")
     if args.format == "tensorrt" or (args.format == "triton" and args.triton_backend == "tensorrt"):
         try:
             import_tensorrt()
         except RuntimeError as error:
             raise SystemExit(f"error: {error}") from None
-    model, cfg, checkpoint_metadata = load_detector(args.checkpoint)
-    output = Path(args.output)
-    if args.format == "onnx":
-        _export_checked(model, args, cfg, checkpoint_metadata, output)
-        return
+    model, cfg, checkpoint_metadata = load_detector(args.checkpoint[0])
+    output = Path(args.output[0])
     if args.format == "tensorrt":
         onnx_path = output.with_suffix(".onnx")
         if onnx_path == output:
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {output} and {output}.json")
         return
 
-    name = args.name or Path(args.checkpoint).stem
+    name = args.name or Path(args.checkpoint[0]).stem
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         metadata = _export_checked(model, args, cfg, checkpoint_metadata, onnx_path)

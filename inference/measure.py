@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.measure import regionprops
 
 from model.finishing import Instance, mask_crop
 
@@ -37,6 +36,10 @@ FIELDS = tuple(Measurement.__dataclass_fields__)
 def measure(instances: Sequence[Instance], plane: np.ndarray) -> list[Measurement | None]:
     """The measurements of each instance (None where its mask is empty), from its uncompressed counts over the
     frame of ``plane`` ([H, W], the original values). Instances finished without masks cannot be measured."""
+    # Imported here, not with the module: scikit-image and the SciPy it loads hold ~30 MB that a service
+    # answering without measurements never needs.
+    from skimage.measure import regionprops
+
     measured: list[Measurement | None] = []
     for instance in instances:
         if instance.counts is None:

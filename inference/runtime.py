@@ -184,27 +184,43 @@ def cached_name(path: Path, suffix: str) -> str:
 
 
 def export_checkpoint(checkpoint: Path, target: Path) -> Path:
-    """Export ``checkpoint`` to ONNX at ``target`` unless a cached graph at least as new is there.
+    """Export ``checkpoint`` to ONNX at ``target`` unless a cached graph at least as new is there
+    (``export_checkpoints``)."""
+    export_checkpoints([(checkpoint, target)])
+    return target
 
-    The export runs in a child process (``python -m export``): torch is loaded there and its memory goes
-    back when the child exits, so the calling process never imports torch (about 600 MB resident).
+
+def export_checkpoints(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Export each ``(checkpoint, target)`` to ONNX at ``target`` unless a cached graph at least as new is there.
+
+    The exports run in one child process (``python -m export``): torch is loaded there, once for all of them
+    (the import is most of an export's time), and its memory goes back when the child exits, so the calling
+    process never imports torch (about 600 MB resident). Each graph is written beside its target and renamed
+    into place; when the child fails, none is.
     """
-    if _newer(target, checkpoint):
-        log.info("using cached graph %s for %s", target, checkpoint)
-        return target
-    log.info("exporting %s to %s", checkpoint, target)
-    tmp = _atomic_output(target)
+    stale = []
+    for checkpoint, target in pairs:
+        if _newer(target, checkpoint):
+            log.info("using cached graph %s for %s", target, checkpoint)
+        else:
+            log.info("exporting %s to %s", checkpoint, target)
+            stale.append((checkpoint, target, _atomic_output(target)))
+    if not stale:
+        return
     # --skip-check: the graph's parity with PyTorch is what the export tests check, not every start.
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--format", "onnx"]
-    command += ["--output", str(tmp), "--skip-check"]
+    command = [sys.executable, "-m", "export", "--format", "onnx", "--skip-check"]
+    for checkpoint, _, tmp in stale:
+        command += ["--checkpoint", str(checkpoint), "--output", str(tmp)]
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"exporting {checkpoint} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
+            names = ", ".join(str(checkpoint) for checkpoint, _, _ in stale)
+            raise RuntimeError(f"exporting {names} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        for _, target, tmp in stale:
+            os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
-    return target
+        for _, _, tmp in stale:
+            tmp.unlink(missing_ok=True)
 
 
 def build_engine_cached(
@@ -277,12 +293,17 @@ def check_precision(engine: Engine, precision: PrecisionChoice) -> str:
     return precision
 
 
-def export_ahead(path: Path, options: RuntimeOptions, cache_dir: Path) -> None:
-    """Export the checkpoint ``path`` to the ONNX graph ``prepare_graph`` will want for it (unless cached), so
-    that several models' exports (each a child process) can run side by side before they open one by one;
-    nothing for graphs, engines and the torch engine."""
-    if path.suffix == CHECKPOINT_SUFFIX and path.is_file() and choose_engine(options, path.suffix) != "torch":
-        export_checkpoint(path, cache_dir / cached_name(path, ".onnx"))
+def export_ahead(models: Sequence[tuple[Path, RuntimeOptions]], cache_dir: Path) -> None:
+    """Export every checkpoint of ``models`` (path and runtime options) to the ONNX graph ``prepare_graph`` will
+    want for it, unless cached, in one child process (``export_checkpoints``), before the models open one by
+    one; graphs, engines and checkpoints the torch engine runs need none."""
+    export_checkpoints(
+        [
+            (path, cache_dir / cached_name(path, ".onnx"))
+            for path, options in models
+            if path.suffix == CHECKPOINT_SUFFIX and path.is_file() and choose_engine(options, path.suffix) != "torch"
+        ]
+    )
 
 
 def prepare_graph(

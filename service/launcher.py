@@ -25,16 +25,17 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """``python -m service --host 127.0.0.1 --port PORT *args``; output goes to ``log_path``."""
+    """``python -m service --host 127.0.0.1 --port PORT *args`` run from the source tree ``source`` (default: this
+    one; the benchmarks start other checkouts to compare); output goes to ``log_path``."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None, source: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), *args]
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                command, cwd=source, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
 
     def log(self) -> str:

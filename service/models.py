@@ -71,14 +71,15 @@ class ModelRegistry:
     def ready(self) -> bool:
         return all(entry.state == "ready" for entry in self.entries.values())
 
-    def export_ahead(self, name: str) -> None:
-        """Export one model's checkpoint ahead of its load (blocking; ``inference.runtime.export_ahead``). A
-        failure is only logged: the load exports again and records the error."""
-        spec = self.entries[name].spec
+    def export_ahead(self) -> None:
+        """Export every model's checkpoint ahead of the loads, in one child process (blocking;
+        ``inference.runtime.export_ahead``). A failure is only logged: each load exports again (only its own
+        checkpoint) and records its error."""
+        models = [(entry.spec.path, self.settings.runtime_options(entry.spec)) for entry in self.entries.values()]
         try:
-            export_ahead(spec.path, self.settings.runtime_options(spec), self.settings.cache_dir)
+            export_ahead(models, self.settings.cache_dir)
         except Exception:
-            log.warning("model %s: exporting ahead failed; its load will try again", name, exc_info=True)
+            log.warning("exporting the checkpoints ahead failed; each load will try its own", exc_info=True)
 
     def load(self, name: str) -> tuple[OpenedModel, ImagePipeline] | None:
         """Load one model (blocking); on failure record the error and return None. The state stays

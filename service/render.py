@@ -4,7 +4,8 @@ the image as the model reads it, for display.
 The overlay and the label image take the answer as the API gives it (`SegmentResponse`: instances in
 descending score order with COCO RLE masks of the original image size), so the service (`render=overlay`,
 `mask_format=label`) and `python -m service.predict` draw exactly the same pictures. Masks are decoded one
-at a time with pycocotools, outlines traced with OpenCV, PNGs written by OpenCV and TIFFs by tifffile.
+at a time with pycocotools, outlines traced with OpenCV, PNGs written by OpenCV and TIFFs by tifffile. OpenCV
+is imported by the functions that use it: ~16 MB a service answering JSON never needs.
 
 Label image: [H, W], 0 background, instance i (1-based, in the answer's order) has value i; where masks
 overlap, the higher-scoring instance (the lower value) keeps the pixel. uint16 up to 65535 instances, uint32
@@ -17,7 +18,6 @@ import colorsys
 import io
 from collections.abc import Iterator
 
-import cv2
 import numpy as np
 import tifffile
 from pycocotools import mask as mask_utils
@@ -71,6 +71,8 @@ def _paint(answer: SegmentResponse, trace: bool) -> tuple[np.ndarray, list[tuple
         region = labels[y : y + mask.shape[0], x : x + mask.shape[1]]  # a view: painting it paints `labels`
         region[(mask != 0) & (region == 0)] = index + 1
         if trace:
+            import cv2
+
             traced = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x, y))[0]
             contours.append((index, list(traced)))
     return labels, contours
@@ -88,6 +90,8 @@ def overlay_image(image: np.ndarray, answer: SegmentResponse, *, fill: bool = Tr
     """`image` ([H, W, 3] uint8 RGB, the original frame) with each instance in its own colour: its RLE mask
     filled translucently and outlined, or, for an instance without a mask (mask_format=none), its box
     outlined. Returns a new array."""
+    import cv2
+
     if image.shape[:2] != (answer.height, answer.width):
         raise ValueError(
             f"image is {image.shape[1]}x{image.shape[0]} but the answer is for {answer.width}x{answer.height}"
@@ -137,6 +141,8 @@ def display_image(rgb: np.ndarray) -> np.ndarray:
 
 def png_bytes(array: np.ndarray) -> bytes:
     """PNG of an [H, W, 3] uint8 RGB image or an [H, W] uint8/uint16 single-channel image."""
+    import cv2
+
     if array.ndim == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])

@@ -83,22 +83,22 @@ class SegmentService:
         self._loader = asyncio.get_running_loop().create_task(self._load_all(), name="onestage-load")
 
     async def _load_all(self) -> None:
-        """Compile the finishing kernel and export every checkpoint side by side (on a cold cache the exports
-        are most of the start), then load the models one by one, all off the event loop (live answers
-        meanwhile; ready waits for all)."""
-        await asyncio.gather(
-            asyncio.to_thread(finishing.compile_kernel),
-            *(asyncio.to_thread(self.registry.export_ahead, name) for name in self.registry.entries),
-        )
-        for name in self.registry.entries:
-            loaded = await asyncio.to_thread(self.registry.load, name)
-            if loaded is None or self.stopping:
-                continue
-            worker = ModelWorker(name, *loaded, self.settings, self.metrics, self.cpu_pool)
-            worker.start()
-            self.registry.mark_ready(name, worker)
+        """Export every checkpoint (one child process, on a cold cache most of the start) while the finishing
+        kernel compiles, then load the models side by side (each compile and warm-up is mostly one thread),
+        all off the event loop (live answers meanwhile; each model serves once warm, ready waits for all)."""
+        await asyncio.gather(asyncio.to_thread(finishing.compile_kernel), asyncio.to_thread(self.registry.export_ahead))
+        await asyncio.gather(*(self._load(name) for name in self.registry.entries))
         if self.registry.ready:
             log.info("all %d models ready", len(self.registry.entries))
+
+    async def _load(self, name: str) -> None:
+        """Load one model off the event loop and start its worker."""
+        loaded = await asyncio.to_thread(self.registry.load, name)
+        if loaded is None or self.stopping:
+            return
+        worker = ModelWorker(name, *loaded, self.settings, self.metrics, self.cpu_pool)
+        worker.start()
+        self.registry.mark_ready(name, worker)
 
     async def stop(self) -> None:
         """Refuse new work, finish every queued request, release the request threads."""
