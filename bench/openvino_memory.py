@@ -22,6 +22,8 @@ Variants (OpenVINO: CPU, ``INFERENCE_PRECISION_HINT`` bf16 where the CPU has it,
 - ``static``: one engine per (batch, height, width): batch 1 and ``--batch`` on every bucket.
 - ``dynamic_batch``: one engine per bucket, batch dimension ``1..--batch``, height and width static.
 - ``batch1``: one static batch-1 engine per bucket; a batch runs as consecutive batch-1 inferences.
+- ``dynamic_hw``: one batch-1 engine for every bucket, height and width dynamic up to the largest bucket's;
+  a batch runs as consecutive batch-1 inferences.
 - ``batch1_release``: as ``batch1``, and ``CompiledModel.release_memory()`` after every inference.
 - ``batch1_ir``: as ``batch1``, the graph read as OpenVINO IR (``ov.save_model`` without fp16 compression
   into a temporary directory, then ``read_model``, which maps the weights file) instead of ONNX.
@@ -58,6 +60,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 IDLE_S = 3.0  # service-* variants: idle time before the last memory reading
 VARIANTS = (
     "static",
+    "dynamic_hw",
     "batch1_ir",
     "batch1_nosnippets",
     "dynamic_batch",
@@ -81,16 +84,19 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in (item.split("x") for item in text.split(","))]
 
 
-def openvino_infer(variant: str, graph: str, batch: int, streams: int, threads: int) -> tuple[Callable, Callable]:
-    """(prepare(height, width), infer(images)) for one OpenVINO variant."""
+def openvino_infer(
+    variant: str, graph: str, batch: int, streams: int, threads: int, largest: tuple[int, int]
+) -> tuple[Callable, Callable]:
+    """(prepare(height, width), infer(images)) for one OpenVINO variant; ``largest``: the largest bucket (the
+    bound of ``dynamic_hw``'s height and width)."""
     import openvino as ov
 
     from export.openvino_runtime import resolve_precision
 
     core = ov.Core()
-    precision = resolve_precision("auto", core)
+    precision = resolve_precision("auto", core=core)
     config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
         "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
         "NUM_STREAMS": streams,
         "INFERENCE_NUM_THREADS": streams * threads,
@@ -118,6 +124,9 @@ def openvino_infer(variant: str, graph: str, batch: int, streams: int, threads: 
                 engines[(size, height, width)] = compile_shape([size, 3, height, width])
         elif variant == "dynamic_batch":
             engines[(0, height, width)] = compile_shape([ov.Dimension(1, batch), 3, height, width])
+        elif variant == "dynamic_hw":
+            if not engines:
+                engines[(1, 0, 0)] = compile_shape([1, 3, ov.Dimension(32, largest[0]), ov.Dimension(32, largest[1])])
         else:
             engines[(1, height, width)] = compile_shape([1, 3, height, width])
 
@@ -139,7 +148,8 @@ def openvino_infer(variant: str, graph: str, batch: int, streams: int, threads: 
             return run((count, height, width), images)
         if variant == "dynamic_batch":
             return run((0, height, width), images)
-        chunks = [run((1, height, width), images[i : i + 1]) for i in range(count)]
+        key = (1, 0, 0) if variant == "dynamic_hw" else (1, height, width)
+        chunks = [run(key, images[i : i + 1]) for i in range(count)]
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
     return prepare, infer
@@ -162,7 +172,7 @@ def interleaved_latency(args: argparse.Namespace) -> dict[str, Any]:
 
     core = ov.Core()
     config = {
-        "INFERENCE_PRECISION_HINT": "bf16" if resolve_precision("auto", core) == "bf16" else "f32",
+        "INFERENCE_PRECISION_HINT": "f32" if resolve_precision("auto", core=core) == "fp32" else "bf16",
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
         "INFERENCE_NUM_THREADS": args.threads,
@@ -287,7 +297,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             return ov_runtime.infer(images)
 
     else:
-        prepare, infer = openvino_infer(args.variant, args.graph, args.batch, args.streams, args.threads)
+        largest = (max(h for h, _ in buckets), max(w for _, w in buckets))
+        prepare, infer = openvino_infer(args.variant, args.graph, args.batch, args.streams, args.threads, largest)
     record["rss_mb"]["read"] = rss_mb()
     rng = np.random.default_rng(0)
     images = {bucket: rng.integers(0, 256, (args.batch, 3, *bucket), dtype=np.uint8) for bucket in buckets}

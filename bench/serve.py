@@ -5,9 +5,11 @@
         [--output bench/results/serve.json]
     python -m bench.serve --configs '{"name": [service flags], ...}' [--rounds 3] [--image PATH ...] ...
 
-With ``--configs``, one server per named configuration runs the bundled (or given) models, and the
-configurations take turns in interleaved rounds on every image, model and concurrency (see
-``compare_configs``); the first configuration is the baseline of the ratios.
+With ``--configs`` (JSON ``{"name": [service flags]}``, or ``{"name": {"args": [flags], "source": DIR, "env":
+{...}}}`` to run another checkout, the code before a change, say), one server per named configuration runs
+the bundled (or given) models, and the configurations take turns in interleaved rounds on every image, model
+and concurrency, each configuration's engine alone measured in the same rounds (see ``compare_configs``);
+the first configuration is the baseline of the ratios.
 
 Starts ``python -m service`` twice on a loopback port -- batching on (``--max-batch-size``) and off
 (``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
@@ -21,7 +23,10 @@ image planned into the same bucket by the pipeline): batch 1 and ``max_batch_siz
 call, alone and followed by the pass's finishing of every image (the work the service must do per request
 besides HTTP), with the service's thread count per stream and with every core; the summary divides the
 service's throughput at the highest concurrency by the best of these. Models: the bundled ``models/``
-checkpoints by default, or ``--models``. Prints a table and writes ``bench/results/serve.json``.
+checkpoints by default, or ``--models``. Beside it, the engine on the service's own streams (``EngineProbe``:
+one closed loop per stream, batch 1, without HTTP, decoding or the batcher): the summary gives the service's
+throughput at the highest concurrency as a share of it, the part of the engine the service delivers. Prints a
+table and writes ``bench/results/serve.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import shlex
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +51,34 @@ from inference.predictor import Predictor
 from inference.runtime import cached_name, export_checkpoint, usable_cores
 from inference.sizing import pad_batch
 from service.launcher import ServiceProcess
-from service.settings import ModelSpec, Settings, bundled_models
+from service.settings import REPO, ModelSpec, Settings, bundled_models, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_WORK = RESULTS / "tmp"  # logs, tiny models, the default image and the export cache
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One way to run ``python -m service``: its flags, the source tree it runs from (another checkout: the
+    code before a change) and extra environment variables."""
+
+    name: str
+    args: list[str]
+    source: Path = REPO
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_configs(text: str) -> list[ServiceConfig]:
+    """``--configs`` JSON, in order: ``{"name": [flags]}`` or ``{"name": {"args": [flags], "source": DIR,
+    "env": {...}}}``."""
+    configs = []
+    for name, value in json.loads(text).items():
+        if isinstance(value, list):
+            configs.append(ServiceConfig(name, [str(flag) for flag in value]))
+        else:
+            source = Path(value.get("source") or REPO).resolve()
+            configs.append(ServiceConfig(name, list(value.get("args", [])), source, dict(value.get("env", {}))))
+    return configs
 
 
 def machine() -> dict[str, Any]:
@@ -214,6 +244,47 @@ def serve_runs(
     return rows
 
 
+class EngineProbe:
+    """One model's engine as a service configuration opens it (its runtime options: engine, precision, streams,
+    threads), with a request image planned into its bucket by the pipeline: its own throughput, driven by one
+    closed loop per stream in this process, without HTTP, decoding or the batcher."""
+
+    def __init__(self, settings: Settings, spec: ModelSpec, data: bytes) -> None:
+        options = settings.runtime_options(spec)
+        self.predictor = Predictor.open(
+            spec.path, options, cache_dir=settings.cache_dir, buckets=settings.model_buckets(spec)
+        )
+        self.streams = self.predictor.opened.streams if self.predictor.opened else 1
+        pipeline = self.predictor.pipeline
+        self.step = pipeline.plan(pipeline.decode(data).rgb, 1.0, SegmentOptions(), pipeline.score_threshold)
+        self.images = pad_batch(self.step.inputs[:1], self.step.bucket, pipeline.contract.pad_value)
+        for _ in range(self.streams):  # first runs allocate, the first finish compiles
+            self.step.finish(0, {k: v[0] for k, v in self.predictor.runtime.infer(self.images).items()})
+
+    def rate(self, images: int, finish: bool) -> float:
+        """Images per second over ``images`` inferences (and their finishing, with ``finish``), one closed
+        loop per stream."""
+        counter = iter(range(images))
+        lock = threading.Lock()
+
+        def loop() -> None:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                outputs = self.predictor.runtime.infer(self.images)
+                if finish:
+                    self.step.finish(0, {k: v[0] for k, v in outputs.items()})
+
+        threads = [threading.Thread(target=loop) for _ in range(self.streams)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return images / (time.perf_counter() - started)
+
+
 def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str, Any]:
     """The engine alone in this process, on the service's own pipeline steps for the image (decode, plan into
     its bucket; after each runtime call, the pass's finishing): images/s at batch 1 and max, without and with
@@ -265,34 +336,48 @@ def raw_runs(args: argparse.Namespace, spec: ModelSpec, data: bytes) -> dict[str
 def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: list[Path]) -> dict[str, Any]:
     """Every named service configuration at once (one server each, started before the first round), driven
     in interleaved rounds: per round, per image, model and concurrency, each configuration in turn, so that
-    a change in the machine's load touches all of them alike. Reported per cell: the median over rounds of
-    throughput and of p50, and each configuration's ratio to the first one."""
-    configs: dict[str, list[str]] = json.loads(args.configs)
+    a change in the machine's load touches all of them alike; then, per image and model, the engine of each
+    configuration of this source tree alone (``EngineProbe``, the servers idle meanwhile). Reported per cell:
+    the median over rounds of throughput and of p50, and each configuration's ratio to the first one; per
+    image and model, the service's throughput at the highest concurrency as a share of its engine's own
+    (ratios taken within each round, then the median)."""
+    configs = parse_configs(args.configs)
+
+    def cache_dir(config: ServiceConfig) -> Path:
+        """Another source tree gets a cache of its own (its graphs' metadata may differ from this tree's)."""
+        return args.cache_dir if config.source == REPO else args.cache_dir / f"source-{config.name}"
+
     for spec in specs:  # export once here, not in every server at once
         if spec.path.suffix == ".pt":
             export_checkpoint(spec.path, args.cache_dir / cached_name(spec.path, ".onnx"))
     models = json.dumps([spec.model_dump(mode="json") for spec in specs])
-    common = [
-        "--models",
-        models,
-        "--cache-dir",
-        str(args.cache_dir),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-delay-ms",
-        str(args.max_delay_ms),
-        "--max-queue-size",
-        "256",
-    ]
+    common = ["--models", models, "--max-batch-size", str(args.max_batch_size)]
+    common += ["--max-delay-ms", str(args.max_delay_ms), "--max-queue-size", "256"]
     servers = {
-        name: ServiceProcess([*common, *extra], args.work / f"serve_{name}.log") for name, extra in configs.items()
+        config.name: ServiceProcess(
+            [*common, "--cache-dir", str(cache_dir(config)), *config.args],
+            args.work / f"serve_{config.name}.log",
+            env=config.env,
+            source=config.source,
+        )
+        for config in configs
     }
     rows: list[dict[str, Any]] = []
+    engine_rows: list[dict[str, Any]] = []
     try:
         for server in servers.values():
-            server.wait_ready(timeout=1800)  # OpenVINO compiles an engine per bucket and batch size on a first start
+            server.wait_ready(timeout=1800)  # a cold cache exports and compiles first
         payloads = {image.name: image.read_bytes() for image in images}
-        for _name, server in servers.items():
+        probes = {
+            (config.name, image, spec.name): EngineProbe(
+                load_settings([*common, "--cache-dir", str(cache_dir(config)), *config.args]), spec, data
+            )
+            for config in configs
+            if config.source == REPO and args.engine_images
+            for image, data in payloads.items()
+            for spec in specs
+        }
+        for server in servers.values():
             for spec in specs:
                 for data in payloads.values():
                     drive(server.url, spec.name, data, 2, 8)  # warm the connection path
@@ -312,36 +397,80 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
                                 f"errors {row['errors']}",
                                 flush=True,
                             )
+                    for config in configs:
+                        probe = probes.get((config.name, image, spec.name))
+                        if probe is None:
+                            continue
+                        engine = {
+                            "infer_images_per_s": probe.rate(args.engine_images, finish=False),
+                            "infer_and_finish_images_per_s": probe.rate(args.engine_images, finish=True),
+                        }
+                        engine_rows.append(
+                            {"config": config.name, "image": image, "model": spec.name, "round": round_index, **engine}
+                        )
+                        print(
+                            f"  round {round_index} {image[:24]:24s} {spec.name:10s} engine alone "
+                            f"({probe.streams} streams) {config.name:14s} {engine['infer_images_per_s']:7.1f} img/s, "
+                            f"with finishing {engine['infer_and_finish_images_per_s']:7.1f} img/s",
+                            flush=True,
+                        )
     finally:
         for server in servers.values():
             server.terminate()
-    baseline = next(iter(configs))
+    baseline = configs[0].name
+    top = max(args.concurrency)
     table = []
     for image in payloads:
         for spec in specs:
             for concurrency in args.concurrency:
-                cell = {}
-                for name in configs:
-                    key = (name, image, spec.name, concurrency)
+                cell: dict[str, dict[str, float]] = {}
+                for config in configs:
+                    key = (config.name, image, spec.name, concurrency)
                     runs = [r for r in rows if (r["config"], r["image"], r["model"], r["concurrency"]) == key]
-                    cell[name] = {
+                    cell[config.name] = {
                         "throughput_rps": statistics.median(r["throughput_rps"] for r in runs),
                         "p50_ms": statistics.median(r["p50_ms"] for r in runs),
                     }
-                for name in configs:
-                    cell[name]["throughput_vs_" + baseline] = (
-                        cell[name]["throughput_rps"] / cell[baseline]["throughput_rps"]
+                    engines = [e for e in engine_rows if (e["config"], e["image"], e["model"]) == key[:3]]
+                    if concurrency == top and engines:
+                        for measure in ("infer_images_per_s", "infer_and_finish_images_per_s"):
+                            share = [
+                                r["throughput_rps"] / e[measure]
+                                for r in runs
+                                for e in engines
+                                if e["round"] == r["round"]
+                            ]
+                            cell[config.name][f"engine_{measure}"] = statistics.median(e[measure] for e in engines)
+                            cell[config.name][f"service_vs_engine_{measure.removesuffix('_images_per_s')}"] = (
+                                statistics.median(share)
+                            )
+                for config in configs:
+                    cell[config.name]["throughput_vs_" + baseline] = (
+                        cell[config.name]["throughput_rps"] / cell[baseline]["throughput_rps"]
                     )
-                    cell[name]["p50_vs_" + baseline] = cell[name]["p50_ms"] / cell[baseline]["p50_ms"]
+                    cell[config.name]["p50_vs_" + baseline] = cell[config.name]["p50_ms"] / cell[baseline]["p50_ms"]
                 table.append({"image": image, "model": spec.name, "concurrency": concurrency, "configs": cell})
-    print(f"{'image':24s} {'model':10s} {'c':>3s} " + " ".join(f"{name:>28s}" for name in configs))
+    print(f"{'image':24s} {'model':10s} {'c':>3s} " + " ".join(f"{config.name:>28s}" for config in configs))
     for entry in table:
         cells = " ".join(
             f"{c['throughput_rps']:6.1f} rps {c['p50_ms']:6.1f} ms x{c['throughput_vs_' + baseline]:4.2f}"
             for c in entry["configs"].values()
         )
         print(f"{entry['image'][:24]:24s} {entry['model']:10s} {entry['concurrency']:3d} {cells}")
-    return {"configs": configs, "rounds": args.rounds, "runs": rows, "table": table}
+        for name, c in entry["configs"].items():
+            if "service_vs_engine_infer" in c:
+                print(
+                    f"    {name}: service at c={top} = {c['service_vs_engine_infer']:.0%} of its engine alone "
+                    f"({c['engine_infer_images_per_s']:.1f} img/s), {c['service_vs_engine_infer_and_finish']:.0%} "
+                    f"of its engine with finishing ({c['engine_infer_and_finish_images_per_s']:.1f} img/s)"
+                )
+    return {
+        "configs": {c.name: {"args": c.args, "source": str(c.source), "env": c.env} for c in configs},
+        "rounds": args.rounds,
+        "runs": rows,
+        "engine_runs": engine_rows,
+        "table": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the batcher's wait (default: the service's)",
     )
     parser.add_argument("--raw-repeats", type=int, default=20)
+    parser.add_argument(
+        "--engine-images",
+        type=int,
+        default=64,
+        help="with --configs: images per engine-alone measurement of each configuration (0: none)",
+    )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="logs, tiny models, the default image")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where checkpoints are exported (<work>/cache)")
     parser.add_argument(
@@ -406,6 +541,16 @@ def main(argv: list[str] | None = None) -> None:
     report["serve"] += serve_runs(args, specs, data, 1)
     print("runtime alone (no server running):")
     report["raw"] = [raw_runs(args, spec, data) for spec in specs]
+    settings = Settings(models=specs, cache_dir=args.cache_dir, max_batch_size=args.max_batch_size, warmup=False)
+    engine_images = args.engine_images or 64
+    for spec, raw in zip(specs, report["raw"]):
+        probe = EngineProbe(settings, spec, data)
+        raw["engine_streams"] = {
+            "streams": probe.streams,
+            "infer_images_per_s": probe.rate(engine_images, finish=False),
+            "infer_and_finish_images_per_s": probe.rate(engine_images, finish=True),
+        }
+        print(f"  {spec.name:10s} engine alone on the service's streams: {raw['engine_streams']}", flush=True)
 
     summary = {}
     for spec, raw in zip(specs, report["raw"]):
@@ -430,6 +575,10 @@ def main(argv: list[str] | None = None) -> None:
             f"service_c{top}_vs_raw_infer": on["throughput_rps"] / best_infer,
             f"service_c{top}_vs_raw_infer_and_finish": on["throughput_rps"] / best_pipeline,
             f"batching_on_vs_off_c{top}": on["throughput_rps"] / off["throughput_rps"],
+            f"service_c{top}_vs_engine_on_its_streams": on["throughput_rps"]
+            / raw["engine_streams"]["infer_images_per_s"],
+            f"service_c{top}_vs_engine_on_its_streams_with_finishing": on["throughput_rps"]
+            / raw["engine_streams"]["infer_and_finish_images_per_s"],
         }
     report["summary"] = summary
     print(json.dumps(summary, indent=2))

@@ -209,19 +209,48 @@ def test_serve(tmp_path: Path, workdir: Path, photo_model: Path, photo: Path) ->
 
 
 def test_replica(tmp_path: Path, photo_model: Path) -> None:
-    """A cold start exports the checkpoint (the benchmark asserts it), a warm one reuses it; no torch."""
+    """A cold start exports the checkpoint (the benchmark asserts it), a warm one reuses it; no torch; two
+    configurations take turns."""
     out = tmp_path / "replica.json"
+    configs = {"one_stream": ["--runtime.streams", "1"], "ort": {"args": ["--runtime.engine", "onnxruntime"]}}
     run_bench(
         "replica",
-        *("--repeats", "1", "--idle-s", "0.5", "--inference-streams", "1"),
+        *("--repeats", "1", "--idle-s", "0.5", "--configs", json.dumps(configs)),
         *("--models", models_json("meinst", photo_model), "--output", str(out)),
     )
     result = read(out)
-    for kind in ("cold", "warm"):
-        (run,) = result["runs"][kind]
-        assert run["start_to_ready_s"] > 0 and 0 < run["idle_rss_mb"] <= run["peak_rss_mb"]
-        assert not run["torch_loaded"]
-        assert result["summary"][kind]["idle_rss_mb"]["median"] == run["idle_rss_mb"]
+    assert set(result["runs"]) == set(configs)
+    for name in configs:
+        for kind in ("cold", "warm"):
+            (run,) = result["runs"][name][kind]
+            assert run["start_to_ready_s"] > 0 and 0 < run["server_rss_mb"] <= run["peak_rss_mb"]
+            assert run["idle_rss_mb"] >= run["server_rss_mb"] and not run["torch_loaded"]
+            assert result["summary"][name][kind]["idle_rss_mb"]["median"] == run["idle_rss_mb"]
+
+
+def test_precision(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
+    out = tmp_path / "precision.json"
+    run_bench(
+        "precision",
+        *("--models", models_json("embedmask", nucleus_model), "--data", str(nucleus_data)),
+        *("--splits", "val_fields", "--repeats", "1", "--cache-dir", str(workdir / "cache"), "--output", str(out)),
+    )
+    result = read(out)["models"]["embedmask"]
+    assert set(result["ap"]) == {
+        "onnxruntime-fp32",
+        "openvino-bf16",
+        "openvino-bf16+fp32_mask_decode",
+        "openvino-bf16+fp32_mask_branch",
+        "openvino-fp32",
+    }
+    assert all(0 <= row["val_fields"]["segm_AP"] <= 100 for row in result["ap"].values())
+    assert all(ms > 0 for ms in result["latency"]["median_ms"].values())
+    assert result["training_precision_would_choose"] in (
+        "bf16",
+        "bf16+fp32_mask_decode",
+        "bf16+fp32_mask_branch",
+        "fp32",
+    )
 
 
 def test_openvino_memory(tmp_path: Path, photo_model: Path) -> None:
