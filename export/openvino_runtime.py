@@ -82,6 +82,8 @@ CONVOLUTIONS = frozenset({"Convolution", "GroupConvolution", "ConvolutionBackpro
 KEEP_PRECISION = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
 # Bumped when the marking changes, so that IR written by an earlier rule is not reused.
 MARKING_VERSION = 1
+# The precisions that keep part of a bf16 graph in fp32 (``fp32_operations``).
+MIXED_PRECISIONS: tuple[CpuPrecision, ...] = ("bf16+fp32_mask_decode", "bf16+fp32_mask_branch")
 
 
 def cpu_has_bf16(core: ov.Core | None = None, device: str = DEVICE) -> bool:
@@ -132,10 +134,10 @@ def fp32_operations(model: ov.Model, precision: CpuPrecision) -> set[str]:
     """Friendly names of the operations ``precision`` keeps in fp32 where the rest runs in bf16 (found by the
     graph's structure, so any exported model of any mask method gets them): the mask branch is every operation
     that only the ``masks`` output depends on; its decode, those of them after its last convolutions (neither a
-    convolution nor feeding one).
-    Constants are left out (they hold no computation). Empty for bf16 and fp32 and for boxes-only graphs."""
+    convolution nor feeding one). Constants are left out (they hold no computation). Empty for bf16 and fp32
+    and for boxes-only graphs."""
     masks = [output for output in model.outputs if output.get_any_name() == MASK_OUTPUT]
-    if precision not in ("bf16+fp32_mask_decode", "bf16+fp32_mask_branch") or not masks:
+    if precision not in MIXED_PRECISIONS or not masks:
         return set()
     others = [output for output in model.outputs if output.get_any_name() != MASK_OUTPUT]
     mask_only = _ancestors(masks) - _ancestors(others)
@@ -189,6 +191,8 @@ def graph_source(core: ov.Core, path: Path, precision: CpuPrecision, ir_dir: Pat
     OpenVINO's Python API cannot set that mark, but its IR carries it: such a graph is written once into
     ``ir_dir``, named by the graph's digest, the precision and ``MARKING_VERSION``, and read from there (its
     weights memory-mapped)."""
+    if precision not in MIXED_PRECISIONS:
+        return path
     target = ir_dir / f"{path.stem}-{_file_digest(path)}-{precision}-v{MARKING_VERSION}.xml"
     if target.is_file():
         return target

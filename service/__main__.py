@@ -2,8 +2,9 @@
 
     python -m service [--port 8000] [--host 127.0.0.1] [--models JSON] [--runtime auto|onnxruntime|tensorrt] ...
 
-With no arguments: the bundled ``models/`` checkpoints on this machine's CPU (onnxruntime), or onnxruntime
-CUDA where a GPU is usable. Every flag has an ``ONESTAGE_*`` environment variable; ``--help`` lists them.
+With no arguments: the bundled ``models/`` checkpoints on this machine's CPU (OpenVINO where the CPU has bf16,
+else onnxruntime), or onnxruntime CUDA where a GPU is usable. Every flag has an ``ONESTAGE_*`` environment
+variable; ``--help`` lists them.
 One process serves all models (the batcher needs every request of a model in one place); scale out with
 more replicas. SIGTERM first drains (readiness 503 for ``--drain-s`` while still serving); then, as on
 SIGINT, the server stops accepting connections and finishes the requests it accepted.

@@ -2,8 +2,8 @@
 
 glibc gives threads that allocate at once arenas of their own (up to eight per core), and what is freed in
 an arena stays resident until its top is free; the service runs many threads (HTTP, request workers,
-inference streams, OpenVINO's). Both levers cut the idle service's resident memory
-(``bench/results/replica_lean.json``). Where the C library is not glibc both are no-ops.
+inference streams, OpenVINO's). Both levers cut the idle service's resident memory (~40 MB and ~20 MB with
+both bundled models; ``BENCHMARKS.md``, Lean). Where the C library is not glibc both are no-ops.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import logging
 
 log = logging.getLogger(__name__)
 
-# glibc's mallopt parameter for the arena count (malloc.h); two arenas kept the idle service ~40 MB smaller
-# than glibc's default with no measured cost in throughput.
+# glibc's mallopt parameter for the arena count (malloc.h). Two arenas kept the idle service 40 MB smaller than
+# glibc's default (604 against 644 MB resident after a warm start, both bundled models on OpenVINO); the
+# service's throughput with them is in bench/results/serve_lean.json.
 M_ARENA_MAX = -8
 ARENAS = 2
 
