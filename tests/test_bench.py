@@ -322,3 +322,22 @@ def test_entry_points(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus
     for row in rows[1:]:
         held, total = row["held_by_evaluation"].split(" of ")
         assert held == total and row["instances"] <= rows[0]["instances"]
+
+
+def test_auto_cost(tmp_path: Path, workdir: Path, nucleus_data: Path, nucleus_model: Path) -> None:
+    """scale=auto timed against fixed scales on one set (here the val field itself): ratios and the scales
+    chosen, per model and set."""
+    index = tmp_path / "sets.json"
+    index.write_text(json.dumps({"sets": [{"name": "val_fields"}]}))
+    for suffix in (".json", ""):
+        (tmp_path / f"val_fields{suffix}").symlink_to(nucleus_data / f"val_fields{suffix}")
+    out = tmp_path / "auto_cost.json"
+    run_bench(
+        "auto_cost",
+        *("--checkpoints", str(nucleus_model), "--sets", str(index), "--only", "val_fields", "--images", "1"),
+        *("--repeats", "1", "--cache-dir", str(workdir / "cache"), "--output", str(out)),
+    )
+    (row,) = read(out)["rows"]
+    assert row["model"] == "embedmask_nucleus" and row["set"] == "val_fields" and row["images"] == 1
+    assert row["auto_vs_own"] > 0 and row["auto_vs_chosen"] > 0
+    assert all(0.1 <= scale <= 10 for scale in row["chosen_scales"])

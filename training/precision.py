@@ -7,8 +7,9 @@ OpenVINO on a CPU with bf16 (the service's default engine there) can run a graph
 its mask decode or its whole mask branch in fp32, or in fp32 (``export.metadata.CpuPrecision``, fastest
 first). bf16 moves EmbedMask's mask boundaries (its coupling subtracts large embedding terms), MEInst's not.
 Every validation image is segmented as the service segments it (``inference.Predictor``, every detection
-kept) with onnxruntime in fp32, the reference, and then through OpenVINO in each precision from the fastest,
-until one scores within ``--tolerance`` AP of the reference (segm AP; bbox for boxes-only graphs): that one
+kept, at the model's own scale unless ``--scale`` says otherwise: precision is the network's arithmetic, not
+the size estimate's) with onnxruntime in fp32, the reference, and then through OpenVINO in each precision from
+the fastest, until one scores within ``--tolerance`` AP of the reference (segm AP; bbox for boxes-only graphs): that one
 becomes the checkpoint's ``cpu_precision``, which its exported graph carries and ``auto`` runs
 (``export.openvino_runtime.resolve_precision``). A checkpoint without one runs ``DEFAULT_CPU_PRECISION``.
 Use a validation split, never a test split. Prints one JSON line; the checkpoint is rewritten atomically
@@ -26,7 +27,7 @@ from pycocotools.coco import COCO
 
 from export.metadata import CPU_PRECISIONS, CpuPrecision
 from export.openvino_runtime import cpu_has_bf16
-from inference.pipeline import DEFAULT_SCALE, Scale
+from inference.pipeline import OWN_SCALE, Scale
 from inference.predictor import Predictor, in_process_options
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.input_contract import scale_argument
@@ -55,7 +56,7 @@ def choose(
     images: str | Path,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
-    scale: Scale = DEFAULT_SCALE,
+    scale: Scale = OWN_SCALE,
     cache_dir: Path | None = None,
 ) -> tuple[CpuPrecision, dict[str, Any]]:
     """The fastest precision within ``tolerance`` AP of onnxruntime's fp32 on ``coco``, and every AP measured
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_TOLERANCE,
         help=f"AP below fp32 allowed (default {DEFAULT_TOLERANCE})",
     )
-    parser.add_argument("--scale", type=scale_argument, default=DEFAULT_SCALE, metavar="S|auto")
+    parser.add_argument(
+        "--scale", type=scale_argument, default=OWN_SCALE, metavar="S|auto", help="default: the model's own, 1"
+    )
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="where the .pt is exported (default: the service's)"
     )
