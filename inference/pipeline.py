@@ -317,8 +317,8 @@ class ImagePipeline:
         self, image: np.ndarray, options: SegmentOptions, threshold: float, warnings: list[str]
     ) -> Generator[Pass, PassResult, tuple[float, tuple[Pass, PassResult] | None]]:
         """``scale=auto``: a probe pass at each of ``AUTO_PROBE_SCALES`` on its ``probe_region`` (the model's own
-        scale on up to one bucket, the others on a quarter of one), and the scale implied by the probe whose
-        confident detections most look like the training objects (``inference.scale.choose_estimate``), kept
+        scale on up to one bucket, the others on a quarter of one), and the scale implied by the probe that
+        agrees with itself, support breaking ties (``inference.scale.choose_estimate``), kept
         at the model's own where it is within ``AUTO_SNAP`` of it (or no probe measured objects). A probe of
         the whole image at the model's own scale, when the scale stays, is the answer itself: it is finished
         as the answer (masks as asked, detections from the lower of the answer's and the estimate's

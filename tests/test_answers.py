@@ -164,3 +164,21 @@ def test_the_believed_probe_is_the_one_whose_objects_look_like_the_training_obje
     assert third.support > own.support > nothing.support == 0.0
     assert choose_estimate([own, third, nothing]) == third
     assert choose_estimate([nothing]) is None
+
+
+def test_a_probe_that_measures_a_change_from_its_own_scale_is_not_believed_for_its_support() -> None:
+    """Training-sized nuclei: the own-scale probe finds them and measures no change; the probe at a third finds
+    objects, confidently and densely per input pixel (more support), but measures them as needing twice its
+    own scale. The own-scale probe agrees with itself and is believed."""
+    contract = InputContract(
+        size_divisibility=32, min_size=128, max_size=192, pad_value=[0, 0, 0], resize="scale", scale=2.0,
+        intensity="percentile", object_size=48.0,
+    )  # fmt: skip
+    nuclei = np.array([[x, y, x + 24, y + 24] for x in (0, 60, 120) for y in (0, 60)], np.float32)  # 48 input px
+    blobs = np.array([[x, y, x + 36, y + 36] for x in (0, 60, 120) for y in (0, 60)], np.float32)  # 24 at 2/3
+    own = probe_evidence(contract, nuclei, np.full(6, 0.8), (256, 256), 1.0)
+    third = probe_evidence(contract, blobs, np.full(6, 0.9), (256, 256), 1 / 3)
+    assert own.estimate is not None and own.estimate.scale == pytest.approx(1.0)
+    assert third.estimate is not None and third.estimate.scale == pytest.approx(2 / 3)  # twice its probe's
+    assert third.support > own.support
+    assert choose_estimate([third, own]) == own
