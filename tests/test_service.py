@@ -560,7 +560,9 @@ def test_overload_gets_503_while_accepted_requests_succeed(tight: ServiceProcess
         assert httpx.get(f"{tight.url}/v2/health/ready", timeout=5).status_code == 200
         answers = [f.result() for f in futures]
     statuses = Counter(r.status_code for r in answers)
-    assert set(statuses) == {200, 503} and statuses[200] >= 3, statuses
+    # At least the queue's 2 are served (a third too when the worker takes one off the queue before the rest
+    # arrive, which a loaded machine does not promise), and the rest are shed.
+    assert set(statuses) == {200, 503} and statuses[200] >= 2, statuses
     for response in answers:
         if response.status_code == 503:
             assert response.headers["retry-after"] == "2" and "queue is full" in response.json()["error"]
