@@ -81,7 +81,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
 
 def test_replicas_serve_without_torch_and_reuse_the_exported_graph(servers: dict[str, ServiceProcess]) -> None:
     cold, warm = servers["shed"], servers["drain"]
-    assert "exporting " in cold.log() and "using cached graph" not in cold.log()
+    # The cold replica exports once, ahead of the loads (which then find the graph it wrote); the warm one never.
+    assert cold.log().count("exporting ") == 1
     assert "using cached graph" in warm.log() and "exporting " not in warm.log()
     for server in (cold, warm):
         assert post(server.url, PHOTO.read_bytes(), model="meinst").status_code == 200
