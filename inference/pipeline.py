@@ -340,7 +340,10 @@ class ImagePipeline:
                 own = (probe, result, whole)
         chosen = choose_estimate(evidence)
         if chosen is None or chosen.estimate is None:
-            warnings.append("scale=auto found too few confident objects to measure; the model's own scale was used")
+            warnings.append(
+                "scale=auto could not measure the objects (too few confident ones, or probes that disagree); "
+                "the model's own scale was used"
+            )
             scale = 1.0
         else:
             if chosen.estimate.clamped:

@@ -17,7 +17,7 @@ from skimage.measure import regionprops
 from inference.errors import UnusableInput
 from inference.pipeline import SegmentOptions
 from inference.predictor import Predictor, in_process_options
-from inference.scale import choose_estimate, probe_evidence
+from inference.scale import MAX_SELF_DISAGREEMENT, choose_estimate, probe_evidence
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.input_contract import InputContract
 from tests.service_models import tiny_checkpoint
@@ -182,3 +182,9 @@ def test_a_probe_that_measures_a_change_from_its_own_scale_is_not_believed_for_i
     assert third.estimate is not None and third.estimate.scale == pytest.approx(2 / 3)  # twice its probe's
     assert third.support > own.support
     assert choose_estimate([third, own]) == own
+    # Alone, the probe at a third (its estimate twice its scale) is still believed; one whose estimate is more than
+    # MAX_SELF_DISAGREEMENT from its scale is not: no estimate, the model's own scale.
+    assert choose_estimate([third]) == third
+    far = probe_evidence(contract, blobs, np.full(6, 0.9), (256, 256), 0.25)
+    assert far.estimate is not None and far.estimate.scale / far.scale > MAX_SELF_DISAGREEMENT
+    assert choose_estimate([far]) is None
