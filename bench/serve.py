@@ -14,7 +14,8 @@ the first configuration is the baseline of the ratios.
 Starts ``python -m service`` twice on a loopback port -- batching on (``--max-batch-size``) and off
 (``max_batch_size=1``) -- and drives it from this process with closed-loop clients (each sends its next
 request when the last one is answered) at each concurrency, one model at a time, with the same image
-(default: a 256x256 HeLa nucleus tile, the bundled models' domain). Reported per level: throughput,
+(default: a 256x256 HeLa nucleus tile, the bundled models' domain) at the same ``--scale`` (default 1, the
+model's own: what ``scale=auto`` adds is ``bench.auto_cost``'s to measure). Reported per level: throughput,
 p50/p95/p99 latency, and from the server's /metrics the mean batch size it ran and where the time went
 (decode and resize, queue wait, one batch through the runtime, mask finishing; means in ms).
 
@@ -122,8 +123,9 @@ def default_image(work: Path) -> Path:
     return sorted((root / "val").glob("*.png"))[0]
 
 
-def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) -> dict[str, Any]:
-    """``requests`` requests from ``concurrency`` closed-loop clients; latency percentiles and throughput."""
+def drive(url: str, model: str, data: bytes, concurrency: int, requests: int, scale: str) -> dict[str, Any]:
+    """``requests`` requests (``/segment?model=<model>&scale=<scale>``) from ``concurrency`` closed-loop clients;
+    latency percentiles and throughput."""
     latencies: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
@@ -137,7 +139,10 @@ def drive(url: str, model: str, data: bytes, concurrency: int, requests: int) ->
                         return
                 started = time.perf_counter()
                 response = http.post(
-                    f"{url}/segment", params={"model": model}, content=data, headers={"Content-Type": "image/png"}
+                    f"{url}/segment",
+                    params={"model": model, "scale": scale},
+                    content=data,
+                    headers={"Content-Type": "image/png"},
                 )
                 elapsed = time.perf_counter() - started
                 with lock:
@@ -220,10 +225,12 @@ def serve_runs(
     try:
         server.wait_ready()
         for spec in specs:
-            drive(server.url, spec.name, data, 2, 8)  # warm the connection path
+            drive(server.url, spec.name, data, 2, 8, args.scale)  # warm the connection path
             for concurrency in args.concurrency:
                 before = server_sums(server.url, spec.name)
-                row = drive(server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency))
+                row = drive(
+                    server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency), args.scale
+                )
                 row.update(
                     model=spec.name,
                     max_batch_size=max_batch_size,
@@ -380,14 +387,19 @@ def compare_configs(args: argparse.Namespace, specs: list[ModelSpec], images: li
         for server in servers.values():
             for spec in specs:
                 for data in payloads.values():
-                    drive(server.url, spec.name, data, 2, 8)  # warm the connection path
+                    drive(server.url, spec.name, data, 2, 8, args.scale)  # warm the connection path
         for round_index in range(args.rounds):
             for image, data in payloads.items():
                 for spec in specs:
                     for concurrency in args.concurrency:
                         for name, server in servers.items():
                             row = drive(
-                                server.url, spec.name, data, concurrency, args.requests or max(40, 10 * concurrency)
+                                server.url,
+                                spec.name,
+                                data,
+                                concurrency,
+                                args.requests or max(40, 10 * concurrency),
+                                args.scale,
                             )
                             row.update(config=name, image=image, model=spec.name, round=round_index)
                             rows.append(row)
@@ -487,6 +499,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="requests per level (default: max(40, 10 x concurrency))")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument(
+        "--scale",
+        default="1",
+        help="every request's scale (default 1, the model's own, where the engine alone is measured too; "
+        "auto: the size estimate's probes as well, bench.auto_cost)",
+    )
+    parser.add_argument(
         "--max-delay-ms",
         type=float,
         default=Settings.model_fields["max_delay_ms"].default,
@@ -525,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "max_batch_size": args.max_batch_size,
             "max_delay_ms": args.max_delay_ms,
+            "scale": args.scale,
             "concurrency": args.concurrency,
         },
     }
