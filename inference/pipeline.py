@@ -132,8 +132,13 @@ class Pass:
         return finish_tile(outputs, self.plan, self.plan.tiles[index], **self.finishing)
 
     def saturated(self, outputs: Outputs) -> bool:
-        """Whether one input's graph returned as many detections as it can."""
-        return int(outputs["num_dets"]) >= self.max_detections
+        """Whether one input's graph returned as many detections as it can, its last still scoring at least the
+        pass's threshold (so the cap may have cut objects the answer would hold; a model that fills its
+        maximum with detections below the threshold cut nothing)."""
+        count = int(outputs["num_dets"])
+        if count < self.max_detections:
+            return False
+        return float(np.asarray(outputs["scores"])[:count].min()) >= self.finishing["score_threshold"]
 
     def collect(self, per_input: Sequence[list[Instance]], saturated: int) -> PassResult:
         """Every input's instances (input order) as the image's: the whole image's as they are, tiles merged."""

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from skimage.measure import regionprops
 
 from inference.errors import UnusableInput
-from inference.pipeline import SegmentOptions
+from inference.pipeline import Pass, SegmentOptions
 from inference.predictor import Predictor, in_process_options
 from inference.scale import MAX_SELF_DISAGREEMENT, choose_estimate, probe_evidence
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -188,3 +188,15 @@ def test_a_probe_that_measures_a_change_from_its_own_scale_is_not_believed_for_i
     far = probe_evidence(contract, blobs, np.full(6, 0.9), (256, 256), 0.25)
     assert far.estimate is not None and far.estimate.scale / far.scale > MAX_SELF_DISAGREEMENT
     assert choose_estimate([far]) is None
+
+
+def test_a_full_graph_output_warns_only_when_the_cap_cut_answerable_detections() -> None:
+    """The graph returned its maximum of 3: that may have cut objects only when its lowest-scoring one still
+    passes the answer's threshold; a maximum filled with detections below it cut nothing the answer would hold."""
+    step = Pass(
+        scale=1.0, image_size=(64, 64), bucket=(64, 64), inputs=[], plan=None,
+        finishing={"score_threshold": 0.3}, limit=None, max_detections=3,
+    )  # fmt: skip
+    assert step.saturated({"num_dets": np.array(3), "scores": np.array([0.9, 0.8, 0.5])})
+    assert not step.saturated({"num_dets": np.array(3), "scores": np.array([0.9, 0.8, 0.1])})
+    assert not step.saturated({"num_dets": np.array(2), "scores": np.array([0.9, 0.8, 0.0])})

@@ -228,6 +228,7 @@ def offline(
     batch[...] = np.array(meta.input.pad_value, dtype=np.uint8)[None, :, None, None]
     batch[0, :, :h, :w] = np.asarray(image.resize((w, h), Image.BILINEAR)).transpose(2, 0, 1)
     out = runtime.infer(batch)
+    filled = int(out["num_dets"][0]) if int(out["num_dets"][0]) >= meta.max_detections else 0  # the cap reached
     instances = finish_image(
         out["num_dets"][0],
         out["boxes"][0],
@@ -250,7 +251,7 @@ def offline(
         "resize_factor": float(np.sqrt(h * w / (height * width))),
         "diameter": None,  # the tiny photo models record no object size
         "score_threshold": options["score_threshold"],
-        "warnings": [saturated] if int(out["num_dets"][0]) >= meta.max_detections else [],
+        "warnings": [saturated] if filled and out["scores"][0][:filled].min() >= options["score_threshold"] else [],
         "instances": [
             {
                 "bbox": [i.box[0], i.box[1], i.box[2] - i.box[0], i.box[3] - i.box[1]],
