@@ -586,6 +586,7 @@ def run_serve(part: Part, plan: Plan, work: Path) -> None:
                 requests=plan.serve_requests,
                 service_args="--runtime.engine torch",
                 max_batch_size=max_batch_size,
+                scale="1",  # the model's own, as bench.serve's default
             )
             for row in serve.serve_runs(args, specs, data, max_batch_size):
                 part.add({**row, "runtime": "torch", "batching": max_batch_size > 1, "image": image.name})

@@ -152,6 +152,7 @@ def test_three_iterations_from_config(method: str, data: Path, tmp_path: Path) -
     # Answers default to the validation's best-F1 score threshold, which the checkpoint records.
     assert metadata.pop("recommended_score_threshold") == result.metrics["f1"]["threshold"]
     assert metadata.pop("object_density") > 0  # for the answers' density warning
+    assert metadata.pop("cpu_precision") is None  # chosen after training, by training.precision
     assert metadata == {"class_names": ["nucleus"], "category_ids": [1], "iteration": 3, "metrics": result.metrics}
     assert 15 < object_size / loaded_cfg.data.scale_test < 45
     images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)

@@ -268,7 +268,12 @@ function startPage() {
   function setStatus(text) {
     el.status.textContent = text;
   }
-  window.addEventListener("error", (event) => showError(`Something went wrong in the page: ${event.message}`));
+  window.addEventListener("error", (event) => {
+    // Chromium reports a ResizeObserver callback that resized what it observes as an error event; the next
+    // frame delivers the rest, so it is no failure of the page's.
+    if (String(event.message).startsWith("ResizeObserver loop")) return;
+    showError(`Something went wrong in the page: ${event.message}`);
+  });
   window.addEventListener("unhandledrejection", (event) => showError(`Something went wrong in the page: ${event.reason}`));
 
   function headers(extra = {}) {
