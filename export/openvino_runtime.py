@@ -47,7 +47,6 @@ up to ``streams`` calls to ``infer`` from different threads run at the same time
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -65,7 +64,7 @@ import numpy as np
 import openvino as ov
 
 from export.metadata import MASK_OUTPUT, CpuPrecision, GraphMetadata, read_onnx_metadata
-from export.runtimes import check_images
+from export.runtimes import check_images, file_version
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +153,6 @@ def fp32_operations(model: ov.Model, precision: CpuPrecision) -> set[str]:
     return {op.get_friendly_name() for op in ops if op.get_friendly_name() in mask_only}
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 def _write_marked_ir(model: ov.Model, names: set[str], target: Path) -> None:
     """``model`` as OpenVINO IR at ``target`` (``.xml`` and its ``.bin``, fp32 weights), the operations
     ``names`` carrying ``KEEP_PRECISION``; written beside the target first, then renamed into place (the
@@ -193,7 +184,7 @@ def graph_source(core: ov.Core, path: Path, precision: CpuPrecision, ir_dir: Pat
     weights memory-mapped)."""
     if precision not in MIXED_PRECISIONS:
         return path
-    target = ir_dir / f"{path.stem}-{_file_digest(path)}-{precision}-v{MARKING_VERSION}.xml"
+    target = ir_dir / f"{path.stem}-{file_version(path)}-{precision}-v{MARKING_VERSION}.xml"
     if target.is_file():
         return target
     model = core.read_model(str(path))

@@ -11,6 +11,7 @@ OpenVINO does without).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def file_version(path: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of the file at ``path``: names a graph's version (answers, cache
+    files made from it)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def check_images(images: np.ndarray, divisibility: int) -> np.ndarray:

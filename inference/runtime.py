@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from export import tensorrt_build
 from export.metadata import CPU_PRECISIONS, GraphMetadata, read_engine_sidecar, read_onnx_metadata
-from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers
+from export.runtimes import OnnxRuntime, TensorRTRuntime, default_providers, file_version
 from inference.sizing import Bucket, default_buckets
 from model.runtime_protocol import Runtime
 
@@ -153,14 +153,6 @@ class OpenedModel:
     # The largest batch worth forming for the engine: 1 on OpenVINO, whose batch-1 engines run a batch image by
     # image (``OpenVinoRuntime.BEST_BATCH_SIZE``); None: any (the service's ``max_batch_size``).
     max_batch_size: int | None = None
-
-
-def file_version(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _newer(target: Path, source: Path) -> bool:
