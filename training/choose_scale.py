@@ -15,34 +15,23 @@ atomically (unless ``--dry-run``), so a graph exported from it before is exporte
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+from typing import Any
 
-from inference.cli import CACHE_DIR_HELP, add_runtime_arguments, runtime_options
+from inference.cli import add_runtime_arguments, runtime_options
 from inference.predictor import Predictor
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint
+from training.calibration import calibration_parser, store_choice
 from training.evaluate import evaluate, load_coco
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.choose_scale",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt), scale rule")
-    parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
-    parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
+    parser = calibration_parser("python -m training.choose_scale", __doc__, "a training checkpoint (.pt), scale rule")
     parser.add_argument(
         "--scales", required=True, type=float, nargs="+", help="candidate test scales (input pixels per image pixel)"
     )
-    parser.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
-    parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the checkpoint as it is")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
-    saved = load_checkpoint(args.checkpoint)
-    data = saved["config"]["data"]
+    data = load_checkpoint(args.checkpoint)["config"]["data"]
     if data["resize"] != "scale":
         parser.error(f"{args.checkpoint} sizes images by the {data['resize']} rule, not by a scale")
     own = float(data["scale_test"])
@@ -52,17 +41,14 @@ def main(argv: list[str] | None = None) -> None:
         scale: evaluate(predictor, coco, args.images, scale / own)["segm"]["AP"] for scale in sorted(set(args.scales))
     }
     best = max(tried, key=lambda scale: tried[scale])
-    if not args.dry_run:
-        data["scale_test"] = best
+
+    def rescale(saved: dict[str, Any]) -> None:
+        saved["config"]["data"]["scale_test"] = best
         for key, power in (("object_size", 1), ("object_density", -2)):  # input pixels grow with the scale
             if saved.get(key) is not None:
                 saved[key] = saved[key] * (best / own) ** power
-        save_checkpoint(saved, args.checkpoint)
-    print(
-        json.dumps(
-            {"checkpoint": str(args.checkpoint), "written": not args.dry_run, "scale_test": best, "segm_AP": tried}
-        )
-    )
+
+    store_choice(args.checkpoint, rescale, {"scale_test": best, "segm_AP": tried}, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ Use a validation split, never a test split. Prints one JSON line; the checkpoint
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +27,8 @@ from export.metadata import CPU_PRECISIONS, CpuPrecision
 from export.openvino_runtime import cpu_has_bf16
 from inference.pipeline import OWN_SCALE, Scale
 from inference.predictor import Predictor, in_process_options
-from model.checkpoint import load_checkpoint, save_checkpoint
 from model.input_contract import scale_argument
+from training.calibration import calibration_parser, store_choice
 from training.evaluate import coco_metrics, load_coco, predict
 
 # How much AP below fp32 a precision may score on the validation split and still be chosen: less than the 0.5
@@ -72,10 +70,7 @@ def choose(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
-    parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
-    parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
+    parser = calibration_parser("python -m training.precision", __doc__, "a training checkpoint (.pt)")
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -85,10 +80,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scale", type=scale_argument, default=OWN_SCALE, metavar="S|auto", help="default: the model's own, 1"
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="where the .pt is exported (default: the service's)"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the checkpoint as it is")
     args = parser.parse_args(argv)
     if args.checkpoint.suffix != ".pt":
         parser.error("--checkpoint must be a training checkpoint (.pt): graphs carry the choice of theirs")
@@ -98,14 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     chosen, measured = choose(
         args.checkpoint, coco, args.images, tolerance=args.tolerance, scale=args.scale, cache_dir=args.cache_dir
     )
-    if not args.dry_run:
-        saved = load_checkpoint(args.checkpoint)
-        saved["cpu_precision"] = chosen
-        save_checkpoint(saved, args.checkpoint)
-    print(
-        json.dumps(
-            {"checkpoint": str(args.checkpoint), "written": not args.dry_run, "cpu_precision": chosen, "AP": measured}
-        )
+    store_choice(
+        args.checkpoint,
+        lambda saved: saved.update(cpu_precision=chosen),
+        {"cpu_precision": chosen, "AP": measured},
+        args.dry_run,
     )
 
 

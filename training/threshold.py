@@ -14,25 +14,16 @@ rewritten atomically (unless ``--dry-run``), so a graph exported from it before 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from inference.cli import CACHE_DIR_HELP, add_runtime_arguments, runtime_options
+from inference.cli import add_runtime_arguments, runtime_options
 from inference.pipeline import DEFAULT_SCALE_HELP
 from inference.predictor import Predictor
-from model.checkpoint import load_checkpoint, save_checkpoint
 from model.input_contract import scale_argument
+from training.calibration import calibration_parser, store_choice
 from training.evaluate import best_f1_threshold, load_coco, predict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.threshold", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
-    parser.add_argument("--annotations", required=True, help="the validation split's COCO instances json")
-    parser.add_argument("--images", required=True, help="folder the json's file_names are relative to")
+    parser = calibration_parser("python -m training.threshold", __doc__, "a training checkpoint (.pt)")
     parser.add_argument(
         "--scale",
         type=scale_argument,
@@ -41,8 +32,6 @@ def main(argv: list[str] | None = None) -> None:
         help="a factor on the model's own input size, or 'auto' to estimate it per image from a first pass "
         f"(default: the service's, {DEFAULT_SCALE_HELP})",
     )
-    parser.add_argument("--cache-dir", type=Path, default=None, help=CACHE_DIR_HELP)
-    parser.add_argument("--dry-run", action="store_true", help="print the choice, leave the checkpoint as it is")
     add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     if args.checkpoint.suffix != ".pt":
@@ -51,11 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     coco = load_coco(args.annotations)
     results = predict(predictor, coco, args.images, args.scale)
     best = best_f1_threshold(coco, results, "segm" if predictor.metadata.mask_kind else "bbox")
-    if not args.dry_run:
-        checkpoint = load_checkpoint(args.checkpoint)
-        checkpoint["recommended_score_threshold"] = best["threshold"]
-        save_checkpoint(checkpoint, args.checkpoint)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "written": not args.dry_run, **best}))
+    store_choice(
+        args.checkpoint, lambda saved: saved.update(recommended_score_threshold=best["threshold"]), best, args.dry_run
+    )
 
 
 if __name__ == "__main__":
