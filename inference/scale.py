@@ -128,13 +128,15 @@ def choose_estimate(evidence: list[ProbeEvidence]) -> ProbeEvidence | None:
         return None
     best_support = max(max(probe.support for probe in measured), MIN_SUPPORT)
 
-    def disagreement(probe: ProbeEvidence) -> float:
+    def self_disagreement(probe: ProbeEvidence) -> float:
         assert probe.estimate is not None
+        return float(abs(np.log(probe.estimate.scale / probe.scale)))
+
+    def disagreement(probe: ProbeEvidence) -> float:
         shortfall = np.log(best_support / max(probe.support, MIN_SUPPORT))
-        return float(abs(np.log(probe.estimate.scale / probe.scale)) + SUPPORT_WEIGHT * shortfall)
+        return self_disagreement(probe) + SUPPORT_WEIGHT * float(shortfall)
 
     best = min(measured, key=lambda probe: (disagreement(probe), evidence.index(probe)))
-    assert best.estimate is not None
-    if abs(np.log(best.estimate.scale / best.scale)) > np.log(MAX_SELF_DISAGREEMENT):
+    if self_disagreement(best) > np.log(MAX_SELF_DISAGREEMENT):
         return None
     return best
